@@ -1,0 +1,127 @@
+"""Sharded safetensors writer with a fixed layout.
+
+Every output tensor's dtype and shape is known when the plan is made, so the
+shards, their headers and every tensor's byte offset are fixed before any tensor
+is computed. Headers are written first; tensors are then written straight to their
+offsets (in any order, from any thread) and never buffered as a whole shard.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from alloykit.errors import OutputError
+from alloykit.io.safetensors_format import header_bytes
+
+
+@dataclass
+class ShardLayout:
+    filename: str
+    names: list[str]
+    prefix: bytes = b""
+    offsets: dict[str, int] = field(default_factory=dict)  # absolute offsets in the file
+    size: int = 0
+
+
+def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
+    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+
+
+def plan_shards(
+    entries: list[tuple[str, torch.dtype, tuple[int, ...]]], max_shard_size: int
+) -> list[ShardLayout]:
+    """Split tensors, in order, into shards of at most ``max_shard_size`` data bytes
+    (a tensor larger than the limit gets a shard of its own)."""
+    groups: list[list[tuple[str, torch.dtype, tuple[int, ...]]]] = [[]]
+    used = 0
+    for e in entries:
+        nb = _nbytes(e[1], e[2])
+        if groups[-1] and used + nb > max_shard_size:
+            groups.append([])
+            used = 0
+        groups[-1].append(e)
+        used += nb
+    n = len(groups)
+    shards = []
+    for i, group in enumerate(groups):
+        fname = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        prefix, rel = header_bytes(group, {"format": "pt"})
+        layout = ShardLayout(fname, [g[0] for g in group], prefix)
+        layout.offsets = {g[0]: len(prefix) + off for g, off in zip(group, rel)}
+        layout.size = len(prefix) + sum(_nbytes(g[1], g[2]) for g in group)
+        shards.append(layout)
+    return shards
+
+
+class ShardedWriter:
+    """Writes tensors at precomputed offsets into pre-sized shard files in ``folder``."""
+
+    def __init__(self, folder: Path, shards: list[ShardLayout], dtypes: dict[str, torch.dtype], shapes: dict[str, tuple[int, ...]]):
+        self.folder = Path(folder)
+        self.shards = shards
+        self.dtypes = dtypes
+        self.shapes = shapes
+        self._where: dict[str, tuple[ShardLayout, int]] = {}
+        for s in shards:
+            for name, off in s.offsets.items():
+                self._where[name] = (s, off)
+        self._fds: dict[str, int] = {}
+
+    def open(self) -> None:
+        for s in self.shards:
+            path = self.folder / s.filename
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+                self._fds[s.filename] = fd
+                _pwrite_all(fd, s.prefix, 0, path)
+                os.ftruncate(fd, s.size)
+            except OSError as err:
+                raise OutputError(f"cannot write '{path}': {err.strerror or err}") from None
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        shard, off = self._where[name]
+        want_dtype, want_shape = self.dtypes[name], self.shapes[name]
+        if tensor.dtype != want_dtype or tuple(tensor.shape) != tuple(want_shape):
+            raise AssertionError(f"{name}: planned {want_dtype}{list(want_shape)}, got {tensor.dtype}{list(tensor.shape)}")
+        t = tensor.detach().to("cpu").contiguous()
+        if t.numel() == 0:
+            return
+        data = memoryview(t.view(-1).view(torch.uint8).numpy())
+        _pwrite_all(self._fds[shard.filename], data, off, self.folder / shard.filename)
+
+    def close(self, sync: bool = True) -> None:
+        for fname, fd in self._fds.items():
+            try:
+                if sync:
+                    os.fsync(fd)
+            except OSError as err:
+                raise OutputError(f"cannot write '{self.folder / fname}': {err.strerror or err}") from None
+            finally:
+                os.close(fd)
+        self._fds.clear()
+
+    def write_index(self) -> None:
+        if len(self.shards) <= 1:
+            return
+        total = sum(s.size - len(s.prefix) for s in self.shards)
+        index = {
+            "metadata": {"total_size": total},
+            "weight_map": {n: s.filename for s in self.shards for n in s.names},
+        }
+        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int, path: Path) -> None:
+    view = memoryview(data)
+    done = 0
+    try:
+        while done < len(view):
+            done += os.pwrite(fd, view[done:], offset + done)
+    except OSError as err:
+        raise OutputError(f"cannot write '{path}': {err.strerror or err} (free disk space, or choose another output folder)") from None

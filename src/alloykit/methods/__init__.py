@@ -1,0 +1,8 @@
+"""Merge methods, one module per family. Importing this package registers them all."""
+
+from alloykit.methods.registry import MergeInput, MethodSpec, Params, all_methods, get_method, register
+
+# Families register at import time.
+from alloykit.methods import basic, geometric, sparse  # noqa: E402,F401
+
+__all__ = ["MergeInput", "MethodSpec", "Params", "all_methods", "get_method", "register"]

@@ -1,0 +1,151 @@
+"""The one registry of merge methods.
+
+A method is a pure per-tensor function ``fn(x: MergeInput) -> Tensor`` plus a typed
+declaration of its parameters. The declaration (two pydantic models, ``extra="forbid"``)
+is the single source for recipe validation, ``alloykit methods NAME`` and the docs.
+
+Methods register themselves where they are defined::
+
+    @register("linear", params=LinearParams, model_params=WeightParams, base="ignored")
+    def linear(x: MergeInput) -> torch.Tensor:
+        '''Weighted average ...'''
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from alloykit.errors import RecipeError, did_you_mean
+
+BasePolicy = Literal["required", "optional", "ignored"]
+
+
+class Params(BaseModel):
+    """Base class of every method's parameter declaration (shared or per model)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+
+class NoParams(Params):
+    """A method without parameters of this scope."""
+
+
+@dataclass
+class MergeInput:
+    """What a method sees for one output tensor.
+
+    ``tensors`` stacks the K non-base inputs along dim 0 (float32, on the compute
+    device); ``base`` is the base model's tensor or None; ``params`` holds the shared
+    parameters and ``model_params`` one entry per input, both already resolved for
+    this tensor (filters and layer gradients applied) and validated.
+    """
+
+    name: str
+    tensors: torch.Tensor
+    base: torch.Tensor | None
+    params: Any
+    model_params: list[Any]
+    generator: torch.Generator | None = None
+
+    @property
+    def k(self) -> int:
+        return self.tensors.shape[0]
+
+    def column(self, field_name: str) -> torch.Tensor:
+        """Per-model parameter as a [K, 1, ..., 1] tensor that broadcasts over the stack."""
+        values = [float(getattr(m, field_name)) for m in self.model_params]
+        col = torch.tensor(values, dtype=self.tensors.dtype, device=self.tensors.device)
+        return col.view(-1, *([1] * (self.tensors.dim() - 1)))
+
+    def deltas(self) -> torch.Tensor:
+        """Task vectors: each input minus the base (tau_i = theta_i - theta_0)."""
+        if self.base is None:
+            raise RecipeError(f"tensor {self.name}: this method needs a base_model")
+        return self.tensors - self.base.unsqueeze(0)
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    fn: Callable[[MergeInput], torch.Tensor]
+    params: type[Params]
+    model_params: type[Params]
+    base: BasePolicy
+    min_models: int = 1
+    max_models: int | None = None
+    randomized: bool = False
+    #: if True, merging K copies of one tensor returns that tensor (checked by the suite)
+    fixed_point: bool = True
+    #: which peer implementation the numbers reproduce, e.g. "mergekit"
+    reproduces: str = ""
+    paper: str = ""
+    #: plan-time check of one tensor's resolved parameters; returns an error message or None
+    #: (e.g. "weights sum to 0" for a method that divides by their sum)
+    check: Callable[[Any, list[Any]], str | None] | None = None
+
+    @property
+    def summary(self) -> str:
+        doc = inspect.getdoc(self.fn) or ""
+        return doc.strip().splitlines()[0] if doc else ""
+
+    @property
+    def doc(self) -> str:
+        return inspect.getdoc(self.fn) or ""
+
+    def param_fields(self) -> dict[str, tuple[str, Any]]:
+        """Recipe key -> (scope, pydantic FieldInfo) for every parameter."""
+        out: dict[str, tuple[str, Any]] = {}
+        for scope, model in (("shared", self.params), ("per-model", self.model_params)):
+            for fname, info in model.model_fields.items():
+                out[info.alias or fname] = (scope, info)
+        return out
+
+
+_REGISTRY: dict[str, MethodSpec] = {}
+
+
+def register(
+    name: str,
+    *,
+    params: type[Params] = NoParams,
+    model_params: type[Params] = NoParams,
+    base: BasePolicy = "ignored",
+    **kwargs: Any,
+) -> Callable[[Callable[[MergeInput], torch.Tensor]], Callable[[MergeInput], torch.Tensor]]:
+    """Decorator: register ``fn`` as merge method ``name``."""
+
+    def deco(fn: Callable[[MergeInput], torch.Tensor]) -> Callable[[MergeInput], torch.Tensor]:
+        if name in _REGISTRY:
+            raise ValueError(f"merge method {name!r} registered twice")
+        _REGISTRY[name] = MethodSpec(
+            name=name, fn=fn, params=params, model_params=model_params, base=base, **kwargs
+        )
+        return fn
+
+    return deco
+
+
+def _ensure_loaded() -> None:
+    import alloykit.methods  # noqa: F401  (importing the package registers every family)
+
+
+def get_method(name: str) -> MethodSpec:
+    _ensure_loaded()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise RecipeError(
+            f"unknown merge_method '{name}'{did_you_mean(name, _REGISTRY)}; "
+            f"run 'alloykit methods' to list the {len(_REGISTRY)} methods"
+        ) from None
+
+
+def all_methods() -> dict[str, MethodSpec]:
+    _ensure_loaded()
+    return dict(sorted(_REGISTRY.items()))

@@ -1,0 +1,355 @@
+"""The planner: recipe + checkpoint headers -> one job per output tensor.
+
+Everything that can be wrong with a merge (recipe, parameters, missing tensors,
+shape mismatches, layer ranges) is found here, before a single tensor is read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from alloykit.config import Recipe, parse_recipe
+from alloykit.errors import CheckpointError, PlanError, RecipeError
+from alloykit.io.checkpoint import Checkpoint
+from alloykit.methods.registry import MethodSpec, get_method
+from alloykit.plan.params import ParamResolver, check_names
+
+_LAYER_RE = re.compile(r"^(?P<pre>(?:.*\.)?)(?P<kind>layers|layer|h|blocks|block)\.(?P<idx>\d+)\.(?P<rest>.+)$")
+_POST_HINTS = ("lm_head", "norm", "ln_f", "score", "classifier", "pooler", "final_layer", "head")
+_LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def layer_of(name: str) -> tuple[str, int, str] | None:
+    """'model.layers.3.mlp.up.weight' -> ('model.layers.', 3, 'mlp.up.weight')."""
+    m = _LAYER_RE.match(name)
+    if not m:
+        return None
+    return m["pre"] + m["kind"] + ".", int(m["idx"]), m["rest"]
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """Seed of one tensor's generator: depends on (seed, name) only, not on execution order."""
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+@dataclass(frozen=True)
+class Source:
+    model: int  # index into Plan.checkpoints
+    tensor: str
+
+
+@dataclass
+class TensorJob:
+    """One output tensor: where its inputs come from and how they combine."""
+
+    name: str
+    shape: tuple[int, ...]
+    out_dtype: torch.dtype
+    sources: list[Source]  # the non-base inputs, in recipe order
+    base: Source | None
+    params: Any = None
+    model_params: list[Any] = field(default_factory=list)
+    copy: bool = False  # non-float tensors (and passthrough) are copied from sources[0]
+
+    @property
+    def out_bytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * torch.empty((), dtype=self.out_dtype).element_size()
+
+
+@dataclass
+class Plan:
+    recipe: Recipe
+    method: MethodSpec
+    checkpoints: list[Any]  # Checkpoint or StateDictCheckpoint
+    labels: list[str]
+    jobs: list[TensorJob]
+    seed: int
+    config_source: int | None  # checkpoint whose config.json / tokenizer are copied
+    tokenizer_source: int | None
+    num_layers_out: int | None = None
+
+    @property
+    def out_bytes(self) -> int:
+        return sum(j.out_bytes for j in self.jobs)
+
+    @property
+    def in_bytes(self) -> int:
+        total = 0
+        for j in self.jobs:
+            for s in j.sources + ([j.base] if j.base else []):
+                total += self.checkpoints[s.model].info(s.tensor).nbytes
+        return total
+
+    def close(self) -> None:
+        for c in self.checkpoints:
+            c.close()
+
+
+class _Models:
+    """Opens each referenced model once (headers only)."""
+
+    def __init__(self, recipe_dir: Path | None, allow_pickle: bool, preloaded: dict[str, Any] | None = None):
+        self.recipe_dir = recipe_dir
+        self.allow_pickle = allow_pickle
+        self.checkpoints: list[Any] = []
+        self.labels: list[str] = []
+        self._by_ref: dict[str, int] = {}
+        for ref, ck in (preloaded or {}).items():
+            self._add(ref, ck)
+
+    def _add(self, ref: str, ck: Any) -> int:
+        self.checkpoints.append(ck)
+        self.labels.append(ref)
+        self._by_ref[ref] = len(self.checkpoints) - 1
+        return self._by_ref[ref]
+
+    def resolve_path(self, ref: str) -> Path:
+        p = Path(ref).expanduser()
+        if not p.exists() and self.recipe_dir is not None and not p.is_absolute():
+            alt = self.recipe_dir / p
+            if alt.exists():
+                return alt
+        return p
+
+    def get(self, ref: str) -> int:
+        if ref in self._by_ref:
+            return self._by_ref[ref]
+        path = self.resolve_path(ref)
+        if "+" in ref and not path.exists():
+            raise RecipeError(
+                f"model '{ref}': LoRA adapters ('base+adapter') are not supported by this version of alloykit; "
+                "fold the adapter into its base first (peft's merge_and_unload)"
+            )
+        return self._add(ref, Checkpoint(path, allow_pickle=self.allow_pickle, label=ref))
+
+
+def _num_layers(ck: Checkpoint) -> int:
+    cfg = ck.config() or {}
+    for key in _LAYER_COUNT_KEYS:
+        if isinstance(cfg.get(key), int):
+            return cfg[key]
+    idx = [lo[1] for n in ck.tensors if (lo := layer_of(n))]
+    return max(idx) + 1 if idx else 0
+
+
+def _t(layer: int, n: int) -> float:
+    return layer / (n - 1) if n > 1 else 1.0
+
+
+def _out_dtype(recipe: Recipe, in_dtype: torch.dtype) -> torch.dtype:
+    if not in_dtype.is_floating_point:
+        return in_dtype
+    name = recipe.out_dtype or recipe.dtype
+    return TORCH_DTYPES[name] if name else in_dtype
+
+
+class _Builder:
+    def __init__(self, recipe: Recipe, spec: MethodSpec, models: _Models):
+        self.recipe = recipe
+        self.spec = spec
+        self.models = models
+        self.resolver = ParamResolver(spec)
+        self.jobs: list[TensorJob] = []
+        self.names: set[str] = set()
+
+    def split_base(self, refs: list[str], base_ref: str | None) -> tuple[list[int], int | None]:
+        """Model indices of the non-base inputs, and the base (per the method's policy)."""
+        spec = self.spec
+        if spec.base == "required" and base_ref is None:
+            raise RecipeError(f"method {spec.name} needs a 'base_model' (the model the others were fine-tuned from)")
+        base = self.models.get(base_ref) if base_ref is not None and spec.base != "ignored" else None
+        inputs = [self.models.get(r) for r in refs if not (base is not None and r == base_ref)]
+        n = len(inputs)
+        if n < spec.min_models or (spec.max_models is not None and n > spec.max_models):
+            want = (
+                f"exactly {spec.min_models}" if spec.min_models == spec.max_models
+                else f"at least {spec.min_models}" if spec.max_models is None
+                else f"{spec.min_models} to {spec.max_models}"
+            )
+            raise RecipeError(f"method {spec.name} takes {want} model(s) besides the base; the recipe gives {n}")
+        return inputs, base
+
+    def add(
+        self,
+        out_name: str,
+        in_names: dict[int, str],
+        inputs: list[int],
+        base: int | None,
+        model_levels: list[list[dict | None]],
+        shared_levels: list[dict | None],
+        t: float,
+    ) -> None:
+        """One job; ``in_names`` maps each model index to the tensor it contributes."""
+        if out_name in self.names:
+            raise PlanError(f"output tensor '{out_name}' would be written twice; check the slices' layer ranges")
+        self.names.add(out_name)
+        ref_idx = base if base is not None else inputs[0]
+        ref_ck = self.models.checkpoints[ref_idx]
+        ref = ref_ck.info(in_names[ref_idx])
+        for idx in inputs + ([base] if base is not None else []):
+            ck = self.models.checkpoints[idx]
+            name = in_names[idx]
+            if name not in ck:
+                raise PlanError(
+                    f"tensor '{name}' is missing from model '{ck.label}' but present in '{ref_ck.label}'; "
+                    "the models must share an architecture"
+                )
+            info = ck.info(name)
+            if info.shape != ref.shape:
+                raise PlanError(
+                    f"tensor '{name}': model '{ck.label}' has shape {list(info.shape)} but '{ref_ck.label}' "
+                    f"has {list(ref.shape)}; the models must share an architecture (and vocabulary)"
+                )
+            if info.is_float != ref.is_float:
+                raise PlanError(f"tensor '{name}': model '{ck.label}' stores {info.dtype}, '{ref_ck.label}' stores {ref.dtype}")
+        job = TensorJob(
+            out_name, ref.shape, _out_dtype(self.recipe, ref.dtype),
+            [Source(i, in_names[i]) for i in inputs],
+            Source(base, in_names[base]) if base is not None else None,
+        )
+        if not ref.is_float:
+            job.copy = True
+            job.sources = [Source(ref_idx, ref.name)]
+            job.base = None
+        else:
+            job.params = self.resolver.shared(shared_levels, out_name, t)
+            job.model_params = [
+                self.resolver.per_model(levels, out_name, t, self.models.labels[i]) for i, levels in zip(inputs, model_levels)
+            ]
+            if self.spec.check is not None:
+                msg = self.spec.check(job.params, job.model_params)
+                if msg:
+                    raise RecipeError(f"method {self.spec.name}, tensor '{out_name}': {msg}")
+        self.jobs.append(job)
+
+
+def make_plan(
+    recipe: Any,
+    *,
+    recipe_dir: str | Path | None = None,
+    allow_pickle: bool = False,
+    seed: int | None = None,
+    preloaded: dict[str, Any] | None = None,
+) -> Plan:
+    """Validate ``recipe`` against the inputs' headers and emit every tensor job.
+
+    ``preloaded`` maps model references to already-open checkpoints (in-memory
+    state dicts); every other reference is opened from disk, headers only.
+    """
+    recipe = parse_recipe(recipe)
+    spec = get_method(recipe.merge_method)
+    models = _Models(Path(recipe_dir) if recipe_dir else None, allow_pickle, preloaded)
+    check_names(spec, "recipe 'parameters'", recipe.parameters, "shared")
+    b = _Builder(recipe, spec, models)
+    try:
+        if recipe.models is not None:
+            num_layers_out = _plan_models(recipe, spec, b)
+        else:
+            num_layers_out = _plan_slices(recipe, spec, b)
+        if not b.jobs:
+            raise PlanError("the merge would produce no tensors")
+        tok = recipe.tokenizer_source_resolved
+        cfg_src = models.get(recipe.base_model) if recipe.base_model else b.jobs[0].sources[0].model
+        if tok in (None, "base"):
+            tok_src = cfg_src
+        elif tok == "union":
+            raise RecipeError(
+                "tokenizer_source 'union' (merging vocabularies) is not supported yet; use 'base' or one model's path, "
+                "with models that share a vocabulary"
+            )
+        else:
+            tok_src = models.get(tok)
+    except BaseException:
+        for c in models.checkpoints:
+            c.close()
+        raise
+    final_seed = seed if seed is not None else (recipe.seed if recipe.seed is not None else 0)
+    return Plan(recipe, spec, models.checkpoints, models.labels, b.jobs, final_seed, cfg_src, tok_src, num_layers_out)
+
+
+def _plan_models(recipe: Recipe, spec: MethodSpec, b: _Builder) -> int | None:
+    assert recipe.models is not None
+    for i, m in enumerate(recipe.models):
+        check_names(spec, f"model '{m.model}'", m.parameters, "model")
+    inputs, base = b.split_base([m.model for m in recipe.models], recipe.base_model)
+    params_of = {m.model: m.parameters for m in recipe.models}
+    model_levels = [[params_of.get(b.models.labels[i]), recipe.parameters] for i in inputs]
+    ref = b.models.checkpoints[base if base is not None else inputs[0]]
+    n = _num_layers(ref)
+    for name in ref.tensors:
+        lo = layer_of(name)
+        t = _t(lo[1], n) if lo else 0.0
+        all_idx = inputs + ([base] if base is not None else [])
+        b.add(name, dict.fromkeys(all_idx, name), inputs, base, model_levels, [recipe.parameters], t)
+    return None
+
+
+def _plan_slices(recipe: Recipe, spec: MethodSpec, b: _Builder) -> int:
+    assert recipe.slices is not None
+    out_layer = 0
+    first_inputs = last_inputs = None
+    layer_jobs: list[tuple] = []
+    for si, sl in enumerate(recipe.slices):
+        check_names(spec, f"slices[{si}]", sl.parameters, "shared")
+        lengths = {s.layer_range[1] - s.layer_range[0] for s in sl.sources}
+        if len(lengths) != 1:
+            raise RecipeError(f"slices[{si}]: every source must span the same number of layers; got layer_ranges {[list(s.layer_range) for s in sl.sources]}")
+        for s in sl.sources:
+            check_names(spec, f"slices[{si}] model '{s.model}'", s.parameters, "model")
+            n = _num_layers(b.models.checkpoints[b.models.get(s.model)])
+            if s.layer_range[1] > n:
+                raise RecipeError(
+                    f"slices[{si}]: layer_range {list(s.layer_range)} of model '{s.model}' is outside its {n} layers (valid: 0 to {n}, end exclusive)"
+                )
+        base_ref = sl.base_model or recipe.base_model
+        refs = [s.model for s in sl.sources]
+        if len(set(refs)) != len(refs):
+            raise RecipeError(f"slices[{si}]: model '{refs[0]}' appears twice among the sources of one slice")
+        inputs, base = b.split_base(refs, base_ref)
+        by_idx = {b.models.get(s.model): s for s in sl.sources}
+        first_inputs = first_inputs or (inputs, base, by_idx, sl)
+        last_inputs = (inputs, base, by_idx, sl)
+        length = lengths.pop()
+        for off in range(length):
+            layer_jobs.append((out_layer, off, length, inputs, base, by_idx, sl))
+            out_layer += 1
+    ref_ck = b.models.checkpoints[first_inputs[1] if first_inputs[1] is not None else first_inputs[0][0]]
+    names = list(ref_ck.tensors)
+    non_layer = [n for n in names if layer_of(n) is None]
+    pre = [n for n in non_layer if not any(h in n for h in _POST_HINTS)]
+    post = [n for n in non_layer if any(h in n for h in _POST_HINTS)]
+
+    def levels(inputs, by_idx, sl):
+        return [[by_idx[i].parameters if i in by_idx else None, sl.parameters, recipe.parameters] for i in inputs]
+
+    for group, (inputs, base, by_idx, sl) in ((pre, first_inputs), (post, last_inputs)):
+        all_idx = inputs + ([base] if base is not None else [])
+        for name in group:
+            b.add(name, dict.fromkeys(all_idx, name), inputs, base, levels(inputs, by_idx, sl), [sl.parameters, recipe.parameters], 0.0)
+    for out_idx, off, length, inputs, base, by_idx, sl in layer_jobs:
+        lead = inputs[0]
+        ck = b.models.checkpoints[lead]
+        lead_layer = by_idx[lead].layer_range[0] + off
+        layer_names = [n for n in ck.tensors if (lo := layer_of(n)) and lo[1] == lead_layer]
+        if not layer_names:
+            raise CheckpointError(f"model '{ck.label}' has no tensors for layer {lead_layer}")
+        all_idx = inputs + ([base] if base is not None else [])
+        for name in layer_names:
+            prefix, _, rest = layer_of(name)
+            # each source reads its own layer (its layer_range start + offset); a base that is
+            # not among the slice's sources reads the lead source's layer
+            in_names = {i: f"{prefix}{(by_idx[i].layer_range[0] if i in by_idx else by_idx[lead].layer_range[0]) + off}.{rest}" for i in all_idx}
+            b.add(f"{prefix}{out_idx}.{rest}", in_names, inputs, base, levels(inputs, by_idx, sl), [sl.parameters, recipe.parameters], _t(off, length))
+    return out_layer
