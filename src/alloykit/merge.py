@@ -26,12 +26,22 @@ def temp_dir_for(out_dir: Path) -> Path:
     return out_dir.parent / f".{out_dir.name}{TMP_MARK}"
 
 
-def plan_recipe(recipe: Recipe | dict | str | os.PathLike, *, allow_pickle: bool = False, seed: int | None = None) -> Plan:
-    """Recipe (object, dict, or YAML path) -> validated plan, reading headers only."""
+def plan_recipe(
+    recipe: Recipe | dict | str | os.PathLike,
+    *,
+    allow_pickle: bool = False,
+    seed: int | None = None,
+    recipe_dir: str | os.PathLike | None = None,
+) -> Plan:
+    """Recipe (object, dict, or YAML path) -> validated plan, reading headers only.
+
+    Relative model paths are looked up from the working directory, then from
+    ``recipe_dir`` (the YAML file's folder when a path is given).
+    """
     if isinstance(recipe, (str, os.PathLike)):
         path = Path(recipe)
         return make_plan(load_recipe(path), recipe_dir=path.parent, allow_pickle=allow_pickle, seed=seed)
-    return make_plan(parse_recipe(recipe), allow_pickle=allow_pickle, seed=seed)
+    return make_plan(parse_recipe(recipe), recipe_dir=recipe_dir, allow_pickle=allow_pickle, seed=seed)
 
 
 def merge(
@@ -48,6 +58,7 @@ def merge(
     fail_on_nonfinite: bool = False,
     budget_bytes: int = DEFAULT_BUDGET,
     copy_tokenizer: bool = True,
+    recipe_dir: str | os.PathLike | None = None,
 ) -> Path:
     """Merge the models a recipe names into ``out_dir`` (a Hugging Face model folder).
 
@@ -55,7 +66,7 @@ def merge(
     into place only when complete: ``out_dir`` either does not exist or is whole.
     """
     out = Path(out_dir).absolute()
-    plan = plan_recipe(recipe, allow_pickle=allow_pickle, seed=seed)
+    plan = plan_recipe(recipe, allow_pickle=allow_pickle, seed=seed, recipe_dir=recipe_dir)
     try:
         if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
             raise OutputError(f"output folder '{out}' exists and is not empty; choose another folder or pass --overwrite")

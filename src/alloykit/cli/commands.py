@@ -1,0 +1,192 @@
+"""The CLI's subcommands. Each is a few lines over the Python API."""
+
+from __future__ import annotations
+
+import json
+from argparse import Namespace
+from collections import Counter
+from pathlib import Path
+
+from alloykit.errors import RecipeError
+
+
+def _plan(args: Namespace):
+    from alloykit.merge import plan_recipe
+
+    return plan_recipe(args.recipe, allow_pickle=args.allow_pickle, seed=getattr(args, "seed", None))
+
+
+def cmd_merge(args: Namespace) -> int:
+    from alloykit.config import load_recipe
+    from alloykit.merge import merge
+
+    recipe = load_recipe(args.recipe)
+    if args.dtype:
+        recipe = recipe.model_copy(update={"out_dtype": args.dtype})
+    device = "cuda" if args.cuda else args.device
+    _check_device(device)
+    import time
+
+    t0 = time.monotonic()
+    out = merge(
+        recipe, args.out, recipe_dir=Path(args.recipe).parent, device=device, threads=args.threads, seed=args.seed,
+        max_shard_size=args.max_shard_size, allow_pickle=args.allow_pickle, overwrite=args.overwrite,
+        progress=not args.quiet, fail_on_nonfinite=args.fail_on_nonfinite, budget_bytes=args.memory_budget,
+        copy_tokenizer=args.copy_tokenizer,
+    )
+    if not args.quiet:
+        print(f"merged with {recipe.merge_method} in {time.monotonic() - t0:.1f}s -> {out}")
+    return 0
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RecipeError(f"--device {device}: no CUDA device is available here; use --device cpu")
+    if not (device == "cpu" or device.startswith("cuda")):
+        raise RecipeError(f"--device {device}: use cpu or cuda")
+
+
+def cmd_plan(args: Namespace) -> int:
+    plan = _plan(args)
+    try:
+        if args.json:
+            print(json.dumps(_plan_json(plan), indent=1))
+            return 0
+        print(f"method: {plan.method.name}   seed: {plan.seed}   jobs: {len(plan.jobs)}   "
+              f"read: {plan.in_bytes / 1e9:.3f} GB   write: {plan.out_bytes / 1e9:.3f} GB")
+        for i, label in enumerate(plan.labels):
+            print(f"  [{i}] {label}")
+        for j in plan.jobs:
+            src = ", ".join(f"[{s.model}]" + ("" if s.tensor == j.name else f":{s.tensor}") for s in j.sources)
+            base = f" base=[{j.base.model}]" if j.base else ""
+            what = "copy" if j.copy else plan.method.name
+            params = "" if j.copy else _params_str(j)
+            print(f"{j.name} {list(j.shape)} {str(j.out_dtype).removeprefix('torch.')} <- {what}({src}){base}{params}")
+    finally:
+        plan.close()
+    return 0
+
+
+def _params_str(job) -> str:
+    shared = job.params.model_dump(by_alias=True) if job.params is not None else {}
+    per = [m.model_dump(by_alias=True) for m in job.model_params]
+    parts = [f"{k}={v}" for k, v in shared.items()]
+    keys = per[0].keys() if per else []
+    parts += [f"{k}={[p[k] for p in per]}" for k in keys]
+    return (" " + " ".join(parts)) if parts else ""
+
+
+def _plan_json(plan) -> dict:
+    return {
+        "method": plan.method.name,
+        "seed": plan.seed,
+        "inputs": plan.labels,
+        "read_bytes": plan.in_bytes,
+        "write_bytes": plan.out_bytes,
+        "jobs": [
+            {
+                "name": j.name,
+                "shape": list(j.shape),
+                "dtype": str(j.out_dtype).removeprefix("torch."),
+                "copy": j.copy,
+                "sources": [{"model": s.model, "tensor": s.tensor} for s in j.sources],
+                "base": {"model": j.base.model, "tensor": j.base.tensor} if j.base else None,
+                "params": j.params.model_dump(by_alias=True) if j.params is not None else None,
+                "model_params": [m.model_dump(by_alias=True) for m in j.model_params],
+            }
+            for j in plan.jobs
+        ],
+    }
+
+
+def cmd_validate(args: Namespace) -> int:
+    plan = _plan(args)
+    try:
+        print(f"OK: {plan.method.name} merge of {len(plan.labels)} model(s), {len(plan.jobs)} tensors, "
+              f"{plan.out_bytes / 1e9:.3f} GB to write")
+    finally:
+        plan.close()
+    return 0
+
+
+def cmd_methods(args: Namespace) -> int:
+    from alloykit.methods.registry import all_methods, get_method
+
+    if args.name is None:
+        methods = all_methods()
+        width = max(len(n) for n in methods)
+        for name, spec in methods.items():
+            print(f"{name:<{width}}  {spec.summary}")
+        print(f"\n{len(methods)} methods. 'alloykit methods NAME' shows one method's parameters.")
+        return 0
+    print(describe_method(get_method(args.name)))
+    return 0
+
+
+def describe_method(spec) -> str:
+    """Text shown by 'alloykit methods NAME', generated from the method's declaration."""
+    lines = [f"{spec.name}: {spec.summary}", ""]
+    body = spec.doc.split("\n", 1)[1].strip() if "\n" in spec.doc else ""
+    if body:
+        lines += [body, ""]
+    base = {"required": "required", "optional": "optional (used when given)", "ignored": "not used"}[spec.base]
+    count = f"{spec.min_models}+" if spec.max_models is None else (
+        str(spec.min_models) if spec.min_models == spec.max_models else f"{spec.min_models}-{spec.max_models}")
+    lines.append(f"base_model: {base}; models besides the base: {count}; randomized: {'yes (--seed)' if spec.randomized else 'no'}")
+    if spec.reproduces:
+        lines.append(f"reproduces: {spec.reproduces}")
+    if spec.paper:
+        lines.append(f"paper: {spec.paper}")
+    lines += ["", "parameters:"]
+    fields = spec.param_fields()
+    if not fields:
+        lines.append("  (none)")
+    for key, (scope, info) in fields.items():
+        lines.append(f"  {key} ({scope}, {_type_name(info.annotation)}, {_default(info)}{_bounds(info)}): {info.description or ''}")
+    return "\n".join(lines)
+
+
+def _type_name(ann) -> str:
+    return getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
+
+
+def _default(info) -> str:
+    return "required" if info.is_required() else f"default {info.default!r}"
+
+
+def _bounds(info) -> str:
+    out = []
+    for m in info.metadata:
+        for attr, sym in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+            v = getattr(m, attr, None)
+            if v is not None:
+                out.append(f"{sym} {v}")
+    return (", " + " ".join(out)) if out else ""
+
+
+def cmd_inspect(args: Namespace) -> int:
+    from alloykit.io.checkpoint import Checkpoint
+
+    ck = Checkpoint(args.model, allow_pickle=args.allow_pickle)
+    try:
+        infos = list(ck.tensors.values())
+        params = sum(t.numel for t in infos)
+        dtypes = Counter(str(t.dtype).removeprefix("torch.") for t in infos)
+        files = Counter(Path(t.path).name for t in infos)
+        print(f"model: {args.model}")
+        cfg = ck.config()
+        if cfg:
+            print(f"architecture: {', '.join(cfg.get('architectures') or [cfg.get('model_type', '?')])}")
+        print(f"tensors: {len(infos)}   parameters: {params:,} ({params / 1e9:.3f}B)   bytes: {ck.total_bytes:,}")
+        print("dtypes: " + ", ".join(f"{d} x{n}" for d, n in dtypes.most_common()))
+        print(f"shards: {len(files)}")
+        for f, n in sorted(files.items()):
+            print(f"  {f}: {n} tensors")
+        if args.tensors:
+            for t in infos:
+                print(f"{t.name} {list(t.shape)} {str(t.dtype).removeprefix('torch.')}")
+    finally:
+        ck.close()
+    return 0

@@ -1,0 +1,106 @@
+"""The ``alloykit`` command: a thin layer over the Python API.
+
+User mistakes (AlloyError) print one line and exit 2; anything else is a bug and
+keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import warnings
+
+from alloykit.errors import AlloyError
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """'5GB', '500M', '1.5GiB', '123' -> bytes (decimal units, binary with 'i')."""
+    m = _SIZE_RE.match(str(text))
+    if not m:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a size; use bytes or a unit such as 500MB, 5GB, 2GiB")
+    num, unit, binary = float(m[1]), m[2].lower(), bool(m[3])
+    power = " kmgt".index(unit) if unit else 0
+    value = int(num * ((1024 if binary else 1000) ** power))
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"size '{text}' must be positive")
+    return value
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-pickle", action="store_true", help="accept PyTorch .bin/.pt inputs (loaded with weights_only=True)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="alloykit", description="Merge fine-tuned models in weight space, streaming, tensor by tensor.")
+    ap.add_argument("--version", action="version", version=_version())
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    m = sub.add_parser("merge", help="run a recipe and write the merged model folder")
+    m.add_argument("recipe", help="YAML recipe (mergekit's schema)")
+    m.add_argument("out", help="output folder (written atomically)")
+    m.add_argument("--device", default="cpu", help="compute device: cpu or cuda (default cpu)")
+    m.add_argument("--cuda", action="store_true", help="same as --device cuda (mergekit's flag)")
+    m.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="output dtype (overrides the recipe's out_dtype/dtype)")
+    m.add_argument("--seed", "--random-seed", type=int, dest="seed", help="seed of randomized methods (default: recipe's, else 0)")
+    m.add_argument("--threads", "-j", "--num-threads", type=int, dest="threads", help="worker threads (default: min(4, cores))")
+    m.add_argument("--max-shard-size", "--out-shard-size", type=parse_size, dest="max_shard_size", default="5GB",
+                   help="largest output shard, e.g. 5GB, 500MB (default 5GB)")
+    m.add_argument("--memory-budget", type=parse_size, default="2GiB", help="working memory for tensors in flight (default 2GiB)")
+    m.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
+    m.add_argument("--fail-on-nonfinite", action="store_true", help="stop with an error when a tensor holds NaN/Inf (default: warn)")
+    m.add_argument("--no-copy-tokenizer", dest="copy_tokenizer", action="store_false", help="do not copy tokenizer files")
+    m.add_argument("--copy-tokenizer", dest="copy_tokenizer", action="store_true", help=argparse.SUPPRESS)
+    m.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+    for flag in ("--lazy-unpickle", "--allow-crimes", "--low-cpu-memory", "--read-to-gpu"):
+        m.add_argument(flag, action="store_true", help=argparse.SUPPRESS)  # mergekit flags: accepted, no effect here
+    _add_model_args(m)
+
+    p = sub.add_parser("plan", help="dry run: list every tensor job; reads headers only")
+    p.add_argument("recipe")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_model_args(p)
+
+    v = sub.add_parser("validate", help="check the recipe and every input's headers; prints OK or the problem")
+    v.add_argument("recipe")
+    _add_model_args(v)
+
+    me = sub.add_parser("methods", help="list merge methods, or one method's parameters")
+    me.add_argument("name", nargs="?")
+
+    i = sub.add_parser("inspect", help="tensors, shapes, dtypes, shards and parameter count of a model")
+    i.add_argument("model")
+    i.add_argument("--tensors", action="store_true", help="list every tensor")
+    _add_model_args(i)
+    return ap
+
+
+def _version() -> str:
+    from alloykit import __version__
+
+    return f"alloykit {__version__}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    warnings.showwarning = lambda msg, *a, **k: print(f"alloykit: warning: {msg}", file=sys.stderr)
+    from alloykit.cli import commands
+
+    try:
+        return getattr(commands, f"cmd_{args.command}")(args) or 0
+    except AlloyError as err:
+        print(f"alloykit: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("alloykit: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. 'alloykit plan r.yaml | head'
+        sys.stderr.close()
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
