@@ -16,11 +16,11 @@ $(VENV)/.created:
 venv: $(VENV)/.created
 
 $(VENV)/.installed: $(VENV)/.created pyproject.toml
-	$(PIP) install -q -e '.[hf]'
+	$(PIP) install -q -e '.[hf,demo]'
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.created pyproject.toml
-	$(PIP) install -q -e '.[dev,hf]'
+	$(PIP) install -q -e '.[dev,hf,demo]'
 	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed
