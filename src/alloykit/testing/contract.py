@@ -23,17 +23,23 @@ from alloykit.methods.registry import MergeInput, MethodSpec
 SHAPES = ((7,), (6, 5), (2, 3, 4))
 
 
+def _required_values(model, number: float) -> dict:
+    """Defaults everywhere, and ``number`` for each required numeric parameter."""
+    values = {}
+    for fname, info in model.model_fields.items():
+        if info.is_required():
+            values[info.alias or fname] = {int: 1, bool: False}.get(info.annotation, number)
+    return values
+
+
 def example_model_params(spec: MethodSpec, k: int) -> list:
     """Per-model parameters with defaults, required numbers set to 1 (e.g. weight)."""
-    values = {}
-    for fname, info in spec.model_params.model_fields.items():
-        if info.is_required():
-            values[info.alias or fname] = {float: 1.0, int: 1, bool: False}.get(info.annotation, 1.0)
-    return [spec.model_params.model_validate(values) for _ in range(k)]
+    return [spec.model_params.model_validate(_required_values(spec.model_params, 1.0)) for _ in range(k)]
 
 
 def example_params(spec: MethodSpec):
-    return spec.params.model_validate({})
+    """Shared parameters with defaults, required numbers set to 0.5 (e.g. slerp's t)."""
+    return spec.params.model_validate(_required_values(spec.params, 0.5))
 
 
 def num_models(spec: MethodSpec) -> int:
