@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
+import signal
+import sys
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,7 +17,10 @@ import torch
 from alloykit.config import Recipe, load_recipe, parse_recipe
 from alloykit.errors import OutputError, PlanError
 from alloykit.io.checkpoint import StateDictCheckpoint
-from alloykit.io.writer import ShardedWriter, plan_shards
+from alloykit import __version__
+from alloykit.card import write_metadata
+from alloykit.io.journal import JOURNAL, Journal, file_sha256
+from alloykit.io.writer import ShardedWriter, ShardLayout, plan_shards
 from alloykit.plan.executor import DEFAULT_BUDGET, run_jobs
 from alloykit.plan.planner import Plan, make_plan
 
@@ -54,6 +61,7 @@ def merge(
     max_shard_size: int = DEFAULT_SHARD_SIZE,
     allow_pickle: bool = False,
     overwrite: bool = False,
+    resume: bool = False,
     progress: bool = True,
     fail_on_nonfinite: bool = False,
     budget_bytes: int = DEFAULT_BUDGET,
@@ -64,6 +72,8 @@ def merge(
 
     The output is written into ``.NAME.alloykit-tmp`` beside the target and renamed
     into place only when complete: ``out_dir`` either does not exist or is whole.
+    An interrupted merge leaves that folder; ``resume=True`` continues from its
+    verified complete shards, otherwise it is cleaned and the merge starts over.
     """
     out = Path(out_dir).absolute()
     plan = plan_recipe(recipe, allow_pickle=allow_pickle, seed=seed, recipe_dir=recipe_dir)
@@ -73,21 +83,65 @@ def merge(
         if max_shard_size <= 0:
             raise OutputError(f"--max-shard-size {max_shard_size}: must be a positive number of bytes")
         out.parent.mkdir(parents=True, exist_ok=True)
-        _check_space(out.parent, plan.out_bytes)
+        shards = plan_shards([(j.name, j.out_dtype, j.shape) for j in plan.jobs], max_shard_size)
         tmp = temp_dir_for(out)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
+        journal = _start(plan, shards, tmp, resume, progress)
+        reused = sum(journal.shards[s.filename]["size"] for s in shards if s.filename in journal.shards)
+        _check_space(out.parent, plan.out_bytes - reused)
         try:
-            _write(plan, tmp, device=device, threads=threads, max_shard_size=max_shard_size, progress=progress,
+            _write(plan, tmp, shards, journal, device=device, threads=threads, progress=progress,
                    fail_on_nonfinite=fail_on_nonfinite, budget_bytes=budget_bytes, copy_tokenizer=copy_tokenizer)
+            journal.remove()
             _replace(tmp, out)
+        except (KeyboardInterrupt, OSError, OutputError):
+            # keep the verified shards so that --resume can continue after an interrupt or I/O error
+            if progress:
+                print(f"alloykit: partial work kept in '{tmp}'; rerun with --resume to continue, or delete it", file=sys.stderr)
+            raise
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     finally:
         plan.close()
     return out
+
+
+def plan_fingerprint(plan: Plan, shards: list[ShardLayout]) -> str:
+    """Digest of everything that decides the output bytes: recipe, seed, inputs' headers, layout."""
+    h = hashlib.sha256()
+    h.update(plan.recipe.to_yaml().encode())
+    h.update(f"seed={plan.seed};version={__version__}".encode())
+    for ck in plan.checkpoints:
+        for name, info in sorted(ck.tensors.items()):
+            h.update(f"{name}|{info.dtype}|{info.shape}|{info.offset}|{info.nbytes};".encode())
+        for f in getattr(ck, "files", []):
+            st = os.stat(f)
+            h.update(f"{f}|{st.st_size}|{st.st_mtime_ns};".encode())
+    for j in plan.jobs:
+        h.update(f"{j.name}|{j.out_dtype}|{j.shape}|{j.sources}|{j.base}|{j.params!r}|{j.model_params!r};".encode())
+    for s in shards:
+        h.update(f"{s.filename}|{s.size};".encode())
+    return h.hexdigest()
+
+
+def _start(plan: Plan, shards: list[ShardLayout], tmp: Path, resume: bool, progress: bool) -> Journal:
+    """Prepare the temporary folder: reuse an interrupted run's verified shards, or start clean."""
+    fingerprint = plan_fingerprint(plan, shards)
+    if resume and tmp.is_dir():
+        journal, why = Journal.load_verified(tmp, fingerprint)
+        if why and (tmp / JOURNAL).exists():
+            raise OutputError(f"cannot resume from '{tmp}': {why}; rerun without --resume to start over")
+        if progress:
+            print(f"alloykit: resuming: {len(journal.shards)} of {len(shards)} shards already complete", file=sys.stderr)
+        keep = set(journal.shards) | {JOURNAL}
+        for p in tmp.iterdir():
+            if p.name not in keep:
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+        return journal
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    return Journal(tmp, fingerprint)
 
 
 def _check_space(folder: Path, need: int) -> None:
@@ -126,21 +180,44 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write(plan: Plan, folder: Path, *, device: str, threads: int | None, max_shard_size: int, progress: bool,
-           fail_on_nonfinite: bool, budget_bytes: int, copy_tokenizer: bool) -> None:
-    entries = [(j.name, j.out_dtype, j.shape) for j in plan.jobs]
-    shards = plan_shards(entries, max_shard_size)
-    writer = ShardedWriter(folder, shards, {j.name: j.out_dtype for j in plan.jobs}, {j.name: j.shape for j in plan.jobs})
-    writer.open()
+def _write(plan: Plan, folder: Path, shards: list[ShardLayout], journal: Journal, *, device: str, threads: int | None,
+           progress: bool, fail_on_nonfinite: bool, budget_bytes: int, copy_tokenizer: bool) -> None:
+    def completed(filename: str, size: int) -> None:
+        journal.complete(filename, size, file_sha256(folder / filename))
+
+    writer = ShardedWriter(folder, shards, {j.name: j.out_dtype for j in plan.jobs}, {j.name: j.shape for j in plan.jobs},
+                           on_complete=completed)
+    done = set(journal.shards)
+    skip = {n for s in shards if s.filename in done for n in s.names}
+    writer.open(done)
+    sink = _with_fault_hook(writer.write)
     try:
-        run_jobs(plan, writer.write, device=device, threads=threads or default_threads(), budget_bytes=budget_bytes,
-                 progress=progress, fail_on_nonfinite=fail_on_nonfinite)
+        run_jobs(plan, sink, device=device, threads=threads or default_threads(), budget_bytes=budget_bytes,
+                 progress=progress, fail_on_nonfinite=fail_on_nonfinite, skip=skip)
     finally:
         writer.close()
     writer.write_index()
-    from alloykit.card import write_metadata
-
     write_metadata(plan, folder, copy_tokenizer=copy_tokenizer)
+
+
+def _with_fault_hook(sink):
+    """Test-only fault injection: ALLOYKIT_FAULT_KILL_AFTER=N SIGKILLs the process after N tensors.
+
+    The reliability suite uses it to kill merges at exact points; unset, it costs nothing.
+    """
+    after = os.environ.get("ALLOYKIT_FAULT_KILL_AFTER")
+    if not after:
+        return sink
+    limit, count, lock = int(after), [0], threading.Lock()
+
+    def hooked(name, tensor):
+        sink(name, tensor)
+        with lock:
+            count[0] += 1
+            if count[0] >= limit:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    return hooked
 
 
 def default_threads() -> int:

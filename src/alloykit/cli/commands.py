@@ -30,7 +30,7 @@ def cmd_merge(args: Namespace) -> int:
     t0 = time.monotonic()
     out = merge(
         recipe, args.out, recipe_dir=Path(args.recipe).parent, device=device, threads=args.threads, seed=args.seed,
-        max_shard_size=args.max_shard_size, allow_pickle=args.allow_pickle, overwrite=args.overwrite,
+        max_shard_size=args.max_shard_size, allow_pickle=args.allow_pickle, overwrite=args.overwrite, resume=args.resume,
         progress=not args.quiet, fail_on_nonfinite=args.fail_on_nonfinite, budget_bytes=args.memory_budget,
         copy_tokenizer=args.copy_tokenizer,
     )

@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest output shard, e.g. 5GB, 500MB (default 5GB)")
     m.add_argument("--memory-budget", type=parse_size, default="2GiB", help="working memory for tensors in flight (default 2GiB)")
     m.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
+    m.add_argument("--resume", action="store_true", help="continue an interrupted merge from its verified complete shards")
     m.add_argument("--fail-on-nonfinite", action="store_true", help="stop with an error when a tensor holds NaN/Inf (default: warn)")
     m.add_argument("--no-copy-tokenizer", dest="copy_tokenizer", action="store_false", help="do not copy tokenizer files")
     m.add_argument("--copy-tokenizer", dest="copy_tokenizer", action="store_true", help=argparse.SUPPRESS)

@@ -81,8 +81,10 @@ def read_header(path: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     except OSError as err:
         raise CheckpointError(f"{path}: cannot read: {err.strerror or err}") from None
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
+    except _DuplicateKey as err:
+        raise CheckpointError(f"{path}: corrupt safetensors header: tensor '{err}' is listed twice") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise CheckpointError(f"{path}: corrupt safetensors header (not JSON: {err})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header (expected a JSON object)")
@@ -103,7 +105,34 @@ def read_header(path: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     return tensors, {str(k): str(v) for k, v in meta.items()}
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    out: dict = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(k)
+        out[k] = v
+    return out
+
+
+def check_tensor_name(path: str, name: str) -> None:
+    """Tensor names are keys, never paths: refuse separators, '..' and control characters."""
+    if (
+        not name
+        or len(name) > 1024
+        or "/" in name
+        or "\\" in name
+        or name.startswith("..")
+        or any(ord(c) < 32 or ord(c) == 127 for c in name)
+    ):
+        raise CheckpointError(f"{path}: tensor name {name[:80]!r} is not a valid tensor name (path separators or control characters); the file is corrupt or hostile")
+
+
 def _tensor_info(path: str, name: str, entry: object, data_start: int, data_len: int) -> TensorInfo:
+    check_tensor_name(path, name)
     if not isinstance(entry, dict):
         raise CheckpointError(f"{path}: tensor '{name}': header entry is not an object")
     code = entry.get("dtype")

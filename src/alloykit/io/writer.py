@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,29 +62,49 @@ def plan_shards(
 
 
 class ShardedWriter:
-    """Writes tensors at precomputed offsets into pre-sized shard files in ``folder``."""
+    """Writes tensors at precomputed offsets into pre-sized shard files in ``folder``.
 
-    def __init__(self, folder: Path, shards: list[ShardLayout], dtypes: dict[str, torch.dtype], shapes: dict[str, tuple[int, ...]]):
+    When the last tensor of a shard is written, the shard is fsynced and
+    ``on_complete(filename, size)`` is called (the resume journal records it there).
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        shards: list[ShardLayout],
+        dtypes: dict[str, torch.dtype],
+        shapes: dict[str, tuple[int, ...]],
+        on_complete: Callable[[str, int], None] | None = None,
+    ):
         self.folder = Path(folder)
         self.shards = shards
         self.dtypes = dtypes
         self.shapes = shapes
+        self.on_complete = on_complete
         self._where: dict[str, tuple[ShardLayout, int]] = {}
         for s in shards:
             for name, off in s.offsets.items():
                 self._where[name] = (s, off)
         self._fds: dict[str, int] = {}
+        self._remaining: dict[str, int] = {}
+        self._lock = threading.Lock()
 
-    def open(self) -> None:
+    def open(self, done: set[str] = frozenset()) -> None:
+        """Create every shard not in ``done`` (complete shards of a resumed run stay untouched)."""
         for s in self.shards:
+            if s.filename in done:
+                continue
             path = self.folder / s.filename
             try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
                 self._fds[s.filename] = fd
                 _pwrite_all(fd, s.prefix, 0, path)
                 os.ftruncate(fd, s.size)
             except OSError as err:
                 raise OutputError(f"cannot write '{path}': {err.strerror or err}") from None
+            self._remaining[s.filename] = len(s.names)
+            if not s.names:
+                self._finish(s)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         shard, off = self._where[name]
@@ -90,20 +112,28 @@ class ShardedWriter:
         if tensor.dtype != want_dtype or tuple(tensor.shape) != tuple(want_shape):
             raise AssertionError(f"{name}: planned {want_dtype}{list(want_shape)}, got {tensor.dtype}{list(tensor.shape)}")
         t = tensor.detach().to("cpu").contiguous()
-        if t.numel() == 0:
-            return
-        data = memoryview(t.view(-1).view(torch.uint8).numpy())
-        _pwrite_all(self._fds[shard.filename], data, off, self.folder / shard.filename)
+        if t.numel():
+            data = memoryview(t.view(-1).view(torch.uint8).numpy())
+            _pwrite_all(self._fds[shard.filename], data, off, self.folder / shard.filename)
+        with self._lock:
+            self._remaining[shard.filename] -= 1
+            last = self._remaining[shard.filename] == 0
+        if last:
+            self._finish(shard)
 
-    def close(self, sync: bool = True) -> None:
-        for fname, fd in self._fds.items():
-            try:
-                if sync:
-                    os.fsync(fd)
-            except OSError as err:
-                raise OutputError(f"cannot write '{self.folder / fname}': {err.strerror or err}") from None
-            finally:
-                os.close(fd)
+    def _finish(self, shard: ShardLayout) -> None:
+        path = self.folder / shard.filename
+        try:
+            os.fsync(self._fds[shard.filename])
+        except OSError as err:
+            raise OutputError(f"cannot write '{path}': {err.strerror or err}") from None
+        if self.on_complete is not None:
+            self.on_complete(shard.filename, shard.size)
+
+    def close(self) -> None:
+        """Close the files (each shard was already fsynced when its last tensor landed)."""
+        for fd in self._fds.values():
+            os.close(fd)
         self._fds.clear()
 
     def write_index(self) -> None:
