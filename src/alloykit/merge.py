@@ -85,15 +85,23 @@ def merge(
         out.parent.mkdir(parents=True, exist_ok=True)
         shards = plan_shards([(j.name, j.out_dtype, j.shape) for j in plan.jobs], max_shard_size)
         tmp = temp_dir_for(out)
+        if not resume:
+            _check_space(out.parent, plan.out_bytes)
         journal = _start(plan, shards, tmp, resume, progress)
-        reused = sum(journal.shards[s.filename]["size"] for s in shards if s.filename in journal.shards)
-        _check_space(out.parent, plan.out_bytes - reused)
+        if resume:
+            reused = sum(journal.shards[s.filename]["size"] for s in shards if s.filename in journal.shards)
+            _check_space(out.parent, plan.out_bytes - reused)
         try:
-            _write(plan, tmp, shards, journal, device=device, threads=threads, progress=progress,
-                   fail_on_nonfinite=fail_on_nonfinite, budget_bytes=budget_bytes, copy_tokenizer=copy_tokenizer)
-            journal.remove()
-            _replace(tmp, out)
-        except (KeyboardInterrupt, OSError, OutputError):
+            try:
+                _write(plan, tmp, shards, journal, device=device, threads=threads, progress=progress,
+                       fail_on_nonfinite=fail_on_nonfinite, budget_bytes=budget_bytes, copy_tokenizer=copy_tokenizer)
+                journal.remove()
+                _replace(tmp, out)
+            except OSError as err:
+                raise OutputError(
+                    f"cannot write the output in '{tmp}': {err.strerror or err} (free disk space or choose another folder)"
+                ) from None
+        except (KeyboardInterrupt, OutputError):
             # keep the verified shards so that --resume can continue after an interrupt or I/O error
             if progress:
                 print(f"alloykit: partial work kept in '{tmp}'; rerun with --resume to continue, or delete it", file=sys.stderr)
