@@ -41,10 +41,12 @@ def linear(x: MergeInput) -> torch.Tensor:
 
     merged = sum_i w_i theta_i / sum_i w_i   (without the division if normalize is false)
     """
-    w = x.column("weight")
-    out = (w * x.tensors).sum(0)
+    weights = [m.weight for m in x.model_params]
+    out = torch.zeros_like(x.tensors[0])
+    for t, w in zip(x.tensors, weights):  # accumulate: no [K, ...] temporary
+        out.add_(t, alpha=w)
     if x.params.normalize:
-        out = out / w.sum()
+        out /= sum(weights)
     return out
 
 

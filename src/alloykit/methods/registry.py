@@ -52,6 +52,9 @@ class MergeInput:
     params: Any
     model_params: list[Any]
     generator: torch.Generator | None = None
+    #: set by the executor, which never reads the stack again: ``deltas()`` may then reuse
+    #: its memory (saving a [K, ...] float32 temporary on the largest tensors)
+    owned: bool = False
 
     @property
     def k(self) -> int:
@@ -64,9 +67,15 @@ class MergeInput:
         return col.view(-1, *([1] * (self.tensors.dim() - 1)))
 
     def deltas(self) -> torch.Tensor:
-        """Task vectors: each input minus the base (tau_i = theta_i - theta_0)."""
+        """Task vectors: each input minus the base (tau_i = theta_i - theta_0).
+
+        Call it once; when the stack is ``owned`` the result reuses its memory.
+        """
         if self.base is None:
             raise RecipeError(f"tensor {self.name}: this method needs a base_model")
+        if self.owned:  # in place: ``tensors`` holds the task vectors from here on
+            self.owned = False
+            return self.tensors.sub_(self.base.unsqueeze(0))
         return self.tensors - self.base.unsqueeze(0)
 
 

@@ -14,7 +14,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import torch
 
@@ -49,19 +49,27 @@ def compute_job(plan: Plan, job: TensorJob, device: torch.device, fail_on_nonfin
     if job.base is not None:
         base = cks[job.base.model].read(job.base.tensor).to(device=device, dtype=torch.float32)
     for label, t in (("input", stack), ("base", base)):
-        if t is not None and not bool(torch.isfinite(t).all()):
+        if t is not None and not _all_finite(t):
             _nonfinite(f"tensor '{job.name}': an {label} holds NaN or Inf", fail_on_nonfinite)
     gen = None
     if plan.method.randomized:
         gen = torch.Generator(device=device)
         gen.manual_seed(tensor_seed(plan.seed, job.name))
-    x = MergeInput(job.name, stack, base, job.params, job.model_params, gen)
+    x = MergeInput(job.name, stack, base, job.params, job.model_params, gen, owned=True)
     out = plan.method.fn(x)
     if tuple(out.shape) != tuple(job.shape):
         raise AssertionError(f"method {plan.method.name} returned shape {list(out.shape)} for '{job.name}' {list(job.shape)}")
-    if not bool(torch.isfinite(out).all()):
+    if not _all_finite(out):
         _nonfinite(f"tensor '{job.name}': the merged result holds NaN or Inf", fail_on_nonfinite)
     return out.to(device="cpu", dtype=job.out_dtype)
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """One reduction pass, no temporary: a finite sum means finite entries (an overflowing
+    sum of finite entries is confirmed element-wise before anything is reported)."""
+    if bool(torch.isfinite(t.sum())):
+        return True
+    return bool(torch.isfinite(t).all())
 
 
 def _nonfinite(msg: str, fail: bool) -> None:
@@ -118,6 +126,24 @@ def run_jobs(
     """Compute every job (except those in ``skip``) and pass each result to ``sink``."""
     device = torch.device(device)
     jobs = [j for j in plan.jobs if not (skip and j.name in skip)]
+    if threads > 1:
+        # parallelism comes from jobs; intra-op threads on top would oversubscribe the cores
+        previous = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return _run_parallel(plan, jobs, sink, device, threads, budget_bytes, progress, fail_on_nonfinite)
+        finally:
+            torch.set_num_threads(previous)
+    prog = Progress(len(jobs), sum(j.out_bytes for j in jobs), enabled=progress)
+    for job in jobs:
+        out = compute_job(plan, job, device, fail_on_nonfinite)
+        sink(job.name, out)
+        prog.update(job.out_bytes)
+
+
+def _run_parallel(plan: Plan, jobs: list[TensorJob], sink: Sink, device: torch.device, threads: int, budget_bytes: int,
+                  progress: bool, fail_on_nonfinite: bool) -> None:
+    """Jobs on a thread pool, biggest first, with at most ``budget_bytes`` of working memory in flight."""
     prog = Progress(len(jobs), sum(j.out_bytes for j in jobs), enabled=progress)
     cond = threading.Condition()
     in_flight = [0]
@@ -133,35 +159,33 @@ def run_jobs(
             in_flight[0] -= cost
             cond.notify_all()
 
+    errors: list[BaseException] = []
+
     def work(job: TensorJob, cost: int) -> None:
+        alone = cost > budget_bytes  # nothing else runs beside it: let its ops use every thread
         try:
+            if alone:
+                torch.set_num_threads(threads)
             out = compute_job(plan, job, device, fail_on_nonfinite)
+            if alone:
+                torch.set_num_threads(1)
             sink(job.name, out)
             prog.update(job.out_bytes)
+        except BaseException as err:  # reported by the submitting thread, after in-flight jobs end
+            errors.append(err)
         finally:
             release(cost)
 
-    if threads <= 1:
-        for job in jobs:
-            out = compute_job(plan, job, device, fail_on_nonfinite)
-            sink(job.name, out)
-            prog.update(job.out_bytes)
-        return
     # biggest jobs first: the budget then packs the small ones around them
     order = sorted(jobs, key=lambda j: -job_cost(plan, j))
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="alloykit") as pool:
         futures: list[Future] = []
         for job in order:
+            if errors:
+                break
             cost = job_cost(plan, job)
             acquire(cost)
             futures.append(pool.submit(work, job, cost))
-            failed = [f for f in futures if f.done() and f.exception() is not None]
-            if failed:
-                break
-        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-        for f in futures:
-            if f.done() and f.exception() is not None:
-                for g in futures:
-                    g.cancel()
-                raise f.exception()
         wait(futures)
+    if errors:
+        raise errors[0]

@@ -225,8 +225,10 @@ class _Builder:
             job.base = None
         else:
             job.params = self.resolver.shared(shared_levels, out_name, t)
+            # per-model filters match each model's own tensor name (its layer index in a slice), as in
+            # mergekit; shared parameters match the output name
             job.model_params = [
-                self.resolver.per_model(levels, out_name, t, self.models.labels[i]) for i, levels in zip(inputs, model_levels)
+                self.resolver.per_model(levels, in_names[i], t, self.models.labels[i]) for i, levels in zip(inputs, model_levels)
             ]
             if self.spec.check is not None:
                 msg = self.spec.check(job.params, job.model_params)
@@ -283,7 +285,14 @@ def _plan_models(recipe: Recipe, spec: MethodSpec, b: _Builder) -> int | None:
     assert recipe.models is not None
     for i, m in enumerate(recipe.models):
         check_names(spec, f"model '{m.model}'", m.parameters, "model")
-    inputs, base = b.split_base([m.model for m in recipe.models], recipe.base_model)
+    refs = [m.model for m in recipe.models]
+    base_ref = recipe.base_model
+    if spec.base == "ignored" and base_ref is not None and base_ref not in refs:
+        # mergekit merges a base_model that is not listed as one more input, last, of a
+        # method that has no base (linear's average includes it); so does alloykit
+        _check_joined_base(spec, base_ref, len(refs), recipe.parameters)
+        refs.append(base_ref)
+    inputs, base = b.split_base(refs, base_ref)
     params_of = {m.model: m.parameters for m in recipe.models}
     model_levels = [[params_of.get(b.models.labels[i]), recipe.parameters] for i in inputs]
     ref = b.models.checkpoints[base if base is not None else inputs[0]]
@@ -294,6 +303,21 @@ def _plan_models(recipe: Recipe, spec: MethodSpec, b: _Builder) -> int | None:
         all_idx = inputs + ([base] if base is not None else [])
         b.add(name, dict.fromkeys(all_idx, name), inputs, base, model_levels, [recipe.parameters], t)
     return None
+
+
+def _check_joined_base(spec: MethodSpec, base_ref: str, n_listed: int, shared: dict | None) -> None:
+    if spec.max_models is not None and n_listed + 1 > spec.max_models:
+        raise RecipeError(
+            f"method {spec.name} has no base model and takes at most {spec.max_models} model(s): "
+            f"base_model '{base_ref}' would be merged as one more input (as mergekit does); remove base_model"
+        )
+    for key, (scope, info) in spec.param_fields().items():
+        if scope == "per-model" and info.is_required() and not (shared and key in shared):
+            raise RecipeError(
+                f"method {spec.name} has no base model, so base_model '{base_ref}' is merged as one more input "
+                f"(as mergekit does) and needs '{key}': list it under 'models' with its parameters, give a "
+                f"top-level '{key}', or remove base_model"
+            )
 
 
 def _plan_slices(recipe: Recipe, spec: MethodSpec, b: _Builder) -> int:

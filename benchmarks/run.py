@@ -1,0 +1,172 @@
+"""Time alloykit against mergekit and the plain read-sum-write baseline on the same inputs.
+
+    python benchmarks/run.py --root .bench --size 1.1b --methods linear,ties --repeats 3 --mergekit-repeats 1
+
+Each tool runs as a subprocess on the same recipe and inputs (page cache warmed by a
+first read). Reported per run: wall time, CPU time (user+sys of the child, from
+wait4), and peak anonymous resident memory (RssAnon of the child, sampled every
+20 ms from /proc/PID/status: tensors in flight, not the page cache or mmapped files).
+Medians and spread go to docs/benchmarks.json; `report.py` turns them into
+docs/benchmarks.md and plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+PY = sys.executable
+ALLOYKIT = [PY, "-m", "alloykit.cli.main"]
+MERGEKIT = [str(Path(PY).parent / "mergekit-yaml")]
+
+#: method -> (number of fine-tunes used, per-model parameters, shared parameters, needs base)
+METHODS: dict[str, tuple[int, dict, dict, bool]] = {
+    "linear": (3, {"weight": 1.0}, {}, False),
+    "task_arithmetic": (3, {"weight": 0.5}, {}, True),
+    "ties": (3, {"weight": 0.5, "density": 0.5}, {}, True),
+    "dare_ties": (3, {"weight": 0.5, "density": 0.5}, {}, True),
+    "dare_linear": (3, {"weight": 0.5, "density": 0.5}, {}, True),
+    "breadcrumbs": (3, {"weight": 0.5, "density": 0.9, "gamma": 0.01}, {}, True),
+    "breadcrumbs_ties": (3, {"weight": 0.5, "density": 0.9, "gamma": 0.01}, {}, True),
+    "della": (3, {"weight": 0.5, "density": 0.5, "epsilon": 0.1}, {}, True),
+    "model_stock": (3, {}, {}, True),
+    "slerp": (1, {}, {"t": 0.5}, True),
+}
+
+
+def recipe(method: str, root: Path, n: int | None = None) -> dict:
+    k, per, shared, base = METHODS[method]
+    k = n or k
+    r = {"merge_method": method, "models": [{"model": str(root / f"ft{i + 1}"), **({"parameters": per} if per else {})} for i in range(k)],
+         "dtype": "bfloat16"}
+    if base:
+        r["base_model"] = str(root / "base")
+    if shared:
+        r["parameters"] = shared
+    return r
+
+
+def measure(cmd: list[str], env: dict | None = None) -> dict:
+    """Run ``cmd``; wall and CPU seconds and peak anonymous RSS (bytes) of the child."""
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    peak = [0]
+    stop = threading.Event()
+
+    def sample() -> None:
+        path = f"/proc/{proc.pid}/status"
+        while not stop.is_set():
+            try:
+                for line in open(path):
+                    if line.startswith("RssAnon:"):
+                        peak[0] = max(peak[0], int(line.split()[1]) * 1024)
+            except OSError:
+                return
+            stop.wait(0.02)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    _, status, ru = os.wait4(proc.pid, 0)
+    wall = time.monotonic() - t0
+    stop.set()
+    th.join()
+    err = proc.stderr.read().decode(errors="replace")
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{cmd[:3]} failed: {err[-2000:]}")
+    return {"wall": wall, "cpu": ru.ru_utime + ru.ru_stime, "rss_anon": peak[0], "maxrss": ru.ru_maxrss * 1024}
+
+
+def warm(root: Path) -> None:
+    for f in root.rglob("*.safetensors"):
+        with open(f, "rb") as fh:
+            while fh.read(64 << 20):
+                pass
+
+
+def summarize(runs: list[dict]) -> dict:
+    walls = [r["wall"] for r in runs]
+    return {
+        "runs": len(runs),
+        "wall_median": statistics.median(walls),
+        "wall_min": min(walls),
+        "wall_max": max(walls),
+        "cpu_median": statistics.median(r["cpu"] for r in runs),
+        "rss_anon_peak": max(r["rss_anon"] for r in runs),
+        "maxrss_peak": max(r["maxrss"] for r in runs),
+    }
+
+
+def bench_tool(tool: str, method: str, root: Path, work: Path, repeats: int, n: int | None = None, threads: int | None = None) -> dict:
+    rfile = work / f"{method}.yaml"
+    rfile.write_text(yaml.safe_dump(recipe(method, root, n)))
+    runs = []
+    for _ in range(repeats):
+        out = work / "out"
+        shutil.rmtree(out, ignore_errors=True)
+        if tool == "alloykit":
+            cmd = ALLOYKIT + ["merge", str(rfile), str(out), "-q"] + (["--threads", str(threads)] if threads else [])
+        else:
+            cmd = MERGEKIT + [str(rfile), str(out), "--lazy-unpickle", "--quiet", "--no-copy-tokenizer"]
+        runs.append(measure(cmd, env=dict(os.environ, HF_HUB_OFFLINE="1")))
+        print(f"  {tool:8s} {method:16s} {runs[-1]['wall']:7.1f}s  cpu {runs[-1]['cpu']:6.1f}s  anon {runs[-1]['rss_anon'] / 1e9:.2f} GB", flush=True)
+    shutil.rmtree(work / "out", ignore_errors=True)
+    return summarize(runs)
+
+
+def bench_baseline(mode: str, root: Path, work: Path, repeats: int, k: int = 3) -> dict:
+    models = [str(root / "base")] + [str(root / f"ft{i + 1}") for i in range(k)]
+    runs = []
+    for _ in range(repeats):
+        out = work / "out"
+        shutil.rmtree(out, ignore_errors=True)
+        runs.append(measure([PY, str(HERE / "baseline.py"), mode, str(out), *models]))
+        print(f"  baseline {mode:16s} {runs[-1]['wall']:7.1f}s  cpu {runs[-1]['cpu']:6.1f}s  anon {runs[-1]['rss_anon'] / 1e9:.2f} GB", flush=True)
+    shutil.rmtree(work / "out", ignore_errors=True)
+    return summarize(runs)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="alloykit vs mergekit vs read-sum-write")
+    ap.add_argument("--root", type=Path, default=Path(".bench"))
+    ap.add_argument("--size", default="1.1b")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--mergekit-repeats", type=int, default=1)
+    ap.add_argument("--no-mergekit", action="store_true")
+    ap.add_argument("--results", type=Path, default=Path("docs/benchmarks.json"))
+    a = ap.parse_args()
+    root = a.root / a.size
+    from generate import generate  # noqa: E402 (benchmarks/ is on sys.path when run as a script)
+
+    generate(a.size, 3, root)
+    work = a.root / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    warm(root)
+    results = json.loads(a.results.read_text()) if a.results.exists() else {}
+    entry = results.setdefault(a.size, {})
+    entry["hardware"] = f"{os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM"
+    print(f"== {a.size}: baselines", flush=True)
+    entry["read-sum-write"] = bench_baseline("read-sum-write", root, work, a.repeats)
+    entry["copy"] = bench_baseline("copy", root, work, a.repeats)
+    for method in a.methods.split(","):
+        print(f"== {a.size}: {method}", flush=True)
+        entry.setdefault("alloykit", {})[method] = bench_tool("alloykit", method, root, work, a.repeats)
+        if not a.no_mergekit:
+            entry.setdefault("mergekit", {})[method] = bench_tool("mergekit", method, root, work, a.mergekit_repeats)
+        a.results.write_text(json.dumps(results, indent=1))
+    a.results.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
