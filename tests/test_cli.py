@@ -70,3 +70,13 @@ def test_relative_paths_resolve_from_the_recipe_folder(family, tmp_path):
     p.write_text(f"merge_method: linear\nmodels:\n  - model: {tunes[0].name}\n    parameters: {{weight: 1}}\n  - model: {tunes[1].name}\n    parameters: {{weight: 1}}\n")
     r = run("merge", p, tmp_path / "out", "-q", cwd="/")
     assert r.returncode == 0, r.stderr
+
+
+def test_methods_reference_doc_is_current():
+    """docs/methods.md is generated from the declarations; regenerate with `alloykit methods --markdown > docs/methods.md`."""
+    from pathlib import Path
+
+    from alloykit.cli.commands import methods_markdown
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "methods.md"
+    assert doc.read_text() == methods_markdown()

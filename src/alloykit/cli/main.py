@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     me = sub.add_parser("methods", help="list merge methods, or one method's parameters")
     me.add_argument("name", nargs="?")
+    me.add_argument("--markdown", action="store_true", help="print the full reference of every method as Markdown")
 
     i = sub.add_parser("inspect", help="tensors, shapes, dtypes, shards and parameter count of a model")
     i.add_argument("model")
