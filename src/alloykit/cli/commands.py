@@ -117,7 +117,7 @@ def cmd_methods(args: Namespace) -> int:
     from alloykit.methods.registry import all_methods, get_method
 
     if args.markdown:
-        print(methods_markdown())
+        print(methods_markdown(), end="")
         return 0
     if args.name is None:
         methods = all_methods()
