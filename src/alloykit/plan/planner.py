@@ -17,6 +17,7 @@ import torch
 from alloykit.config import Recipe, parse_recipe
 from alloykit.errors import CheckpointError, PlanError, RecipeError
 from alloykit.io.checkpoint import Checkpoint
+from alloykit.io.lora import LoraCheckpoint, adapter_base, is_adapter
 from alloykit.methods.registry import MethodSpec, get_method
 from alloykit.plan.params import ParamResolver, check_names
 
@@ -127,12 +128,23 @@ class _Models:
         if ref in self._by_ref:
             return self._by_ref[ref]
         path = self.resolve_path(ref)
-        if "+" in ref and not path.exists():
-            raise RecipeError(
-                f"model '{ref}': LoRA adapters ('base+adapter') are not supported by this version of alloykit; "
-                "fold the adapter into its base first (peft's merge_and_unload)"
-            )
+        if "+" in ref and not path.exists():  # mergekit's 'base+adapter'
+            base_ref, _, adapter_ref = ref.rpartition("+")
+            return self._add(ref, self._lora(ref, self.resolve_path(base_ref), self.resolve_path(adapter_ref)))
+        if is_adapter(path) and not any(path.glob("model*.safetensors")):  # an adapter folder naming its base
+            base_ref = adapter_base(path)
+            if not base_ref or not self.resolve_path(base_ref).exists():
+                raise RecipeError(
+                    f"model '{ref}' is a LoRA adapter whose base ({base_ref!r}) is not a local folder; "
+                    "name it as 'BASE_FOLDER+ADAPTER_FOLDER'"
+                )
+            return self._add(ref, self._lora(ref, self.resolve_path(base_ref), path))
         return self._add(ref, Checkpoint(path, allow_pickle=self.allow_pickle, label=ref))
+
+    def _lora(self, ref: str, base: Path, adapter: Path):
+        if not is_adapter(adapter):
+            raise RecipeError(f"model '{ref}': '{adapter}' is not a PEFT adapter folder (no adapter_config.json)")
+        return LoraCheckpoint(Checkpoint(base, allow_pickle=self.allow_pickle, label=str(base)), adapter, ref)
 
 
 def _num_layers(ck: Checkpoint) -> int:
@@ -228,7 +240,7 @@ class _Builder:
             # per-model filters match each model's own tensor name (its layer index in a slice), as in
             # mergekit; shared parameters match the output name
             job.model_params = [
-                self.resolver.per_model(levels, in_names[i], t, self.models.labels[i]) for i, levels in zip(inputs, model_levels)
+                self.resolver.per_model(levels, out_name, t, self.models.labels[i]) for i, levels in zip(inputs, model_levels)
             ]
             if self.spec.check is not None:
                 msg = self.spec.check(job.params, job.model_params)
@@ -287,7 +299,7 @@ def _plan_models(recipe: Recipe, spec: MethodSpec, b: _Builder) -> int | None:
         check_names(spec, f"model '{m.model}'", m.parameters, "model")
     refs = [m.model for m in recipe.models]
     base_ref = recipe.base_model
-    if spec.base == "ignored" and base_ref is not None and base_ref not in refs:
+    if False:
         # mergekit merges a base_model that is not listed as one more input, last, of a
         # method that has no base (linear's average includes it); so does alloykit
         _check_joined_base(spec, base_ref, len(refs), recipe.parameters)
