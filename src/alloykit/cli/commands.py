@@ -183,6 +183,19 @@ def _bounds(info) -> str:
     return (", " + " ".join(out)) if out else ""
 
 
+def cmd_extract_lora(args: Namespace) -> int:
+    from alloykit.lora.extract import extract_lora, summary
+
+    _check_device(args.device)
+    reports = extract_lora(args.finetuned, args.base, args.out, args.rank, save_others=not args.skip_others,
+                           device=args.device, allow_pickle=args.allow_pickle)
+    if args.per_layer:
+        for r in reports:
+            print(f"{r.name} {list(r.shape)} {r.kind} {r.rel_error:.5f}")
+    print(summary(reports) + f" -> {args.out}")
+    return 0
+
+
 def cmd_inspect(args: Namespace) -> int:
     from alloykit.io.checkpoint import Checkpoint
 

@@ -73,6 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
     me.add_argument("name", nargs="?")
     me.add_argument("--markdown", action="store_true", help="print the full reference of every method as Markdown")
 
+    x = sub.add_parser("extract-lora", help="approximate a fine-tune's delta from its base as a PEFT LoRA adapter")
+    x.add_argument("finetuned")
+    x.add_argument("out")
+    x.add_argument("--base", required=True, help="the model it was fine-tuned from")
+    x.add_argument("--rank", type=int, required=True, help="LoRA rank r")
+    x.add_argument("--skip-others", action="store_true", help="skip changed embeddings and norms instead of saving them whole")
+    x.add_argument("--device", default="cpu")
+    x.add_argument("--per-layer", action="store_true", help="print each layer's relative reconstruction error")
+    _add_model_args(x)
+
     i = sub.add_parser("inspect", help="tensors, shapes, dtypes, shards and parameter count of a model")
     i.add_argument("model")
     i.add_argument("--tensors", action="store_true", help="list every tensor")
@@ -92,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     from alloykit.cli import commands
 
     try:
-        return getattr(commands, f"cmd_{args.command}")(args) or 0
+        return getattr(commands, "cmd_" + args.command.replace("-", "_"))(args) or 0
     except AlloyError as err:
         print(f"alloykit: error: {err}", file=sys.stderr)
         return err.exit_code

@@ -240,7 +240,7 @@ class _Builder:
             # per-model filters match each model's own tensor name (its layer index in a slice), as in
             # mergekit; shared parameters match the output name
             job.model_params = [
-                self.resolver.per_model(levels, out_name, t, self.models.labels[i]) for i, levels in zip(inputs, model_levels)
+                self.resolver.per_model(levels, in_names[i], t, self.models.labels[i]) for i, levels in zip(inputs, model_levels)
             ]
             if self.spec.check is not None:
                 msg = self.spec.check(job.params, job.model_params)
@@ -299,7 +299,7 @@ def _plan_models(recipe: Recipe, spec: MethodSpec, b: _Builder) -> int | None:
         check_names(spec, f"model '{m.model}'", m.parameters, "model")
     refs = [m.model for m in recipe.models]
     base_ref = recipe.base_model
-    if False:
+    if spec.base == "ignored" and base_ref is not None and base_ref not in refs:
         # mergekit merges a base_model that is not listed as one more input, last, of a
         # method that has no base (linear's average includes it); so does alloykit
         _check_joined_base(spec, base_ref, len(refs), recipe.parameters)

@@ -1,0 +1,1 @@
+"""LoRA outputs: low-rank adapters extracted from (or merged into) dense deltas."""
