@@ -196,6 +196,20 @@ def cmd_extract_lora(args: Namespace) -> int:
     return 0
 
 
+def cmd_merge_lora(args: Namespace) -> int:
+    from alloykit.lora.merge import merge_adapters
+
+    if len(args.adapters) < 2:
+        raise RecipeError("merge-lora: give the adapter folders and then the output folder")
+    *adapters, out = args.adapters
+    errors = merge_adapters(adapters, args.base, out, method=args.method, weights=args.weights, rank=args.rank,
+                            model_params={"density": args.density} if args.density is not None else None, seed=args.seed)
+    worst = max(errors.values(), default=0.0)
+    print(f"merged {len(adapters)} adapters with {args.method} -> {out}"
+          + (f" (truncation error per module: worst {worst:.4f})" if errors else " (exact)"))
+    return 0
+
+
 def cmd_inspect(args: Namespace) -> int:
     from alloykit.io.checkpoint import Checkpoint
 

@@ -83,6 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--per-layer", action="store_true", help="print each layer's relative reconstruction error")
     _add_model_args(x)
 
+    ml = sub.add_parser("merge-lora", help="merge LoRA adapters of one base into one PEFT adapter")
+    ml.add_argument("adapters", nargs="+", help="adapter folders, then the output folder")
+    ml.add_argument("--base", required=True, help="the adapters' base model folder")
+    ml.add_argument("--method", default="cat", help="cat (exact), svd, or a task-vector method (ties, dare_ties, ...) then SVD")
+    ml.add_argument("--weights", type=float, nargs="+", help="one weight per adapter (default 1)")
+    ml.add_argument("--rank", type=int, help="rank of the merged adapter (all methods but cat)")
+    ml.add_argument("--density", type=float, help="per-adapter density for trimming methods")
+    ml.add_argument("--seed", type=int, default=0)
+
     i = sub.add_parser("inspect", help="tensors, shapes, dtypes, shards and parameter count of a model")
     i.add_argument("model")
     i.add_argument("--tensors", action="store_true", help="list every tensor")
