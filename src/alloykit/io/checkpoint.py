@@ -20,7 +20,23 @@ from alloykit.io.safetensors_format import TensorInfo, read_header
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 
 
-class Checkpoint:
+class TensorIndex:
+    """Name -> TensorInfo lookups shared by every kind of checkpoint."""
+
+    label: str
+    tensors: dict[str, TensorInfo]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise CheckpointError(f"model '{self.label}': has no tensor '{name}'") from None
+
+
+class Checkpoint(TensorIndex):
     """Tensor index of one model; tensors are read one at a time, on demand."""
 
     def __init__(self, path: str | os.PathLike, *, allow_pickle: bool = False, label: str | None = None):
@@ -115,14 +131,6 @@ class Checkpoint:
         }
 
     # -- reading ----------------------------------------------------------------
-    def __contains__(self, name: str) -> bool:
-        return name in self.tensors
-
-    def info(self, name: str) -> TensorInfo:
-        try:
-            return self.tensors[name]
-        except KeyError:
-            raise CheckpointError(f"model '{self.label}': has no tensor '{name}'") from None
 
     def _fd(self, path: str) -> int:
         with self._lock:
@@ -183,7 +191,7 @@ class Checkpoint:
         return sorted({t.path for t in self.tensors.values()})
 
 
-class StateDictCheckpoint:
+class StateDictCheckpoint(TensorIndex):
     """An in-memory state dict behind the same interface as :class:`Checkpoint`."""
 
     def __init__(self, state_dict: dict[str, torch.Tensor], label: str):
@@ -193,15 +201,6 @@ class StateDictCheckpoint:
         self.tensors = {
             k: TensorInfo(k, label, v.dtype, tuple(v.shape), -1, v.numel() * v.element_size()) for k, v in self._sd.items()
         }
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.tensors
-
-    def info(self, name: str) -> TensorInfo:
-        try:
-            return self.tensors[name]
-        except KeyError:
-            raise CheckpointError(f"model '{self.label}': has no tensor '{name}'") from None
 
     def read(self, name: str) -> torch.Tensor:
         self.info(name)
