@@ -552,3 +552,14 @@ def test_relative_model_paths_offline(models, tmp_path, monkeypatch):
     assert_same(mk, ak, "linear")
     card = (tmp_path / "ak" / "README.md").read_text()
     assert "linear" in card and "./ft1" in card
+
+
+def test_karcher_base_model_joins_in_models_but_not_in_slices(models, tmp_path):
+    """mergekit adds an unlisted base_model to a 'models' recipe as one more input, but a
+    slice's inputs are its sources only; karcher has no base of its own."""
+    base, tunes = models
+    in_models = {"merge_method": "karcher", "base_model": base, "models": models_block(tunes[:2], [{}, {}]), "dtype": "float32"}
+    assert_same(*both(in_models, tmp_path / "models"), "karcher")
+    in_slices = {"merge_method": "karcher", "base_model": base, "dtype": "float32",
+                 "slices": [{"sources": [{"model": tunes[0], "layer_range": [0, 4]}, {"model": tunes[1], "layer_range": [0, 4]}]}]}
+    assert_same(*both(in_slices, tmp_path / "slices"), "karcher")

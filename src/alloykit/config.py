@@ -75,6 +75,8 @@ class Recipe(_Strict):
     models: list[InputModel] | None = None
     slices: list[Slice] | None = None
     parameters: ParamDict | None = None
+    #: output dtype unless out_dtype is given. alloykit always computes in float32 and rounds once;
+    #: mergekit also rounds the inputs to this dtype and computes in it (a few ulps apart in half dtypes)
     dtype: str | None = None
     out_dtype: str | None = None
     tokenizer_source: str | None = None

@@ -141,9 +141,9 @@ class KarcherParams(Params):
 @register(
     "karcher",
     params=KarcherParams,
-    base="optional",
+    base="ignored",
     min_models=1,
-    reproduces="mergekit karcher (equal weights; per-model weights are not used; a base_model counts as one more input)",
+    reproduces="mergekit karcher (equal weights; per-model weights are not used; in a 'models' recipe an unlisted base_model joins as one more input, as in mergekit)",
     paper="Karcher 1977, Riemannian center of mass; mergekit's karcher merge",
 )
 def karcher(x: MergeInput) -> torch.Tensor:
@@ -151,10 +151,9 @@ def karcher(x: MergeInput) -> torch.Tensor:
 
     Directions u_i = v_i/|v_i| (inputs with |v_i| <= tol skipped); iterate
     m <- exp_m(sum a_i theta_i/sin theta_i (u_i - cos theta_i m)) from the normalized
-    mean; result = m * (1/K) sum |v_i|. Equal weights a_i, as in mergekit, where a
-    base_model is averaged in as one more input.
+    mean; result = m * (1/K) sum |v_i|. Equal weights a_i, as in mergekit.
     """
-    vs = x.tensors if x.base is None else torch.cat([x.base.unsqueeze(0), x.tensors])
+    vs = x.tensors
     k = vs.shape[0]
     if k == 1:
         return vs[0].clone()
