@@ -5,16 +5,18 @@
 # Needs root and the cgroup v1 memory controller (/sys/fs/cgroup/memory) or cgroup v2.
 set -euo pipefail
 cap=${1:-1500000000}
-method=${2:-linear}
+method=${2:-task_arithmetic}
 root=.bench/1.1b
 .venv/bin/python benchmarks/generate.py --size 1.1b --finetunes 3 --out "$root" >/dev/null
+params="weight: 0.5"
+case $method in ties|dare_*|della*|breadcrumbs*|magnitude_prune) params="weight: 0.5, density: 0.5";; esac
 cat > .bench/cap.yaml <<YAML
 merge_method: $method
 base_model: $root/base
 models:
-  - {model: $root/ft1, parameters: {weight: 0.5, density: 0.5}}
-  - {model: $root/ft2, parameters: {weight: 0.5, density: 0.5}}
-  - {model: $root/ft3, parameters: {weight: 0.5, density: 0.5}}
+  - {model: $root/ft1, parameters: {$params}}
+  - {model: $root/ft2, parameters: {$params}}
+  - {model: $root/ft3, parameters: {$params}}
 dtype: bfloat16
 YAML
 rm -rf .bench/cap-out
