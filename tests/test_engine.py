@@ -173,3 +173,24 @@ def test_optimised_executor_path_is_bit_identical_to_the_reference(method, famil
         ref = plan.method.fn(MergeInput(job.name, stack, b, job.params, job.model_params, gen)).to(job.out_dtype)
         assert torch.equal(fast, ref), job.name
     plan.close()
+
+
+def test_integer_buffer_only_in_the_base_is_copied(family, tmp_path):
+    """Old checkpoints save BERT's position_ids; fine-tunes saved by newer transformers do not."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    base, tunes = family
+    b2 = tmp_path / "base"
+    shutil.copytree(base, b2)
+    save_file({"embeddings.position_ids": torch.arange(8).unsqueeze(0)}, str(b2 / "extra.safetensors"))
+    import json as _json
+
+    idx = b2 / "model.safetensors.index.json"
+    data = _json.loads(idx.read_text())
+    data["weight_map"]["embeddings.position_ids"] = "extra.safetensors"
+    idx.write_text(_json.dumps(data))
+    r = {"merge_method": "task_arithmetic", "base_model": str(b2), "models": [{"model": str(t), "parameters": {"weight": 0.5}} for t in tunes]}
+    out = load_folder(alloykit.merge(r, tmp_path / "out", progress=False))
+    assert torch.equal(out["embeddings.position_ids"], torch.arange(8).unsqueeze(0))

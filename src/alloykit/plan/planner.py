@@ -210,6 +210,11 @@ class _Builder:
         ref_idx = base if base is not None else inputs[0]
         ref_ck = self.models.checkpoints[ref_idx]
         ref = ref_ck.info(in_names[ref_idx])
+        if not ref.is_float:
+            # integer buffers (e.g. BERT's position_ids, which newer transformers no longer
+            # save) are copied from the reference model, never merged: other inputs may lack them
+            self.jobs.append(TensorJob(out_name, ref.shape, ref.dtype, [Source(ref_idx, ref.name)], None, copy=True))
+            return
         for idx in inputs + ([base] if base is not None else []):
             ck = self.models.checkpoints[idx]
             name = in_names[idx]
@@ -231,21 +236,16 @@ class _Builder:
             [Source(i, in_names[i]) for i in inputs],
             Source(base, in_names[base]) if base is not None else None,
         )
-        if not ref.is_float:
-            job.copy = True
-            job.sources = [Source(ref_idx, ref.name)]
-            job.base = None
-        else:
-            job.params = self.resolver.shared(shared_levels, out_name, t)
-            # per-model filters match each model's own tensor name (its layer index in a slice), as in
-            # mergekit; shared parameters match the output name
-            job.model_params = [
-                self.resolver.per_model(levels, in_names[i], t, self.models.labels[i]) for i, levels in zip(inputs, model_levels)
-            ]
-            if self.spec.check is not None:
-                msg = self.spec.check(job.params, job.model_params)
-                if msg:
-                    raise RecipeError(f"method {self.spec.name}, tensor '{out_name}': {msg}")
+        job.params = self.resolver.shared(shared_levels, out_name, t)
+        # per-model filters match each model's own tensor name (its layer index in a slice), as in
+        # mergekit; shared parameters match the output name
+        job.model_params = [
+            self.resolver.per_model(levels, in_names[i], t, self.models.labels[i]) for i, levels in zip(inputs, model_levels)
+        ]
+        if self.spec.check is not None:
+            msg = self.spec.check(job.params, job.model_params)
+            if msg:
+                raise RecipeError(f"method {self.spec.name}, tensor '{out_name}': {msg}")
         self.jobs.append(job)
 
 
