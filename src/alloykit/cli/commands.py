@@ -104,7 +104,7 @@ def _plan_json(plan) -> dict:
 def cmd_validate(args: Namespace) -> int:
     plan = _plan(args)
     try:
-        inputs = len({s.model for j in plan.jobs for s in j.sources})
+        inputs = len({s.model for j in plan.jobs if not j.copy for s in j.sources})
         base = " onto a base" if any(j.base for j in plan.jobs) else ""
         print(f"OK: {plan.method.name} merge of {inputs} model(s){base}, {len(plan.jobs)} tensors, "
               f"{plan.out_bytes / 1e9:.3f} GB to write")
