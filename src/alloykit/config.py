@@ -173,9 +173,60 @@ def _format_validation_error(err: ValidationError) -> str:
     msg = first["msg"].removeprefix("Value error, ")
     where = _loc(loc)
     got = first.get("input")
-    if where == "recipe" or isinstance(got, dict):
+    if where == "recipe":
         return f"recipe: {msg}"
-    return f"recipe: '{where}' = {got!r}: {msg}"
+    if isinstance(got, dict):
+        return f"recipe: '{where}': {msg}"
+    return f"recipe: '{where}' = {_short_repr(got)}: {msg}"
+
+
+def _short_repr(value: Any) -> str:
+    """A bounded repr for messages: a hostile value must not become a megabyte-long line."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxlevel, r.maxlist, r.maxdict, r.maxstring, r.maxother = 3, 6, 6, 60, 60
+    return r.repr(value)
+
+
+#: values (scalars, lists, mappings) a recipe may hold once YAML aliases are expanded;
+#: real recipes hold hundreds, an alias bomb ("billion laughs") billions
+MAX_RECIPE_NODES = 20_000
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that also refuses a key given twice in one mapping (YAML keeps the
+    last silently, so a second ``models:`` would quietly replace the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                continue  # '<<' merge keys may be overridden; non-scalar keys fail in the base class
+            key = self.construct_scalar(key_node)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{str(key)[:60]}' appears twice in one mapping; keep one", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _check_size(data: Any) -> None:
+    """Refuse documents that expand past MAX_RECIPE_NODES (counted without expanding them)."""
+    stack, count = [data], 0
+    while stack:
+        item = stack.pop()
+        count += 1
+        if count > MAX_RECIPE_NODES:
+            raise RecipeError(
+                f"recipe holds more than {MAX_RECIPE_NODES} values once YAML aliases (*name) are expanded; "
+                "write it out without nested or recursive aliases"
+            )
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
 
 
 def parse_recipe(data: Any) -> Recipe:
@@ -184,6 +235,7 @@ def parse_recipe(data: Any) -> Recipe:
         return data
     if not isinstance(data, dict):
         raise RecipeError(f"recipe: expected a mapping of keys (merge_method, models...), got {type(data).__name__}")
+    _check_size(data)
     try:
         return Recipe.model_validate(data)
     except ValidationError as err:
@@ -200,7 +252,7 @@ def load_recipe(path: str | Path) -> Recipe:
     except (OSError, UnicodeDecodeError) as err:
         raise RecipeError(f"recipe file '{path}' cannot be read: {err}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

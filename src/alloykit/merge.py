@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import shutil
@@ -15,11 +16,11 @@ from typing import Any
 import torch
 
 from alloykit.config import Recipe, load_recipe, parse_recipe
-from alloykit.errors import OutputError, PlanError
+from alloykit.errors import CheckpointError, OutputError, PlanError
 from alloykit.io.checkpoint import StateDictCheckpoint
 from alloykit import __version__
 from alloykit.card import write_metadata
-from alloykit.io.journal import JOURNAL, Journal, file_sha256
+from alloykit.io.journal import JOURNAL, Journal, fault_point, file_sha256
 from alloykit.io.writer import ShardedWriter, ShardLayout, plan_shards
 from alloykit.plan.executor import DEFAULT_BUDGET, run_jobs
 from alloykit.plan.planner import Plan, make_plan
@@ -77,17 +78,23 @@ def merge(
     """
     out = Path(out_dir).absolute()
     plan = plan_recipe(recipe, allow_pickle=allow_pickle, seed=seed, recipe_dir=recipe_dir)
+    tmp = temp_dir_for(out)
+    lock_fd = None
     try:
         if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-            raise OutputError(f"output folder '{out}' exists and is not empty; choose another folder or pass --overwrite")
+            hint = " (a finished merge? there is nothing to resume)" if resume and not tmp.exists() else ""
+            raise OutputError(f"output folder '{out}' exists and is not empty{hint}; choose another folder or pass --overwrite")
         if max_shard_size <= 0:
             raise OutputError(f"--max-shard-size {max_shard_size}: must be a positive number of bytes")
-        out.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise OutputError(f"cannot create the folder '{out.parent}': {err.strerror or err}") from None
         shards = plan_shards([(j.name, j.out_dtype, j.shape) for j in plan.jobs], max_shard_size)
-        tmp = temp_dir_for(out)
         if not resume:
             _check_space(out.parent, plan.out_bytes)
-        journal = _start(plan, shards, tmp, resume, progress)
+        fault_point("planned")
+        journal, lock_fd = _start(plan, shards, tmp, resume, progress)
         if resume:
             reused = sum(journal.shards[s.filename]["size"] for s in shards if s.filename in journal.shards)
             _check_space(out.parent, plan.out_bytes - reused)
@@ -96,20 +103,28 @@ def merge(
                 _write(plan, tmp, shards, journal, device=device, threads=threads, progress=progress,
                        fail_on_nonfinite=fail_on_nonfinite, budget_bytes=budget_bytes, copy_tokenizer=copy_tokenizer)
                 journal.remove()
+                fault_point("journal-removed")
                 _replace(tmp, out)
             except OSError as err:
-                raise OutputError(
-                    f"cannot write the output in '{tmp}': {err.strerror or err} (free disk space or choose another folder)"
-                ) from None
-        except (KeyboardInterrupt, OutputError):
-            # keep the verified shards so that --resume can continue after an interrupt or I/O error
-            if progress:
-                print(f"alloykit: partial work kept in '{tmp}'; rerun with --resume to continue, or delete it", file=sys.stderr)
-            raise
+                raise OutputError(f"cannot write the output in '{tmp}': {err.strerror or err} (free disk space or choose another folder)") from None
+        except (KeyboardInterrupt, OutputError, CheckpointError) as err:
+            # an interrupt, a full disk, an input that failed to read: a rerun of the same plan can
+            # succeed, so the verified shards are kept for --resume (other errors need a new plan)
+            if not journal.shards:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            kept = f"{len(journal.shards)} finished shard(s) are kept in '{tmp}': rerun with --resume to continue, or delete it"
+            if isinstance(err, KeyboardInterrupt):
+                if progress:
+                    print(f"alloykit: {kept}", file=sys.stderr)
+                raise
+            raise type(err)(f"{err}; {kept}") from None
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # a bug: trust nothing it wrote
             raise
     finally:
+        if lock_fd is not None:
+            os.close(lock_fd)
         plan.close()
     return out
 
@@ -124,7 +139,7 @@ def plan_fingerprint(plan: Plan, shards: list[ShardLayout]) -> str:
             h.update(f"{name}|{info.dtype}|{info.shape}|{info.offset}|{info.nbytes};".encode())
         for f in getattr(ck, "files", []):
             st = os.stat(f)
-            h.update(f"{f}|{st.st_size}|{st.st_mtime_ns};".encode())
+            h.update(f"{os.path.realpath(f)}|{st.st_size}|{st.st_mtime_ns};".encode())
     for j in plan.jobs:
         h.update(f"{j.name}|{j.out_dtype}|{j.shape}|{j.sources}|{j.base}|{j.params!r}|{j.model_params!r};".encode())
     for s in shards:
@@ -132,24 +147,50 @@ def plan_fingerprint(plan: Plan, shards: list[ShardLayout]) -> str:
     return h.hexdigest()
 
 
-def _start(plan: Plan, shards: list[ShardLayout], tmp: Path, resume: bool, progress: bool) -> Journal:
-    """Prepare the temporary folder: reuse an interrupted run's verified shards, or start clean."""
+def _start(plan: Plan, shards: list[ShardLayout], tmp: Path, resume: bool, progress: bool) -> tuple[Journal, int]:
+    """Prepare and lock the temporary folder: reuse an interrupted run's verified shards, or start clean.
+
+    The lock (``flock`` on the folder, released by the kernel however the process ends) stops
+    a second merge into the same target from deleting or renaming this one's files.
+    """
     fingerprint = plan_fingerprint(plan, shards)
-    if resume and tmp.is_dir():
-        journal, why = Journal.load_verified(tmp, fingerprint)
+    try:
+        if tmp.is_symlink() or (tmp.exists() and not tmp.is_dir()):
+            tmp.unlink()  # not ours to follow
+        if not tmp.exists():
+            tmp.mkdir()
+        lock_fd = _lock(tmp)
+    except FileExistsError:
+        raise OutputError(f"another alloykit merge into the same folder started just now ('{tmp}'); wait for it or choose another folder") from None
+    except OSError as err:
+        raise OutputError(f"cannot create the working folder '{tmp}': {err.strerror or err}") from None
+    try:
+        journal, why = Journal.load_verified(tmp, fingerprint) if resume else (Journal(tmp, fingerprint), "")
         if why and (tmp / JOURNAL).exists():
             raise OutputError(f"cannot resume from '{tmp}': {why}; rerun without --resume to start over")
-        if progress:
+        if resume and progress:
             print(f"alloykit: resuming: {len(journal.shards)} of {len(shards)} shards already complete", file=sys.stderr)
-        keep = set(journal.shards) | {JOURNAL}
-        for p in tmp.iterdir():
+        keep = set(journal.shards) | ({JOURNAL} if journal.shards else set())
+        for p in tmp.iterdir():  # leftovers of an interrupted run, or all of it when not resuming
             if p.name not in keep:
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
-        return journal
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    return Journal(tmp, fingerprint)
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    except BaseException:
+        os.close(lock_fd)
+        raise
+    return journal, lock_fd
+
+
+def _lock(folder: Path) -> int:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise OutputError(
+            f"another alloykit merge is writing to the same output (its working folder '{folder}' is locked); "
+            "wait for it to finish or choose another folder"
+        ) from None
+    return fd
 
 
 def _check_space(folder: Path, need: int) -> None:
@@ -162,17 +203,37 @@ def _check_space(folder: Path, need: int) -> None:
 
 
 def _replace(tmp: Path, out: Path) -> None:
+    """Rename the finished folder into place (flushed first, so the rename publishes whole files)."""
+    for p in tmp.iterdir():  # shards were fsynced as they completed; the small files were not
+        if p.is_file() and not p.name.endswith(".safetensors"):
+            _fsync_file(p)
     _fsync_dir(tmp)
-    if out.exists():
-        old = out.parent / f".{out.name}.alloykit-old"
-        if old.exists():
-            shutil.rmtree(old)
+    old = out.parent / f".{out.name}.alloykit-old"
+    _remove(old)  # left by a merge killed between the two renames below
+    if out.exists() or out.is_symlink():
         os.rename(out, old)
+        fault_point("target-moved-aside")
         os.rename(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
     else:
         os.rename(tmp, out)
+    fault_point("renamed")
     _fsync_dir(out.parent)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -204,12 +265,15 @@ def _write(plan: Plan, folder: Path, shards: list[ShardLayout], journal: Journal
                  progress=progress, fail_on_nonfinite=fail_on_nonfinite, skip=skip)
     finally:
         writer.close()
+    fault_point("tensors-written")
     writer.write_index()
     write_metadata(plan, folder, copy_tokenizer=copy_tokenizer)
+    fault_point("metadata-written")
 
 
 def _with_fault_hook(sink):
-    """Test-only fault injection: ALLOYKIT_FAULT_KILL_AFTER=N SIGKILLs the process after N tensors.
+    """Test-only fault injection: ALLOYKIT_FAULT_KILL_AFTER=N SIGKILLs the process after N tensors
+    (and ALLOYKIT_FAULT_KILL_AT=PHASE at a named phase, see ``fault_point``).
 
     The reliability suite uses it to kill merges at exact points; unset, it costs nothing.
     """

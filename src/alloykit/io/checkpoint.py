@@ -140,12 +140,17 @@ class Checkpoint(TensorIndex):
                 self._fds[path] = fd
             return fd
 
-    def read(self, name: str) -> torch.Tensor:
-        """Read one tensor into fresh memory (one copy from the page cache)."""
+    def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Read one tensor into fresh memory (one copy from the page cache), or into ``out``
+        (a contiguous CPU tensor of the tensor's dtype and shape, e.g. a reused buffer)."""
         info = self.info(name)
         if info.offset < 0:
-            return self._pickled[info.path][name].clone()
-        out = torch.empty(info.shape, dtype=info.dtype)
+            t = self._pickled[info.path][name]
+            return t.clone() if out is None else out.copy_(t)
+        if out is None:
+            out = torch.empty(info.shape, dtype=info.dtype)
+        elif out.dtype != info.dtype or tuple(out.shape) != tuple(info.shape) or not out.is_contiguous():
+            raise ValueError(f"read '{name}' into {out.dtype}{list(out.shape)}: need a contiguous {info.dtype}{list(info.shape)}")
         if info.nbytes == 0:
             return out
         buf = memoryview(out.view(-1).view(torch.uint8).numpy())

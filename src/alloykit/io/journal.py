@@ -11,10 +11,22 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import threading
 from pathlib import Path
 
 JOURNAL = "alloykit_journal.json"
+
+
+def fault_point(name: str) -> None:
+    """Test hook: ``ALLOYKIT_FAULT_KILL_AT=name`` SIGKILLs the process at this point of a merge.
+
+    The reliability suite kills merges at every named phase this way (planned,
+    journal-part, tensors-written, metadata-written, journal-removed, target-moved-aside,
+    renamed); unset, it costs one environment lookup per phase.
+    """
+    if os.environ.get("ALLOYKIT_FAULT_KILL_AT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def file_sha256(path: Path) -> str:
@@ -47,11 +59,13 @@ class Journal:
             return journal, "no journal in the interrupted run's folder"
         except (OSError, ValueError):
             return journal, "the journal is unreadable"
+        if not isinstance(data, dict) or not isinstance(data.get("shards"), dict):
+            return journal, "the journal is unreadable"
         if data.get("fingerprint") != fingerprint:
             return journal, "the recipe, inputs or options changed since the interrupted run"
-        for name, rec in (data.get("shards") or {}).items():
+        for name, rec in data["shards"].items():
             f = Path(folder) / name
-            if Path(name).name != name or not f.is_file():
+            if not isinstance(rec, dict) or Path(name).name != name or name == JOURNAL or f.is_symlink() or not f.is_file():
                 continue
             if f.stat().st_size == rec.get("size") and file_sha256(f) == rec.get("sha256"):
                 journal.shards[name] = rec
@@ -69,6 +83,7 @@ class Journal:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        fault_point("journal-part")
         os.replace(tmp, self.folder / JOURNAL)
 
     def remove(self) -> None:

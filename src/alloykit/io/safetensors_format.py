@@ -38,6 +38,8 @@ CODES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 
 #: the reference implementation refuses headers above 100 MB; so do we
 MAX_HEADER_BYTES = 100_000_000
+#: more dimensions than any model tensor has (torch itself allows 64 at most in places)
+MAX_DIMS = 32
 
 
 @dataclass(frozen=True)
@@ -83,7 +85,7 @@ def read_header(path: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
     except _DuplicateKey as err:
-        raise CheckpointError(f"{path}: corrupt safetensors header: tensor '{err}' is listed twice") from None
+        raise CheckpointError(f"{path}: corrupt safetensors header: tensor {str(err)[:80]!r} is listed twice") from None
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise CheckpointError(f"{path}: corrupt safetensors header (not JSON: {err})") from None
     if not isinstance(header, dict):
@@ -136,11 +138,18 @@ def _tensor_info(path: str, name: str, entry: object, data_start: int, data_len:
     if not isinstance(entry, dict):
         raise CheckpointError(f"{path}: tensor '{name}': header entry is not an object")
     code = entry.get("dtype")
-    if code not in DTYPES:
-        raise CheckpointError(f"{path}: tensor '{name}': unsupported dtype {code!r}")
+    if not isinstance(code, str) or code not in DTYPES:
+        raise CheckpointError(f"{path}: tensor '{name}': unsupported dtype {repr(code)[:40]}")
     shape = entry.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        raise CheckpointError(f"{path}: tensor '{name}': invalid shape {shape!r}")
+    if (
+        not isinstance(shape, list)
+        or len(shape) > MAX_DIMS
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+        # an empty tensor holds no bytes, so its other dimensions are bounded by nothing in the
+        # file; torch's strides (products of dimensions) must still fit in int64
+        or math.prod(max(d, 1) for d in shape) >= 2**62
+    ):
+        raise CheckpointError(f"{path}: tensor '{name}': invalid shape {str(shape)[:80]}")
     offs = entry.get("data_offsets")
     if (
         not isinstance(offs, list)
@@ -148,7 +157,7 @@ def _tensor_info(path: str, name: str, entry: object, data_start: int, data_len:
         or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs)
         or not 0 <= offs[0] <= offs[1]
     ):
-        raise CheckpointError(f"{path}: tensor '{name}': invalid data_offsets {offs!r}")
+        raise CheckpointError(f"{path}: tensor '{name}': invalid data_offsets {repr(offs)[:80]}")
     dtype = DTYPES[code]
     itemsize = torch.empty((), dtype=dtype).element_size()
     nbytes = math.prod(shape) * itemsize

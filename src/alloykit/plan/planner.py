@@ -7,6 +7,7 @@ shape mismatches, layer ranges) is found here, before a single tensor is read.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,6 +142,22 @@ class _Models:
             return self._add(ref, self._lora(ref, self.resolve_path(base_ref), path))
         return self._add(ref, Checkpoint(path, allow_pickle=self.allow_pickle, label=ref))
 
+    def check_distinct(self, indices: list[int]) -> None:
+        """Refuse one model folder named twice under different spellings (``m``, ``m/``,
+        ``./m``, a symlink): it would be merged twice, or be both the base and an input."""
+        seen: dict[frozenset[str], int] = {}
+        for i in indices:
+            ck = self.checkpoints[i]
+            if type(ck) is not Checkpoint:  # in-memory state dicts and LoRA folds have no single file set
+                continue
+            key = frozenset(os.path.realpath(f) for f in ck.files)
+            if key in seen and seen[key] != i:
+                raise RecipeError(
+                    f"models '{self.labels[seen[key]]}' and '{self.labels[i]}' are the same files; "
+                    "list the model once, spelled the same way everywhere (base_model included)"
+                )
+            seen[key] = i
+
     def _lora(self, ref: str, base: Path, adapter: Path):
         if not is_adapter(adapter):
             raise RecipeError(f"model '{ref}': '{adapter}' is not a PEFT adapter folder (no adapter_config.json)")
@@ -183,6 +200,7 @@ class _Builder:
             raise RecipeError(f"method {spec.name} needs a 'base_model' (the model the others were fine-tuned from)")
         base = self.models.get(base_ref) if base_ref is not None and spec.base != "ignored" else None
         inputs = [self.models.get(r) for r in refs if not (base is not None and r == base_ref)]
+        self.models.check_distinct(inputs + ([base] if base is not None else []))
         n = len(inputs)
         if n < spec.min_models or (spec.max_models is not None and n > spec.max_models):
             want = (
@@ -211,6 +229,11 @@ class _Builder:
         ref_ck = self.models.checkpoints[ref_idx]
         ref = ref_ck.info(in_names[ref_idx])
         if not ref.is_float:
+            for idx in inputs + ([base] if base is not None else []):  # an integer copy must not hide a float input
+                ck = self.models.checkpoints[idx]
+                if in_names[idx] in ck and ck.info(in_names[idx]).is_float:
+                    raise PlanError(f"tensor '{in_names[idx]}': model '{ck.label}' stores {ck.info(in_names[idx]).dtype}, "
+                                    f"'{ref_ck.label}' stores {ref.dtype}; the models must share an architecture")
             # integer buffers (e.g. BERT's position_ids, which newer transformers no longer
             # save) are copied from the reference model, never merged: other inputs may lack them
             self.jobs.append(TensorJob(out_name, ref.shape, ref.dtype, [Source(ref_idx, ref.name)], None, copy=True))
