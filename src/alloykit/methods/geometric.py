@@ -3,6 +3,11 @@
 These treat weights as points (or directions) and interpolate along great circles
 rather than straight lines, which keeps the norm of the weights from shrinking
 when the inputs point in different directions.
+
+Every method here reproduces mergekit 0.1.5's method of the same name in float32 (same
+parameters, defaults, scopes and edge cases; bit for bit on the tests' tensors, within
+float rounding in general). None of them treats a tensor differently by its name or its
+number of dimensions, except where noted (model_stock's ``filter_wise`` on 1-D tensors).
 """
 
 from __future__ import annotations
@@ -10,12 +15,20 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
+from alloykit.errors import PlanError
 from alloykit.methods.registry import MergeInput, Params, register
-from alloykit.ops.interpolate import lerp, slerp_flat, slerp_rows
+from alloykit.ops.interpolate import karcher_mean, slerp_flat, slerp_rows
+
+# --------------------------------------------------------------------------------------
+# slerp
+# --------------------------------------------------------------------------------------
 
 
 class SlerpParams(Params):
-    t: float = Field(description="interpolation factor: 0 gives the base model, 1 the other model")
+    t: float = Field(
+        ge=0, le=1, allow_inf_nan=False,
+        description="interpolation factor in [0, 1]: 0 gives the base model, 1 the other model",
+    )
 
 
 @register(
@@ -25,31 +38,37 @@ class SlerpParams(Params):
     min_models=1,
     max_models=1,
     reproduces="mergekit slerp",
-    paper="Shoemake 1985, Animating rotation with quaternion curves (SIGGRAPH)",
+    paper="Shoemake 1985, Animating rotation with quaternion curves (SIGGRAPH); White 2016, Sampling generative networks (arXiv:1609.04468)",
 )
 def slerp(x: MergeInput) -> torch.Tensor:
-    """Spherical linear interpolation between the base and one other model, per tensor.
+    """Spherical linear interpolation between the base and one other model, each tensor as one vector.
 
-    Each tensor is one flat vector: theta = arccos(<b/|b|, m/|m|>) and
-    merged = sin((1-t) theta)/sin theta * base + sin(t theta)/sin theta * model;
-    nearly colinear pairs (|cos theta| > 0.9995) use linear interpolation.
+    cos theta = <b/|b|, m/|m|> over the flattened tensors (norms <= 1e-8 count as 1);
+    merged = sin((1-t) theta)/sin theta * base + sin(t theta)/sin theta * model.
+    Nearly colinear or antipodal tensors (|cos theta| > 0.9995) use linear interpolation,
+    (1-t) base + t model. t = 0 gives the base, t = 1 the other model.
     """
     return slerp_flat(x.base, x.tensors[0], x.params.t)
 
 
+# --------------------------------------------------------------------------------------
+# nuslerp
+# --------------------------------------------------------------------------------------
+
+
 class NuSlerpParams(Params):
-    nuslerp_row_wise: bool = Field(False, description="interpolate columns (vectors along dim 0) instead of rows")
-    nuslerp_flatten: bool = Field(True, description="treat the whole tensor as one vector")
+    nuslerp_flatten: bool = Field(
+        True, description="treat each tensor as one flat vector (one angle per tensor); false: one angle per row or column"
+    )
+    nuslerp_row_wise: bool = Field(
+        False,
+        description="without flattening: the vectors run along dim 0 (the columns of a matrix) instead of along "
+        "the last dimension (its rows); named as in mergekit",
+    )
 
 
 class NonBaseWeight(Params):
-    weight: float = Field(description="this model's relative weight")
-
-
-def _nonzero_total(_, models) -> str | None:
-    if sum(m.weight for m in models) == 0:
-        return "the models' weights sum to 0; this method divides by their sum: give weights with a nonzero sum"
-    return None
+    weight: float = Field(allow_inf_nan=False, description="this model's relative weight")
 
 
 @register(
@@ -60,33 +79,51 @@ def _nonzero_total(_, models) -> str | None:
     min_models=2,
     max_models=2,
     reproduces="mergekit nuslerp",
-    paper="mergekit's NuSLERP (row-wise SLERP of models or of task vectors)",
+    paper="mergekit's NuSLERP (SLERP of two models, or of their task vectors, per tensor or per row)",
 )
 def nuslerp(x: MergeInput) -> torch.Tensor:
-    """SLERP of two models (or of their task vectors, given a base) with t from their weights.
+    """SLERP of two models (of their task vectors, given a base) with t set by their weights.
 
-    t = w_2 / (w_1 + w_2) (0.5 when the weights sum to 0). Without flattening, each row
-    (or, row-wise off, each column) is interpolated on its own sphere; with a base,
-    merged = base + slerp(tau_1, tau_2, t).
+    t = w_2 / (w_1 + w_2), or 0.5 when |w_1 + w_2| < 1e-6 (as mergekit; t may leave
+    [0, 1] with negative weights). For each vector pair (the whole tensor when
+    flattened, else each row, or each column with nuslerp_row_wise):
+    cos theta = <v_1/|v_1|, v_2/|v_2|> (norms floored at 1e-7);
+    s = (sin((1-t) theta) v_1 + sin(t theta) v_2) / sin theta, or lerp where
+    1 - cos^2 theta <= 1e-16. merged = s, or base + s on the task vectors
+    v_i = theta_i - base when a base is given.
     """
-    w = [m.weight for m in x.model_params]
-    total = sum(w)
-    t = 0.5 if abs(total) < 1e-6 else w[1] / total
-    a, b = (x.deltas() if x.base is not None else x.tensors).unbind(0)
-    shape = a.shape
+    w1, w2 = (m.weight for m in x.model_params)
+    total = w1 + w2
+    t = 0.5 if abs(total) < 1e-6 else w2 / total
+    base = x.base
+    a, b = (x.deltas() if base is not None else x.tensors).unbind(0)
     if x.params.nuslerp_flatten:
-        out = slerp_rows(a.reshape(-1), b.reshape(-1), t)
-    elif x.params.nuslerp_row_wise:
+        out = slerp_rows(a.reshape(-1), b.reshape(-1), t).reshape(a.shape)
+    elif x.params.nuslerp_row_wise and a.dim() > 1:
         out = slerp_rows(a.transpose(0, -1), b.transpose(0, -1), t).transpose(0, -1)
-    else:
+    else:  # the last dimension (for a 1-D or 0-d tensor: the whole tensor either way)
         out = slerp_rows(a, b, t)
-    out = out.reshape(shape)
-    return out + x.base if x.base is not None else out
+    return base + out if base is not None else out
+
+
+# --------------------------------------------------------------------------------------
+# multislerp
+# --------------------------------------------------------------------------------------
 
 
 class MultiSlerpParams(Params):
     normalize_weights: bool = Field(True, description="divide the weights by their sum")
-    eps: float = Field(1e-8, gt=0, description="numerical floor for norms")
+    eps: float = Field(1e-8, gt=0, allow_inf_nan=False, description="added to norms before dividing by them")
+
+
+def _multislerp_check(params: MultiSlerpParams, models: list[NonBaseWeight]) -> str | None:
+    if params.normalize_weights and len(models) > 1 and sum(m.weight for m in models) == 0:
+        weights = [m.weight for m in models]
+        return (
+            f"the weights {weights} sum to 0 and normalize_weights divides by their sum: "
+            "give weights with a nonzero sum, or set normalize_weights: false"
+        )
+    return None
 
 
 @register(
@@ -95,47 +132,68 @@ class MultiSlerpParams(Params):
     model_params=NonBaseWeight,
     base="optional",
     min_models=1,
-    reproduces="mergekit multislerp",
-    paper="Goddard 2024, Multi-SLERP (barycentric interpolation on a hypersphere)",
+    check=_multislerp_check,
+    reproduces="mergekit multislerp (plus a fallback where mergekit raises: see the description)",
+    paper="Goddard 2024, Multi-SLERP (barycentric interpolation on a hypersphere, goddard.blog)",
 )
 def multislerp(x: MergeInput) -> torch.Tensor:
-    """Weighted barycentric interpolation of K models (or task vectors) on the hypersphere.
+    """Weighted barycentric interpolation of K models (or of their task vectors) on the hypersphere.
 
-    Unit vectors u_i = v_i/|v_i|; m = normalize(sum w_i u_i); tangent vectors
-    g = sum w_i (u_i - <u_i, m> m); result = (cos|g| m + sin|g| g/|g|) * sum w_i |v_i|,
-    plus the base when one is given. Two exactly opposed inputs fall back to lerp.
+    v_i = theta_i (theta_i - base with a base); w_i /= sum w (normalize_weights);
+    u_i = v_i / (|v_i| + eps); m = sum w_i u_i / |sum w_i u_i|;
+    g = sum w_i (u_i - <u_i, m> m) (the tangent at m); n = |g| + eps;
+    merged = (cos(n) m + sin(n) g/n) * sum w_i |v_i|  (+ base).
+    (g is 0 up to rounding, m being the normalized weighted mean: in effect
+    merged = m * sum w_i |v_i|, the weighted mean direction at the weighted mean norm.)
+    One model: returned as is. When |sum w_i u_i| < eps (inputs that cancel out),
+    two models fall back to sum w_i v_i (+ base), as in mergekit; so do K > 2 models whose
+    v_i all have norm <= eps (e.g. a tensor no fine-tune changed: the base comes back,
+    where mergekit raises); other cancelling inputs are an error.
     """
     if x.k == 1:
         return x.tensors[0].clone()
     eps = x.params.eps
-    v = x.deltas() if x.base is not None else x.tensors
+    base = x.base
+    v = x.deltas() if base is not None else x.tensors
     flat = v.reshape(x.k, -1)
     w = torch.tensor([m.weight for m in x.model_params], dtype=flat.dtype, device=flat.device)
     if x.params.normalize_weights:
         w = w / w.sum()
     norms = torch.linalg.vector_norm(flat, dim=-1, keepdim=True)
     units = flat / (norms + eps)
-    mean = (units * w[:, None]).sum(0)
+    mean = (units * w.view(-1, 1)).sum(0)
     mean_norm = torch.linalg.vector_norm(mean)
     if mean_norm < eps:
-        if x.k != 2:
-            from alloykit.errors import PlanError
-
-            raise PlanError(f"tensor '{x.name}': multislerp inputs cancel out (weighted unit vectors sum to 0); change the weights")
-        out = (flat[0] * w[0] + flat[1] * w[1]).reshape(v.shape[1:])
+        if x.k != 2 and bool((norms > eps).any()):
+            raise PlanError(
+                f"tensor '{x.name}': multislerp inputs cancel out (their weighted unit vectors sum to 0, e.g. "
+                "opposite task vectors with equal weights); change the weights"
+            )
+        out = flat[0] * w[0]
+        for i in range(1, x.k):
+            out = out + flat[i] * w[i]
+        out = out.view(v.shape[1:])
     else:
         mean = mean / mean_norm
         tangent = units - (units * mean).sum(-1, keepdim=True) * mean
-        g = (tangent * w[:, None]).sum(0)
+        g = (tangent * w.view(-1, 1)).sum(0)
         gn = torch.linalg.vector_norm(g) + eps
-        out = (mean * torch.cos(gn) + g * (torch.sin(gn) / gn)) * (norms.squeeze(-1) * w).sum()
-        out = out.reshape(v.shape[1:])
-    return out + x.base if x.base is not None else out
+        out = mean * torch.cos(gn) + g * (torch.sin(gn) / gn)
+        out = (out * (norms.squeeze(-1) * w).sum()).view(v.shape[1:])
+    return out + base if base is not None else out
+
+
+# --------------------------------------------------------------------------------------
+# karcher
+# --------------------------------------------------------------------------------------
 
 
 class KarcherParams(Params):
-    max_iter: int = Field(10, ge=1, description="Riemannian gradient steps at most")
-    tol: float = Field(1e-5, gt=0, description="stop when the tangent step is below this; norms below it are ignored")
+    max_iter: int = Field(10, ge=0, description="Riemannian gradient steps at most (0: the normalized Euclidean mean direction)")
+    tol: float = Field(
+        1e-5, ge=0, allow_inf_nan=False,
+        description="stop when the step is shorter than this; inputs with a norm at or below it give no direction",
+    )
 
 
 @register(
@@ -144,49 +202,34 @@ class KarcherParams(Params):
     base="ignored",
     min_models=1,
     reproduces="mergekit karcher (equal weights; per-model weights are not used; in a 'models' recipe an unlisted base_model joins as one more input, as in mergekit)",
-    paper="Karcher 1977, Riemannian center of mass; mergekit's karcher merge",
+    paper="Karcher 1977, Riemannian center of mass and mollifier smoothing (CPAM); mergekit's karcher merge",
 )
 def karcher(x: MergeInput) -> torch.Tensor:
-    """Karcher (Riemannian) mean of the inputs' directions, rescaled by their mean norm.
+    """Karcher (Riemannian) mean of the inputs' directions on the unit sphere, rescaled by their mean norm.
 
-    Directions u_i = v_i/|v_i| (inputs with |v_i| <= tol skipped); iterate
-    m <- exp_m(sum a_i theta_i/sin theta_i (u_i - cos theta_i m)) from the normalized
-    mean; result = m * (1/K) sum |v_i|. Equal weights a_i, as in mergekit.
+    Each tensor is one vector v_i. Directions u_i = v_i/|v_i| of the inputs with
+    |v_i| > tol, equal weights a = 1/(their number); start from m = normalize(sum a u_i)
+    and repeat up to max_iter times:
+      g = sum a theta_i/sin(theta_i) (u_i - cos(theta_i) m)  (theta_i = angle(m, u_i); terms with theta_i < tol dropped),
+      stop if |g| < tol, else m <- normalize(cos|g| m + sin|g| g/|g|).
+    merged = m * (1/K) sum_i |v_i| over all K inputs; all-zero inputs give zero; one input
+    is returned as is.
     """
-    vs = x.tensors
-    k = vs.shape[0]
-    if k == 1:
-        return vs[0].clone()
-    tol = x.params.tol
-    flat = vs.reshape(k, -1)
-    norms = torch.linalg.vector_norm(flat, dim=-1)
-    valid = [i for i in range(k) if norms[i].item() > tol]
-    if not valid:
-        return torch.zeros_like(vs[0])
-    units = flat[valid] / norms[valid, None]
-    alphas = torch.full((len(valid),), 1.0 / len(valid), dtype=flat.dtype, device=flat.device)
-    mean = (alphas[:, None] * units).sum(0)
-    mn = torch.linalg.vector_norm(mean)
-    mean = units[0].clone() if mn.item() < tol else mean / mn
-    for _ in range(x.params.max_iter):
-        dots = (units @ mean).clamp(-1.0, 1.0)
-        theta = torch.arccos(dots)
-        use = theta >= tol
-        coef = torch.where(use, alphas * theta / torch.sin(torch.where(use, theta, torch.ones_like(theta))), torch.zeros_like(theta))
-        tangent = (coef[:, None] * (units - dots[:, None] * mean)).sum(0)
-        tn = torch.linalg.vector_norm(tangent)
-        if tn.item() < tol:
-            break
-        mean = torch.cos(tn) * mean + torch.sin(tn) * (tangent / tn)
-        un = torch.linalg.vector_norm(mean)
-        if un.item() > tol:
-            mean = mean / un
-    scale = norms.sum() / k
-    return (scale * mean).reshape(vs.shape[1:])
+    k = x.k
+    return karcher_mean(list(x.tensors.unbind(0)), [1.0 / k] * k, x.params.max_iter, x.params.tol)
+
+
+# --------------------------------------------------------------------------------------
+# model_stock
+# --------------------------------------------------------------------------------------
 
 
 class ModelStockParams(Params):
-    filter_wise: bool = Field(False, description="one interpolation ratio per row (filter) instead of per tensor")
+    filter_wise: bool = Field(
+        False,
+        description="one ratio per row (filter, along the last dimension) instead of one per tensor; "
+        "a 1-D tensor is one row",
+    )
 
 
 @register(
@@ -200,24 +243,32 @@ class ModelStockParams(Params):
 def model_stock(x: MergeInput) -> torch.Tensor:
     """Model Stock: move from the base toward the fine-tunes' average by a ratio set by their angle.
 
-    cos theta = mean pairwise cosine of the task vectors; t = K cos theta / (1 + (K-1) cos theta);
-    merged = t * mean(theta_i) + (1 - t) * base (t = 0 where the denominator vanishes).
+    Task vectors tau_i = theta_i - base, each tensor one vector (one per row with filter_wise);
+    cos theta = mean over pairs i < j of <tau_i, tau_j> / max(|tau_i| |tau_j|, 1e-6), clamped to [-1, 1];
+    t = K cos theta / (1 + (K-1) cos theta)  (Jang et al. 2024, eq. 5, for K models);
+    merged = t * (1/K) sum_i theta_i + (1 - t) * base.
+    Where |1 + (K-1) cos theta| < 1e-6 there is no finite ratio and the base is kept (t = 0).
     """
-    shape = x.base.shape
     base, ws = x.base, x.tensors
+    shape = base.shape
     if x.params.filter_wise:
         if base.dim() == 1:
             base, ws = base.unsqueeze(0), ws.unsqueeze(1)
     else:
         base, ws = base.reshape(-1), ws.reshape(x.k, -1)
-    off = ws - base.unsqueeze(0)
-    norms = torch.linalg.vector_norm(off, dim=-1)
+    offsets = ws - base.unsqueeze(0)
+    norms = [torch.linalg.vector_norm(o, dim=-1) for o in offsets]
     cos = []
     for i in range(x.k):
         for j in range(i + 1, x.k):
-            cos.append(((off[i] * off[j]).sum(-1) / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1))
-    c = torch.stack(cos).mean(0).unsqueeze(-1)
+            dot = (offsets[i] * offsets[j]).sum(dim=-1)
+            cos.append((dot / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1))
+    c = torch.stack(cos).mean(dim=0).unsqueeze(-1)
     den = 1 + (x.k - 1) * c
     singular = den.abs() < 1e-6
     t = torch.where(singular, torch.zeros_like(c), x.k * c / torch.where(singular, torch.ones_like(den), den))
-    return lerp(base, ws.mean(0), t).reshape(shape)
+    average = ws[0].clone()
+    for i in range(1, x.k):
+        average += ws[i]
+    average /= x.k
+    return (t * average + (1 - t) * base).reshape(shape)

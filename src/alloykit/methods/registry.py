@@ -89,6 +89,9 @@ class MethodSpec:
     min_models: int = 1
     max_models: int | None = None
     randomized: bool = False
+    #: rows are independent (output row r depends only on row r of each input, for every
+    #: parameter value): the executor may merge a large tensor a block of rows at a time
+    elementwise: bool = False
     #: if True, merging K copies of one tensor returns that tensor (checked by the suite)
     fixed_point: bool = True
     #: which peer implementation the numbers reproduce, e.g. "mergekit"

@@ -36,21 +36,26 @@ from alloykit.ops.consensus import (
     disjoint_mean,
     disjoint_sum,
     elect_sign,
+    elected_disjoint,
     fill_zero_signs,
 )
 from alloykit.ops.sparsify import (
     bernoulli_mask,
     della_keep_probability,
     magnitude_mask,
-    outlier_mask,
+    magnitude_trim_,
+    outlier_trim_,
     rescale_inverse_probability,
-    rescale_l1,
+    rescale_l1_,
     threshold_mask,
     variance_topk_mask,
 )
 
 # mergekit treats a weight sum below this as zero (and then skips the division)
 _ZERO_WEIGHT_SUM = 1e-8
+
+# entries per block in the per-entry steps of _merge_weighted
+_BLOCK = 1 << 16
 
 # --------------------------------------------------------------------------------------
 # Parameter declarations
@@ -225,67 +230,107 @@ def _trimmed_deltas(x: MergeInput, trim: Trim | None) -> torch.Tensor:
 
 
 def _merge_weighted(x: MergeInput, deltas: torch.Tensor, consensus: ConsensusMethod | None) -> torch.Tensor:
-    """Steps 2-5: weight, (elect + disjoint merge), normalize, scale by lambda, add the base."""
+    """Steps 2-5: weight, (elect + disjoint merge), normalize, scale by lambda, add the base.
+
+    Every step is per entry, so it runs on blocks of entries (the same operations on each
+    entry as on the whole tensor: temporaries stay block-sized) and the result lands in
+    ``deltas[0]``, whose block is no longer needed once merged.
+    """
     w = x.column("weight")
     deltas.mul_(w)
-    if consensus is None:
-        merged = deltas.sum(0)
-        if x.params.normalize:
-            total = w.sum()
-            merged /= total if abs(float(total)) >= _ZERO_WEIGHT_SUM else 1.0
-    else:
-        agree = agreement_mask(deltas, elect_sign(deltas, consensus))
-        if x.params.normalize:
-            merged = disjoint_mean(deltas, agree, weights=w)
-        else:
-            merged = disjoint_sum(deltas, agree)
-    if x.params.lambda_ != 1:
-        merged *= x.params.lambda_
-    return x.base + merged
+    total = w.sum()
+    divisor = total if abs(float(total)) >= _ZERO_WEIGHT_SUM else 1.0
+    k = deltas.shape[0]
+    flat, base = deltas.view(k, -1), x.base.reshape(-1)
+    for start in range(0, flat.shape[1], _BLOCK):
+        d = flat[:, start : start + _BLOCK]
+        if consensus is None:
+            merged = d.sum(0)
+            if x.params.normalize:
+                merged /= divisor
+        else:  # elect, agree, disjoint sum or weighted mean
+            merged = elected_disjoint(d, consensus, w if x.params.normalize else None)
+        if x.params.lambda_ != 1:
+            merged *= x.params.lambda_
+        torch.add(base[start : start + _BLOCK], merged, out=d[0])
+    return flat[0].view(x.base.shape)
 
 
-def _rescaled(delta: torch.Tensor, kept: torch.Tensor, rescale: bool) -> torch.Tensor:
-    return rescale_l1(delta, kept) if rescale else kept
+def _masked(
+    delta: torch.Tensor, trim_: Callable[[torch.Tensor], torch.Tensor], rescale_l1_norm: bool, scratch: list[torch.Tensor]
+) -> torch.Tensor:
+    """``trim_(delta)`` (in place: the trims own their task vector); with ``rescale_l1_norm``
+    scaled as ``rescale_l1(delta, trimmed)`` scales it. ``|delta|`` goes to one buffer kept
+    in ``scratch`` for all the task vectors (fresh ones each time fragment the heap)."""
+    if not rescale_l1_norm:
+        return trim_(delta)
+    if not scratch:
+        scratch.append(torch.empty_like(delta))
+    before = torch.abs(delta, out=scratch[0]).sum()
+    return rescale_l1_(trim_(delta), before, scratch=scratch[0])
 
 
 def _magnitude_trim(rescale: bool) -> Trim:
+    scratch: list[torch.Tensor] = []
+
     def trim(delta: torch.Tensor, mp: Any) -> torch.Tensor:
         if mp.density >= 1:
             return delta
-        return _rescaled(delta, delta * magnitude_mask(delta, mp.density), rescale)
+        return _masked(delta, lambda d: magnitude_trim_(d, mp.density), rescale, scratch)
 
     return trim
 
 
 def _outlier_trim(rescale: bool) -> Trim:
+    scratch: list[torch.Tensor] = []
+
     def trim(delta: torch.Tensor, mp: Any) -> torch.Tensor:
         if mp.density >= 1:
             return delta
-        return _rescaled(delta, delta * outlier_mask(delta, mp.density, mp.gamma), rescale)
+        return _masked(delta, lambda d: outlier_trim_(d, mp.density, mp.gamma), rescale, scratch)
 
     return trim
 
 
 def _random_trim(x: MergeInput, probability: Callable[[torch.Tensor, Any], torch.Tensor]) -> Trim:
-    """Keep each entry with its probability; rescale per ``rescale`` / ``rescale_mode``."""
+    """Keep each entry with its probability; rescale per ``rescale`` / ``rescale_mode``.
+
+    ``probability`` must treat rows (dim 0) independently. On the CPU the draws are made a
+    block of rows at a time, in order: one draw per entry in flat order, so the same
+    draws as over the whole tensor, without full-size probabilities and mask.
+    """
+
+    def drop_(delta: torch.Tensor, mp: Any) -> torch.Tensor:
+        rows = delta.reshape(1, -1) if delta.dim() < 2 else delta
+        step = max(1, _BLOCK // max(1, rows[0].numel()))
+        for r0 in range(0, rows.shape[0], step):
+            block = rows[r0 : r0 + step]
+            block.mul_(bernoulli_mask(probability(block, mp), x.generator, block.dtype))
+        return delta
+
+    scratch: list[torch.Tensor] = []
 
     def trim(delta: torch.Tensor, mp: Any) -> torch.Tensor:
         if mp.density >= 1:
             return delta
         if mp.density <= 0:
             return torch.zeros_like(delta)
+        inverse = x.params.rescale and x.params.rescale_mode == "inverse_probability"
+        if delta.device.type == "cpu" and delta.is_contiguous() and not inverse:
+            return _masked(delta, lambda d: drop_(d, mp), x.params.rescale, scratch)
         prob = probability(delta, mp)
-        kept = delta * bernoulli_mask(prob, x.generator)
-        if not x.params.rescale:
-            return kept
-        if x.params.rescale_mode == "l1":
-            return rescale_l1(delta, kept)
-        return rescale_inverse_probability(kept, prob)
+        mask = bernoulli_mask(prob, x.generator, delta.dtype)  # 1/0: multiplies without a conversion
+        if x.params.rescale and x.params.rescale_mode == "inverse_probability":
+            return rescale_inverse_probability(delta * mask, prob)
+        del prob  # before _masked's temporaries
+        return _masked(delta, lambda d: d.mul_(mask), x.params.rescale, scratch)
 
     return trim
 
 
 def _dare_probability(delta: torch.Tensor, mp: Any) -> torch.Tensor:
+    if delta.device.type == "cpu":  # one value expanded: the same draws as full_like, without its memory
+        return torch.full((), mp.density, dtype=delta.dtype).expand(delta.shape)
     return torch.full_like(delta, mp.density)
 
 
@@ -306,6 +351,7 @@ _NEEDS_BASE = dict(base="required")
     model_params=TaskWeight,
     check=_check_weight_sum,
     reproduces="mergekit task_arithmetic",
+    elementwise=True,
     paper="Ilharco et al. 2023, Editing Models with Task Arithmetic (arXiv:2212.04089)",
     **_NEEDS_BASE,
 )

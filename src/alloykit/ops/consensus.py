@@ -7,6 +7,9 @@ already trimmed and, where the recipe says so, weighted) and never modify it.
 * ``fill_zero_signs``: FusionBench's variant of the tie rule.
 * ``agreement_mask``: which entries of which model agree with the elected sign.
 * ``disjoint_sum`` / ``disjoint_mean`` / ``disjoint_max``: combine the agreeing entries.
+* ``elected_disjoint``: elect, agree and combine in one go, the same numbers as the
+  three steps above, in float arithmetic only (several times faster: comparisons and
+  boolean masks cost many times more than float operations on the CPU).
 """
 
 from __future__ import annotations
@@ -90,3 +93,37 @@ def agreeing_weight(agree: torch.Tensor, weights: torch.Tensor | None = None) ->
 def disjoint_max(deltas: torch.Tensor, agree: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
     """Largest agreeing magnitude, with the elected sign (FusionBench's ``max``)."""
     return (deltas * agree).abs().amax(0) * sign
+
+
+def elected_disjoint(
+    deltas: torch.Tensor, method: ConsensusMethod = "sum", weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``disjoint_sum(deltas, agree)``, or with ``weights`` ``disjoint_mean(deltas, agree, weights)``,
+    where ``agree = agreement_mask(deltas, elect_sign(deltas, method))``: the same result bit
+    for bit (NaN entries give NaN either way).
+
+    With s = +1/-1 the elected sign, ``a = max(d_i * s, 0)`` is |d_i| where d_i agrees and
+    0 elsewhere, so ``a * s`` is d_i or a zero and ``sign(a)`` is the agreement as 1 or 0:
+    the sums below add exactly the terms that the masked versions add.
+    """
+    if method == "sum":
+        total = deltas.sum(0)
+    elif method == "count":
+        total = torch.zeros(deltas.shape[1:], dtype=deltas.dtype, device=deltas.device)
+        for d in deltas:
+            total += torch.sign(d)
+    else:
+        raise ValueError(f"unknown consensus method {method!r}; use 'sum' or 'count'")
+    sign = torch.sign(total).add_(0.5).sign_()  # +1 where total >= 0 (a zero elects +), -1 below
+    merged = torch.zeros(deltas.shape[1:], dtype=deltas.dtype, device=deltas.device)
+    divisor = None if weights is None else torch.zeros_like(merged)
+    ws = [] if weights is None else weights.reshape(-1).tolist()
+    for i, d in enumerate(deltas):
+        agreeing = (d * sign).clamp_(min=0)
+        merged.addcmul_(agreeing, sign)
+        if divisor is not None:
+            divisor.add_(agreeing.sign_(), alpha=ws[i])
+    if divisor is None:
+        return merged
+    divisor += divisor.abs().sign_().neg_().add_(1)  # a divisor of 0 becomes 1
+    return merged.div_(divisor)
