@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_PIN := torch==2.13.0
 
-.PHONY: venv install install-dev demo test clean
+.PHONY: venv install install-dev demo test clean data
 
 $(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +30,15 @@ install-dev: $(VENV)/.installed-dev
 demo: install
 	$(PY) examples/demo.py
 
-test: install-dev
+# Debian data of the quality benchmark (src/alloykit/eval); tests that need it skip without it
+DATA_DEBS := wordnet-base fortunes fortunes-de fortunes-es fortunes-it fortunes-br fortunes-pl
+
+data:
+	@dpkg -s $(DATA_DEBS) >/dev/null 2>&1 || apt-get install -y $(DATA_DEBS) \
+	  || (apt-get update && apt-get install -y $(DATA_DEBS)) \
+	  || echo "make data: could not install $(DATA_DEBS) (needs root and apt); the tests that need them will skip"
+
+test: install-dev data
 	$(PY) -m pytest tests
 
 clean:

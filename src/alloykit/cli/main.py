@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--threads", "-j", "--num-threads", type=int, dest="threads", help="worker threads (default: min(4, cores))")
     m.add_argument("--max-shard-size", "--out-shard-size", type=parse_size, dest="max_shard_size", default="5GB",
                    help="largest output shard, e.g. 5GB, 500MB (default 5GB)")
-    m.add_argument("--memory-budget", type=parse_size, default="2GiB", help="working memory for tensors in flight (default 2GiB)")
+    m.add_argument("--memory-budget", type=parse_size, default="1.5GiB", help="working memory for tensors in flight (default 1.5GiB)")
     m.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
     m.add_argument("--resume", action="store_true", help="continue an interrupted merge from its verified complete shards")
     m.add_argument("--fail-on-nonfinite", action="store_true", help="stop with an error when a tensor holds NaN/Inf (default: warn)")
@@ -96,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("model")
     i.add_argument("--tensors", action="store_true", help="list every tensor")
     _add_model_args(i)
+
+    from alloykit.cli.analyze_command import add_parser as add_analyze  # its own module (sets func)
+
+    add_analyze(sub)
     return ap
 
 
@@ -111,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     from alloykit.cli import commands
 
     try:
-        return getattr(commands, "cmd_" + args.command.replace("-", "_"))(args) or 0
+        fn = getattr(args, "func", None) or getattr(commands, "cmd_" + args.command.replace("-", "_"))
+        return fn(args) or 0
     except AlloyError as err:
         print(f"alloykit: error: {err}", file=sys.stderr)
         return err.exit_code
