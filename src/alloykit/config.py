@@ -38,6 +38,11 @@ ParamDict = dict[str, ParamSetting]
 class InputModel(_Strict):
     model: str
     parameters: ParamDict | None = None
+    #: alloykit extension: the model's statistics folder (``alloykit stats collect``), read by
+    #: data-dependent methods (fisher, regmean); ignored by the others
+    stats: str | None = None
+    #: alloykit extension, documentation only: the calibration data the statistics came from
+    calibration: str | None = None
 
 
 class SliceSource(_Strict):

@@ -305,22 +305,33 @@ def merge_state_dicts(
     model_parameters: Sequence[dict[str, Any] | None] | None = None,
     seed: int = 0,
     out_dtype: torch.dtype | None = None,
+    stats: Sequence[Any] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Merge in-memory state dicts (or modules) with a registered method.
 
     ``parameters`` are the shared (top-level) parameters, ``model_parameters`` one
-    dict per model. The tensors go through the same planner and executor as a file
+    dict per model. ``stats`` (data-dependent methods): per model, its statistics, an
+    ``alloykit.stats.store.Stats`` or a dict kind -> {tensor name: tensor}. The tensors go through the same planner and executor as a file
     merge, so the result equals ``merge()`` of the same models saved to disk.
     """
     sds = [m.state_dict() if isinstance(m, torch.nn.Module) else dict(m) for m in models]
     base_sd = base.state_dict() if isinstance(base, torch.nn.Module) else (dict(base) if base is not None else None)
     if model_parameters is not None and len(model_parameters) != len(sds):
         raise PlanError(f"model_parameters has {len(model_parameters)} entries for {len(sds)} models")
+    if stats is not None and len(stats) != len(sds):
+        raise PlanError(f"stats has {len(stats)} entries for {len(sds)} models")
     preloaded = {f"model{i}": StateDictCheckpoint(sd, f"model{i}") for i, sd in enumerate(sds)}
+    preloaded_stats = {}
+    if stats is not None:
+        from alloykit.stats.store import Stats, memory_stats
+
+        preloaded_stats = {f"model{i}.stats": s if isinstance(s, Stats) else memory_stats(f"model{i}.stats", dict(s))
+                           for i, s in enumerate(stats)}
     recipe: dict[str, Any] = {
         "merge_method": method,
         "models": [
-            {"model": ref, **({"parameters": model_parameters[i]} if model_parameters and model_parameters[i] else {})}
+            {"model": ref, **({"parameters": model_parameters[i]} if model_parameters and model_parameters[i] else {}),
+             **({"stats": f"{ref}.stats"} if stats is not None else {})}
             for i, ref in enumerate(preloaded)
         ],
     }
@@ -329,7 +340,7 @@ def merge_state_dicts(
         recipe["base_model"] = "base"
     if parameters:
         recipe["parameters"] = parameters
-    plan = make_plan(parse_recipe(recipe), seed=seed, preloaded=preloaded)
+    plan = make_plan(parse_recipe(recipe), seed=seed, preloaded=preloaded, preloaded_stats=preloaded_stats)
     result: dict[str, torch.Tensor] = {}
     run_jobs(plan, result.__setitem__, threads=1, progress=False)
     if out_dtype is not None:

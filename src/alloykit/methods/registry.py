@@ -24,6 +24,10 @@ from pydantic import BaseModel, ConfigDict
 from alloykit.errors import RecipeError, did_you_mean
 
 BasePolicy = Literal["required", "optional", "ignored"]
+#: statistics a data-dependent method reads besides the weights (``alloykit stats collect``):
+#: "fisher" (diagonal Fisher, the tensor's shape) or "gram" (inputs' Gram X^T X of a linear
+#: weight, [in, in])
+StatsKind = Literal["fisher", "gram"]
 
 
 class Params(BaseModel):
@@ -55,6 +59,13 @@ class MergeInput:
     #: set by the executor, which never reads the stack again: ``deltas()`` may then reuse
     #: its memory (saving a [K, ...] float32 temporary on the largest tensors)
     owned: bool = False
+    #: for methods with ``needs_stats``: the K models' statistics of this tensor, stacked
+    #: [K, ...] float32 (Fisher: the tensor's shape; Gram: [K, in, in]), or None where the
+    #: statistics hold none for it (a buffer, a tensor that is no linear weight)
+    stats: torch.Tensor | None = None
+    #: one scalar per model from its statistics' summary (the Fisher's global L2 norm over
+    #: all tensors, for per-model normalisation), [K] float32, or None
+    stats_norms: torch.Tensor | None = None
 
     @property
     def k(self) -> int:
@@ -97,6 +108,9 @@ class MethodSpec:
     #: which peer implementation the numbers reproduce, e.g. "mergekit"
     reproduces: str = ""
     paper: str = ""
+    #: statistics the method reads (MergeInput.stats); the planner attaches them from each
+    #: model's ``stats:`` folder and fails at plan time when they are missing
+    needs_stats: StatsKind | None = None
     #: plan-time check of one tensor's resolved parameters; returns an error message or None
     #: (e.g. "weights sum to 0" for a method that divides by their sum)
     check: Callable[[Any, list[Any]], str | None] | None = None

@@ -64,7 +64,7 @@ def block_rows(job: TensorJob, plan: Plan, device: torch.device) -> int | None:
     is a multiple of 64 rows where it can be, so that vector loops see the same lanes.
     """
     block_elements = BLOCK_ELEMENTS
-    if job.copy or device.type != "cpu" or not plan.method.elementwise or len(job.shape) == 0:
+    if job.copy or device.type != "cpu" or not plan.method.elementwise or len(job.shape) == 0 or job.stats:
         return None
     rows = job.shape[0]
     row_len = _numel(job.shape[1:])
@@ -84,7 +84,8 @@ def job_cost(plan: Plan, job: TensorJob, device: torch.device | None = None) -> 
     k = len(job.sources) + (1 if job.base else 0)
     step = block_rows(job, plan, device or torch.device("cpu"))
     if step is None:
-        return n * (4 * k + 8) + job.out_bytes
+        stats = sum(_numel(plan.checkpoints[s.model].info(s.tensor).shape) for s in job.stats or ())
+        return n * (4 * k + 8) + 4 * stats + job.out_bytes
     cks = plan.checkpoints
     srcs = job.sources + ([job.base] if job.base else [])
     in_bytes = sum(cks[s.model].info(s.tensor).nbytes for s in srcs)
@@ -131,7 +132,12 @@ def compute_job(
     if plan.method.randomized:
         gen = torch.Generator(device=device)
         gen.manual_seed(tensor_seed(plan.seed, job.name))
-    x = MergeInput(job.name, stack, base, job.params, job.model_params, gen, owned=True)
+    stats = norms = None
+    if job.stats:
+        stats = torch.stack([cks[s.model].read(s.tensor).to(device, torch.float32) for s in job.stats])
+    if plan.stats_norms is not None:
+        norms = torch.tensor(plan.stats_norms, dtype=torch.float32, device=device)
+    x = MergeInput(job.name, stack, base, job.params, job.model_params, gen, owned=True, stats=stats, stats_norms=norms)
     result = plan.method.fn(x)
     if tuple(result.shape) != tuple(job.shape):
         raise AssertionError(f"method {plan.method.name} returned shape {list(result.shape)} for '{job.name}' {list(job.shape)}")

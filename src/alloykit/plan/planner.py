@@ -61,6 +61,9 @@ class TensorJob:
     params: Any = None
     model_params: list[Any] = field(default_factory=list)
     copy: bool = False  # non-float tensors (and passthrough) are copied from sources[0]
+    #: data-dependent methods: each input's statistics of this tensor (aligned with sources),
+    #: or None where the statistics cover no such tensor
+    stats: list[Source] | None = None
 
     @property
     def out_bytes(self) -> int:
@@ -81,6 +84,8 @@ class Plan:
     config_source: int | None  # checkpoint whose config.json / tokenizer are copied
     tokenizer_source: int | None
     num_layers_out: int | None = None
+    #: data-dependent methods: one summary norm per input's statistics (Fisher normalisation)
+    stats_norms: list[float] | None = None
 
     @property
     def out_bytes(self) -> int:
@@ -279,24 +284,34 @@ def make_plan(
     allow_pickle: bool = False,
     seed: int | None = None,
     preloaded: dict[str, Any] | None = None,
+    preloaded_stats: dict[str, Any] | None = None,
 ) -> Plan:
     """Validate ``recipe`` against the inputs' headers and emit every tensor job.
 
     ``preloaded`` maps model references to already-open checkpoints (in-memory
     state dicts); every other reference is opened from disk, headers only.
+    ``preloaded_stats`` likewise maps ``stats:`` references to open statistics.
     """
     recipe = parse_recipe(recipe)
     spec = get_method(recipe.merge_method)
     models = _Models(Path(recipe_dir) if recipe_dir else None, allow_pickle, preloaded)
     check_names(spec, "recipe 'parameters'", recipe.parameters, "shared")
     b = _Builder(recipe, spec, models)
+    stats_norms = None
     try:
         if recipe.models is not None:
             num_layers_out = _plan_models(recipe, spec, b)
         else:
+            if spec.needs_stats:
+                raise RecipeError(f"method {spec.name} reads each model's statistics: write the recipe with 'models' "
+                                  "(each with 'stats: FOLDER'), not 'slices'")
             num_layers_out = _plan_slices(recipe, spec, b)
         if not b.jobs:
             raise PlanError("the merge would produce no tensors")
+        if spec.needs_stats:
+            from alloykit.stats.attach import attach_stats
+
+            stats_norms = attach_stats(recipe, spec, b, preloaded_stats or {})
         tok = recipe.tokenizer_source_resolved
         cfg_src = models.get(recipe.base_model) if recipe.base_model else b.jobs[0].sources[0].model
         if tok in (None, "base"):
@@ -313,7 +328,8 @@ def make_plan(
             c.close()
         raise
     final_seed = seed if seed is not None else (recipe.seed if recipe.seed is not None else 0)
-    return Plan(recipe, spec, models.checkpoints, models.labels, b.jobs, final_seed, cfg_src, tok_src, num_layers_out)
+    return Plan(recipe, spec, models.checkpoints, models.labels, b.jobs, final_seed, cfg_src, tok_src, num_layers_out,
+                stats_norms)
 
 
 def _plan_models(recipe: Recipe, spec: MethodSpec, b: _Builder) -> int | None:

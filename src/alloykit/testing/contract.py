@@ -48,9 +48,29 @@ def num_models(spec: MethodSpec) -> int:
     return max(spec.min_models, 2)
 
 
+def example_stats(spec: MethodSpec, tensors: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Random statistics for a method with ``needs_stats``: positive Fishers of the tensors'
+    shape (and their norms), or for a 2-D weight [K, out, in] symmetric positive definite
+    Grams [K, in, in] (other tensors have none, as after ``alloykit stats collect``)."""
+    if spec.needs_stats is None:
+        return None, None
+    g = torch.Generator().manual_seed(1000 + seed)
+    k = tensors.shape[0]
+    if spec.needs_stats == "fisher":
+        f = torch.rand(tensors.shape, generator=g) + 0.01
+        return f, f.flatten(1).norm(dim=1)
+    if tensors.dim() != 3:
+        return None, None
+    n = tensors.shape[-1]
+    x = torch.randn(k, 4 * n, n, generator=g)
+    return x.transpose(1, 2) @ x / (4 * n), None
+
+
 def make_input(spec: MethodSpec, tensors: torch.Tensor, base: torch.Tensor | None, seed: int = 0, name: str = "w") -> MergeInput:
     gen = torch.Generator().manual_seed(seed) if spec.randomized else None
-    return MergeInput(name, tensors, base, example_params(spec), example_model_params(spec, tensors.shape[0]), gen)
+    stats, norms = example_stats(spec, tensors, seed)
+    return MergeInput(name, tensors, base, example_params(spec), example_model_params(spec, tensors.shape[0]), gen,
+                      stats=stats, stats_norms=norms)
 
 
 def _random_case(spec: MethodSpec, shape: tuple[int, ...], seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:

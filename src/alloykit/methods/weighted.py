@@ -1,0 +1,121 @@
+"""Data-dependent merges that read statistics of each model: Fisher merging and RegMean.
+
+Both are pure per-tensor functions like every other method; the statistics arrive as
+one more aligned input, ``MergeInput.stats`` (stacked [K, ...] float32), attached by the
+planner from each model's ``stats:`` folder (written by ``alloykit stats collect``).
+Tensors the statistics do not cover (buffers; for RegMean every tensor that is not a
+linear layer's weight: biases, norms, embeddings) are averaged, as in FusionBench and
+the papers' reference code.
+
+RegMean++ (Nguyen et al. 2025) is not here: its Grams must be collected on inputs
+produced by the *merged* model's earlier layers, a sequential merge-and-collect loop
+that ``alloykit stats collect`` does not implement yet.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+
+from alloykit.methods.registry import MergeInput, Params, register
+
+
+def weighted_mean(x: MergeInput, coeff: torch.Tensor) -> torch.Tensor:
+    """``sum_i c_i theta_i / sum_i c_i`` for per-model coefficients ``coeff`` [K]."""
+    col = coeff.view(-1, *([1] * (x.tensors.dim() - 1)))
+    return (x.tensors * col).sum(0) / coeff.sum()
+
+
+# --------------------------------------------------------------------------------------
+# Fisher merging
+# --------------------------------------------------------------------------------------
+
+
+class FisherParams(Params):
+    epsilon: float = Field(1e-6, ge=0, description="added to every Fisher entry (and to the norms): "
+                           "parameters no model's data moves are averaged instead of divided by 0")
+    normalize: bool = Field(True, description="divide each model's Fisher by its L2 norm over all tensors "
+                            "(FusionBench/MergeLM's normalize_fisher_weight), so no model dominates by scale alone")
+
+
+class FisherModelParams(Params):
+    weight: float = Field(1.0, gt=0, description="the model's coefficient lambda_i (scales its Fisher)")
+
+
+@register("fisher", params=FisherParams, model_params=FisherModelParams, base="ignored", needs_stats="fisher",
+          paper="Matena & Raffel 2022, Merging Models with Fisher-Weighted Averaging (NeurIPS)")
+def fisher(x: MergeInput) -> torch.Tensor:
+    """Fisher-weighted averaging: each entry averaged with its models' diagonal Fisher as weights.
+
+    merged = sum_i c_i F~_i theta_i / sum_i c_i F~_i, with F~_i = F_i + epsilon the
+    diagonal Fisher of model i (squared gradients of its log-likelihood, averaged over
+    its examples) and c_i = lambda_i (the model's ``weight``). With ``normalize``, c_i
+    also carries 1 / (||F_i|| + epsilon), renormalised to sum to 1 over the models,
+    where ||F_i|| is model i's Fisher L2 norm over all its tensors (recorded by
+    ``alloykit stats collect``), as in MergeLM and FusionBench. Tensors without Fisher
+    statistics (buffers) get the weighted average sum_i c_i theta_i / sum_i c_i.
+    Equal Fishers give the weighted average; one Fisher much larger than the others
+    gives that model's parameters.
+    """
+    p = x.params
+    coeff = torch.tensor([m.weight for m in x.model_params], dtype=torch.float32, device=x.tensors.device)
+    if p.normalize and x.stats_norms is not None:
+        inv = 1.0 / (x.stats_norms.to(coeff) + p.epsilon)
+        coeff = coeff * inv / inv.sum()
+    if x.stats is None:
+        return weighted_mean(x, coeff)
+    col = coeff.view(-1, *([1] * (x.tensors.dim() - 1)))
+    w = (x.stats + p.epsilon) * col
+    return (w * x.tensors).sum(0) / w.sum(0)
+
+
+# --------------------------------------------------------------------------------------
+# RegMean
+# --------------------------------------------------------------------------------------
+
+
+class RegMeanParams(Params):
+    alpha: float = Field(0.9, ge=0, le=1, description="scale of the Grams' off-diagonal entries "
+                         "(1: exact RegMean; 0: diagonal Grams; FusionBench's reduce_non_diagonal_ratio)")
+
+
+def scaled_grams(grams: torch.Tensor, alpha: float) -> torch.Tensor:
+    """G~ = alpha G + (1 - alpha) diag(G) for a stack [K, n, n]: off-diagonal entries times alpha."""
+    if alpha == 1:
+        return grams
+    diag = torch.diagonal(grams, dim1=-2, dim2=-1)
+    out = grams * alpha
+    torch.diagonal(out, dim1=-2, dim2=-1).copy_(diag)
+    return out
+
+
+def solve_spd(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a^-1 b`` for a symmetric positive semi-definite ``a``: Cholesky, else least squares
+    (a singular sum of Grams: input directions no model's data reached)."""
+    chol, info = torch.linalg.cholesky_ex(a)
+    if int(info) == 0:
+        return torch.cholesky_solve(b, chol)
+    return torch.linalg.lstsq(a, b, driver="gelsd" if a.device.type == "cpu" else None).solution
+
+
+@register("regmean", params=RegMeanParams, base="ignored", needs_stats="gram",
+          paper="Jin et al. 2023, Dataless Knowledge Fusion by Merging Weights of Language Models (ICLR)")
+def regmean(x: MergeInput) -> torch.Tensor:
+    """RegMean: each linear weight solves the merged least-squares problem of its models' inputs.
+
+    For a linear weight W (torch layout [out, in]) whose models saw inputs X_i, RegMean
+    minimises sum_i ||X_i W^T - X_i W_i^T||^2, whose solution is
+    W^T = (sum_i G~_i)^-1 sum_i G~_i W_i^T with G_i = X_i^T X_i / n_i the Gram of model
+    i's inputs (averaged over its n_i tokens, as FusionBench does, so models count
+    equally whatever their data size) and G~_i = alpha G_i + (1 - alpha) diag(G_i): the
+    paper shrinks off-diagonal entries toward the diagonal (alpha < 1 regularises toward
+    the plain average and keeps the sum well conditioned). Solved in float32 by Cholesky,
+    by least squares when the sum is singular. Every other tensor (biases, norms,
+    embeddings: no Gram statistics) is the plain average.
+    """
+    if x.stats is None or x.tensors.dim() != 3:
+        return x.tensors.mean(0)
+    grams = scaled_grams(x.stats, x.params.alpha)
+    rhs = torch.einsum("kij,koj->io", grams, x.tensors)  # sum_i G~_i W_i^T: [in, out]
+    return solve_spd(grams.sum(0), rhs).T.contiguous()
+

@@ -1,0 +1,86 @@
+"""Plan-time: attach each model's statistics to the tensor jobs of a data-dependent method.
+
+Every input model of such a recipe names its statistics folder (``stats:`` on its
+``models:`` entry). For each job the planner adds, per input, the statistics tensor
+aligned with the model's tensor: for ``fisher`` the tensor of the same name and shape,
+for ``gram`` the tensor of the weight's name with shape [in, in]. The executor reads
+them lazily like model tensors. Missing or mismatched statistics fail here, before a
+tensor is read, with one line and the command that makes them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from alloykit.config import Recipe
+from alloykit.errors import PlanError, RecipeError
+from alloykit.methods.registry import MethodSpec
+from alloykit.plan.planner import Source
+from alloykit.stats.store import KIND_FILES, Stats, open_stats
+
+
+def collect_command(model: str, kind: str, calibration: str | None = None) -> str:
+    """The ``alloykit stats collect`` command that writes the statistics ``kind`` of ``model``."""
+    model = model.rstrip("/") or model
+    if calibration:
+        data = f"--data {calibration}" if Path(calibration).suffix in (".txt", ".jsonl") else f"--task {calibration}"
+    elif (Path(model) / "heads.safetensors").is_file():
+        data = "--task TASK"
+    else:
+        data = "--data CALIBRATION.txt"
+    return f"alloykit stats collect {model} --out {model}.stats --kind {kind} {data}"
+
+
+def _missing(spec: MethodSpec, label: str, calibration: str | None) -> RecipeError:
+    kind = spec.needs_stats
+    cmd = collect_command(label, kind, calibration)
+    return RecipeError(f"method {spec.name} reads {kind} statistics and model '{label}' names none: run "
+                       f"'{cmd}', then add 'stats: {label.rstrip('/')}.stats' to its entry in 'models'")
+
+
+def attach_stats(recipe: Recipe, spec: MethodSpec, b: Any, preloaded: dict[str, Stats]) -> list[float] | None:
+    """Set ``job.stats`` on every merged job of builder ``b``; returns the per-input norms (or None)."""
+    kind = spec.needs_stats
+    models = b.models
+    entries = {m.model: m for m in recipe.models or []}
+    first = next(j for j in b.jobs if not j.copy)
+    inputs = [s.model for s in first.sources]
+    stat_idx: list[int] = []
+    norms: list[float | None] = []
+    for i in inputs:
+        label = models.labels[i]
+        entry = entries.get(label)
+        if entry is None or entry.stats is None:
+            raise _missing(spec, label, entry.calibration if entry else None)
+        stats = preloaded.get(entry.stats) or open_stats(models.resolve_path(entry.stats), label)
+        if kind not in stats.checkpoints:
+            held = ", ".join(stats.kinds) or "no statistics"
+            raise RecipeError(f"statistics '{stats.label}' of model '{label}' hold {held}, not the {kind} statistics "
+                              f"method {spec.name} reads (no {KIND_FILES[kind]}): run "
+                              f"'{collect_command(label, kind, entry.calibration)}'")
+        stat_idx.append(models._add(f"{stats.label} [{kind}]", stats.checkpoints[kind]))
+        norms.append(stats.norm(kind))
+    for job in b.jobs:
+        if job.copy:
+            continue
+        want = tuple(job.shape) if kind == "fisher" else ((job.shape[1], job.shape[1]) if len(job.shape) == 2 else None)
+        if want is None:
+            continue
+        names = [s.tensor for s in job.sources]
+        have = [n in models.checkpoints[k] for n, k in zip(names, stat_idx)]
+        if not any(have):
+            continue  # a buffer, or no linear layer's weight: the method averages it
+        for n, k, ok, i in zip(names, stat_idx, have, inputs):
+            ck = models.checkpoints[k]
+            if not ok:
+                other = models.checkpoints[stat_idx[have.index(True)]].label
+                raise PlanError(f"statistics '{ck.label}' of model '{models.labels[i]}' have no entry for tensor '{n}' "
+                                f"but '{other}' have: collect both models' statistics the same way")
+            shape = tuple(ck.info(n).shape)
+            if shape != want:
+                raise PlanError(f"statistics '{ck.label}': {kind} of tensor '{n}' has shape {list(shape)}, expected "
+                                f"{list(want)} for the model's {list(job.shape)}; were they collected on model "
+                                f"'{models.labels[i]}'?")
+        job.stats = [Source(k, n) for n, k in zip(names, stat_idx)]
+    return None if any(n is None for n in norms) else [float(n) for n in norms]
