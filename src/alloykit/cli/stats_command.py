@@ -1,0 +1,35 @@
+"""``alloykit stats collect MODEL --out STATS``: statistics for data-dependent merging (fisher, regmean)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub) -> None:
+    s = sub.add_parser("stats", help="statistics of a model on calibration data, for fisher and regmean merging")
+    ssub = s.add_subparsers(dest="stats_command", required=True, metavar="ACTION")
+    c = ssub.add_parser("collect", help="run a model over calibration data; write Fisher and/or Gram statistics")
+    c.add_argument("model", help="a causal LM folder (with --data), or a benchmark fine-tune / encoder folder (with --task)")
+    c.add_argument("--out", required=True, help="statistics folder to write (name it under the model's 'stats:' in a recipe)")
+    c.add_argument("--task", nargs="+", dest="tasks", help="benchmark task(s): their training split and heads")
+    c.add_argument("--data", help="calibration text: FILE.txt (one text per line) or FILE.jsonl (a \"text\" per line)")
+    c.add_argument("--kind", default="fisher", choices=["fisher", "fisher_sampled", "gram", "all"],
+                   help="fisher: empirical (true labels); fisher_sampled: labels drawn from the model; "
+                        "gram: X^T X of every linear layer's inputs; all: fisher and gram (default fisher)")
+    c.add_argument("--samples", type=int, default=256, help="calibration examples (per task) (default 256)")
+    c.add_argument("--batch-size", type=int, default=16, help="batch size of the Gram passes (Fisher runs one example at a time)")
+    c.add_argument("--max-len", type=int, help="tokens per example (default 32 for --task, 512 for --data)")
+    c.add_argument("--head", help="the task heads file (default: heads.safetensors in or beside MODEL)")
+    c.add_argument("--seed", type=int, default=0, help="seed of fisher_sampled's label draws and of the task splits")
+    c.set_defaults(func=cmd_stats_collect)
+
+
+def cmd_stats_collect(args: argparse.Namespace) -> int:
+    from alloykit.errors import AlloyError
+    from alloykit.stats.collect import collect_to_folder
+
+    if args.samples <= 0 or args.batch_size <= 0:
+        raise AlloyError("--samples and --batch-size must be positive")
+    collect_to_folder(args.model, args.out, tasks=args.tasks, data=args.data, kind=args.kind, samples=args.samples,
+                      batch_size=args.batch_size, max_len=args.max_len, head=args.head, seed=args.seed)
+    return 0
