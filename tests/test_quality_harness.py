@@ -116,6 +116,28 @@ def test_merges_equal_their_closed_forms(ran):
     assert {t: r["correct"] for t, r in got.items()} == {t: r["correct"] for t, r in want.items()}
 
 
+def test_data_dependent_merges_read_cached_statistics_of_each_finetune(ran):
+    """fisher and regmean: statistics of each fine-tune on its training split, collected once."""
+    from safetensors.torch import load_file
+
+    root, _, bench, _ = ran
+    bench.cfg.n_stats = 24
+    rm, _ = bench.merged("regmean", ({"alpha": 0.9}, {}), bench.tasks)
+    fi, _ = bench.merged("fisher", ({"normalize": False}, {}), bench.tasks)
+    folders = {k: [f for t in bench.tasks for f in (root / "cache" / "stats").glob(f"{t.name}-*-{k}-24")]
+               for k in ("gram", "fisher")}
+    assert [len(v) for v in folders.values()] == [2, 2]
+    a, b = (bench.ft_sd[t.name] for t in bench.tasks)
+    name = "encoder.layer.2.output.dense.weight"
+    g = [load_file(f / "gram.safetensors")[name].double() for f in folders["gram"]]
+    g = [0.9 * x + 0.1 * torch.diag(torch.diag(x)) for x in g]
+    want = torch.linalg.solve(g[0] + g[1], g[0] @ a[name].double().T + g[1] @ b[name].double().T).T
+    torch.testing.assert_close(rm[name].double(), want, rtol=1e-3, atol=1e-4)
+    f = [load_file(d / "fisher.safetensors")[name] + 1e-6 for d in folders["fisher"]]
+    torch.testing.assert_close(fi[name], (f[0] * a[name] + f[1] * b[name]) / (f[0] + f[1]), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(fi[name], (a[name] + b[name]) / 2, atol=1e-6)
+
+
 def test_results_json_and_selection(ran):
     root, _, _, results = ran
     again = json.loads(json.dumps(results))  # JSON-serialisable as is

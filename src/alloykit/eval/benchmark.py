@@ -53,6 +53,8 @@ class BenchConfig:
     cache_dir: str = ".bench/quality"
     threads: int = 1
     eval_batch: int = 128
+    #: training examples per task for the statistics of data-dependent methods (fisher, regmean)
+    n_stats: int = 256
     merge_seed: int = 0
 
     def to_dict(self) -> dict:
@@ -183,12 +185,35 @@ class Bench:
 
         spec = get_method(method)
         shared, per_model = point
+        stats = [self.task_stats(t, spec.needs_stats) for t in tasks] if spec.needs_stats else None
         t0 = time.monotonic()
         sd = merge_state_dicts([self.ft_sd[t.name] for t in tasks], method,
                                base=None if spec.base == "ignored" else self.base_sd, parameters=shared or None,
                                model_parameters=[dict(per_model) for _ in tasks] if per_model else None,
-                               seed=self.cfg.merge_seed)
+                               seed=self.cfg.merge_seed, stats=stats)
         return sd, time.monotonic() - t0
+
+    def task_stats(self, task: Task, kind: str):
+        """Statistics ``kind`` of the fine-tune of ``task`` on its training split (the first
+        ``n_stats`` examples); collected once, then read from the cache folder."""
+        import copy
+
+        from alloykit.stats.collect import Example, Target, collect, score_encoder
+        from alloykit.stats.store import META_FILE, open_stats, write_stats
+
+        key = self._key([task], self.cfg.recipe.steps)
+        folder = self.cache / "stats" / f"{task.name}-{key}-{kind}-{self.cfg.n_stats}"
+        if not (folder / META_FILE).is_file():
+            self.log(f"  collecting {kind} statistics of the {task.name} fine-tune on {self.cfg.n_stats} training examples")
+            self.work.load_state_dict(self.ft_sd[task.name])
+            head = copy.deepcopy(self.ft_heads[task.name]).requires_grad_(False)
+            data = self.ev.encoded(task, "train").head(self.cfg.n_stats)
+            examples = [Example(data.ids[i, : int(data.lengths[i])], int(data.labels[i]), task.name) for i in range(len(data))]
+            tensors, meta = collect(Target(self.work, task.name, score_encoder, heads={task.name: head}), examples, kind,
+                                    log=lambda msg: None)
+            meta.update({"model": f"benchmark fine-tune {task.name}-{key}", "data": f"train split of {task.name}"})
+            write_stats(folder, tensors, meta)
+        return open_stats(folder, task.name)
 
     def method(self, name: str) -> dict[str, Any]:
         from alloykit.methods.registry import get_method

@@ -55,6 +55,9 @@ KNOWN: dict[str, tuple[dict[str, list], dict[str, list]]] = {
     "cart": ({"lambda": [1.0, 1.5, 2.0, 3.0]}, {}),
     "consensus_ta": ({"alpha": SUM_SCALES}, {}),
     "magmax": ({"lambda": [0.3, 0.5, 0.7, 1.0]}, {}),
+    # data-dependent: statistics of each fine-tune on its task's training split (Bench.task_stats)
+    "fisher": ({"normalize": [True, False]}, {}),
+    "regmean": ({"alpha": [0.5, 0.9, 1.0]}, {}),
 }
 
 

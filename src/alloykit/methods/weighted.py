@@ -89,13 +89,18 @@ def scaled_grams(grams: torch.Tensor, alpha: float) -> torch.Tensor:
     return out
 
 
+#: Grams up to this size are solved in float64 (512 MiB at the limit): sums of Grams from
+#: little data are ill-conditioned, and float32 then loses the solution's leading digits
+FLOAT64_SOLVE_MAX = 8192
+
+
 def solve_spd(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a^-1 b`` for a symmetric positive semi-definite ``a``: Cholesky, else least squares
-    (a singular sum of Grams: input directions no model's data reached)."""
+    (a singular sum of Grams: input directions no model's data reached); float32 result."""
     chol, info = torch.linalg.cholesky_ex(a)
     if int(info) == 0:
-        return torch.cholesky_solve(b, chol)
-    return torch.linalg.lstsq(a, b, driver="gelsd" if a.device.type == "cpu" else None).solution
+        return torch.cholesky_solve(b, chol).float()
+    return torch.linalg.lstsq(a, b, driver="gelsd" if a.device.type == "cpu" else None).solution.float()
 
 
 @register("regmean", params=RegMeanParams, base="ignored", needs_stats="gram",
@@ -109,13 +114,14 @@ def regmean(x: MergeInput) -> torch.Tensor:
     i's inputs (averaged over its n_i tokens, as FusionBench does, so models count
     equally whatever their data size) and G~_i = alpha G_i + (1 - alpha) diag(G_i): the
     paper shrinks off-diagonal entries toward the diagonal (alpha < 1 regularises toward
-    the plain average and keeps the sum well conditioned). Solved in float32 by Cholesky,
-    by least squares when the sum is singular. Every other tensor (biases, norms,
+    the plain average and keeps the sum well conditioned). Solved by Cholesky (float64 up to
+    8192 inputs), by least squares when the sum is singular. Every other tensor (biases, norms,
     embeddings: no Gram statistics) is the plain average.
     """
     if x.stats is None or x.tensors.dim() != 3:
         return x.tensors.mean(0)
-    grams = scaled_grams(x.stats, x.params.alpha)
-    rhs = torch.einsum("kij,koj->io", grams, x.tensors)  # sum_i G~_i W_i^T: [in, out]
+    dtype = torch.float64 if x.stats.shape[-1] <= FLOAT64_SOLVE_MAX else torch.float32
+    grams = scaled_grams(x.stats.to(dtype), x.params.alpha)
+    rhs = torch.einsum("kij,koj->io", grams, x.tensors.to(dtype))  # sum_i G~_i W_i^T: [in, out]
     return solve_spd(grams.sum(0), rhs).T.contiguous()
 
