@@ -136,6 +136,17 @@ def test_data_dependent_merges_read_cached_statistics_of_each_finetune(ran):
     f = [load_file(d / "fisher.safetensors")[name] + 1e-6 for d in folders["fisher"]]
     torch.testing.assert_close(fi[name], (f[0] * a[name] + f[1] * b[name]) / (f[0] + f[1]), rtol=1e-5, atol=1e-6)
     assert not torch.allclose(fi[name], (a[name] + b[name]) / 2, atol=1e-6)
+    # RegMean++: the first block's merge sees the merged embeddings, so it differs from RegMean's; the
+    # result is the regmean formula on the Grams it collected
+    pp, _ = bench.merged("regmean_plus_plus", ({"alpha": 0.9}, {}), bench.tasks)
+    pp_folders = sorted((root / "cache" / "stats-merged").glob("*-a0.9-24"))
+    assert len(pp_folders) == 1
+    g = [load_file(pp_folders[0] / t.name / "gram.safetensors")[name].double() for t in bench.tasks]
+    g = [0.9 * x + 0.1 * torch.diag(torch.diag(x)) for x in g]
+    want = torch.linalg.solve(g[0] + g[1], g[0] @ a[name].double().T + g[1] @ b[name].double().T).T
+    torch.testing.assert_close(pp[name].double(), want, rtol=1e-3, atol=1e-4)
+    q = "encoder.layer.0.attention.self.query.weight"
+    assert not torch.allclose(pp[q], rm[q], atol=1e-6)
 
 
 def test_results_json_and_selection(ran):

@@ -156,3 +156,43 @@ def test_collect_fisher_and_gram_on_a_tiny_bert_fine_tune(tmp_path, capsys):
     recipe.write_text(recipe.read_text().replace("regmean", "fisher"))
     rc, out = _run(["merge", str(recipe), str(tmp_path / "merged_f"), "-q"], capsys)
     assert rc == 0, out.err
+
+
+def test_regmean_plus_plus_grams_come_from_the_merged_earlier_layers(tmp_path, capsys):
+    """collect-merged then merge: block 1's Grams are those of inputs that went through the
+    merged embeddings and block 0 (recomputed by hand), and the merge applies RegMean to them."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _, (ft1, ft2) = write_family(tmp_path, 2, SHAPE)
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n".join(f"line {i} of calibration text" for i in range(5)))
+    rc, out = _run(["stats", "collect-merged", str(ft1), str(ft2), "--out", f"{ft1}.pp", f"{ft2}.pp", "--data", str(calib),
+                    "--samples", "3", "--alpha", "1.0"], capsys)
+    assert rc == 0, out.err
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"merge_method: regmean_plus_plus\nparameters:\n  alpha: 1.0\nmodels:\n"
+                      f"  - model: {ft1}\n    stats: {ft1}.pp\n  - model: {ft2}\n    stats: {ft2}.pp\n")
+    rc, out = _run(["merge", str(recipe), str(tmp_path / "out"), "-q"], capsys)
+    assert rc == 0, out.err
+    merged = load_file(tmp_path / "out" / "model.safetensors")
+    name = "model.layers.1.self_attn.q_proj.weight"
+    texts = calib.read_text().splitlines()[:3]
+    grams, ws = [], []
+    for ft in (ft1, ft2):
+        own = load_file(ft / "model.safetensors")
+        sd = {k: (merged[k] if k.startswith(("model.embed_tokens", "model.layers.0.")) else v) for k, v in own.items()}
+        model = LlamaForCausalLM(LlamaConfig(**SHAPE.config())).eval()
+        model.load_state_dict(sd)
+        with torch.no_grad():
+            xs = [model.model.layers[1].input_layernorm(
+                model(input_ids=torch.tensor([[b % SHAPE.vocab for b in t.encode()]]), output_hidden_states=True).hidden_states[1])[0] for t in texts]
+        x = torch.cat(xs).double()
+        g = x.T @ x / x.shape[0]
+        stored = load_file(tmp_path / f"{ft.name}.pp" / "gram.safetensors")[name].double()
+        assert torch.allclose(stored, g, rtol=1e-4, atol=1e-6)
+        grams.append(g)
+        ws.append(own[name].double())
+    expected = torch.linalg.solve(grams[0] + grams[1], grams[0] @ ws[0].T + grams[1] @ ws[1].T).T
+    assert torch.allclose(merged[name].double(), expected, atol=1e-4)
+    meta = json.loads((tmp_path / "ft1.pp" / "alloykit_stats.json").read_text())
+    assert meta["gram"]["inputs"] == "merged" and meta["gram"]["alpha"] == 1.0

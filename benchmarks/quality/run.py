@@ -34,7 +34,7 @@ PRESETS = {
     # the harness end to end in about a minute; the numbers mean nothing
     "ci": dict(tasks=["wordnet_pos", "fortune_language"], recipe=FinetuneRecipe(steps=12, batch_size=8, max_len=24, lr=2e-4, head_lr=3e-2),
                joint_steps=12, n_test=40, n_val=24, n_train=64, n_probe=64,
-               methods=["linear", "task_arithmetic", "ties", "fisher", "regmean"], curve_methods=("linear",), n_stats=16),
+               methods=["linear", "task_arithmetic", "ties", "fisher", "regmean", "regmean_plus_plus"], curve_methods=("linear",), n_stats=16),
 }
 
 NOTES = """
@@ -48,8 +48,8 @@ NOTES = """
   is one third of them.
 - slerp, nuslerp, nearswap and passthrough merge at most one or two models besides the base, so they cannot merge
   six fine-tunes (nuslerp could merge two; it is not in the k-curve either).
-- Fisher merging and RegMean read statistics of each fine-tune on {n_stats} examples of its task's training split
-  (collected once, cached beside the fine-tunes). AdaMerging needs gradients at merge time and is not in the table. The data-free subspace methods (iso_c, iso_cts, tsv_m, cart, consensus_ta, magmax) are, with a
+- Fisher merging, RegMean and RegMean++ read statistics of each fine-tune on {n_stats} examples of its task's training
+  split (collected once, cached beside the fine-tunes; RegMean++'s once per task list and alpha). AdaMerging needs gradients at merge time and is not in the table. The data-free subspace methods (iso_c, iso_cts, tsv_m, cart, consensus_ta, magmax) are, with a
   small grid over their global scale.
 - The multi-task baseline is undertrained: {joint_steps} round-robin steps give each task {per_task} batches against
   {steps} for each individual fine-tune (the time for a longer run was not there). FusionBench's multi-task model is

@@ -23,6 +23,20 @@ def add_parser(sub) -> None:
     c.add_argument("--seed", type=int, default=0, help="seed of fisher_sampled's label draws and of the task splits")
     c.set_defaults(func=cmd_stats_collect)
 
+    m = ssub.add_parser("collect-merged", help="RegMean++ statistics: merge block by block, Grams of the merged layers' outputs")
+    m.add_argument("models", nargs="+", help="the models to merge (causal LM folders, or benchmark fine-tune folders)")
+    m.add_argument("--out", nargs="+", required=True, help="one statistics folder per model")
+    m.add_argument("--task", nargs="+", dest="tasks", help="benchmark task per model (or one for all)")
+    m.add_argument("--data", nargs="+", help="calibration FILE.txt|FILE.jsonl per model (or one for all)")
+    m.add_argument("--alpha", type=float, default=0.9, help="RegMean's off-diagonal scale for the block merges (default 0.9); "
+                   "merge with the same alpha")
+    m.add_argument("--samples", type=int, default=256, help="calibration examples per model (default 256)")
+    m.add_argument("--batch-size", type=int, default=16)
+    m.add_argument("--max-len", type=int, help="tokens per example (default 32 for --task, 512 for --data)")
+    m.add_argument("--head", nargs="+", dest="heads", help="task heads file per model (default: beside each model)")
+    m.add_argument("--seed", type=int, default=0, help="seed of the task splits")
+    m.set_defaults(func=cmd_stats_collect_merged)
+
 
 def cmd_stats_collect(args: argparse.Namespace) -> int:
     from alloykit.errors import AlloyError
@@ -32,4 +46,16 @@ def cmd_stats_collect(args: argparse.Namespace) -> int:
         raise AlloyError("--samples and --batch-size must be positive")
     collect_to_folder(args.model, args.out, tasks=args.tasks, data=args.data, kind=args.kind, samples=args.samples,
                       batch_size=args.batch_size, max_len=args.max_len, head=args.head, seed=args.seed)
+    return 0
+
+
+def cmd_stats_collect_merged(args: argparse.Namespace) -> int:
+    from alloykit.errors import AlloyError
+    from alloykit.stats.sequential import collect_merged_to_folders
+
+    if args.samples <= 0 or args.batch_size <= 0 or not 0 <= args.alpha <= 1:
+        raise AlloyError("--samples and --batch-size must be positive, --alpha in [0, 1]")
+    collect_merged_to_folders(args.models, args.out, tasks=args.tasks, data=args.data, alpha=args.alpha,
+                              samples=args.samples, batch_size=args.batch_size, max_len=args.max_len, heads=args.heads,
+                              seed=args.seed)
     return 0

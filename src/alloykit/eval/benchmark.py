@@ -185,7 +185,10 @@ class Bench:
 
         spec = get_method(method)
         shared, per_model = point
-        stats = [self.task_stats(t, spec.needs_stats) for t in tasks] if spec.needs_stats else None
+        if spec.stats_inputs == "merged":  # RegMean++: collected while merging, per task list and alpha
+            stats = self.merged_stats(tasks, shared.get("alpha", 0.9))
+        else:
+            stats = [self.task_stats(t, spec.needs_stats) for t in tasks] if spec.needs_stats else None
         t0 = time.monotonic()
         sd = merge_state_dicts([self.ft_sd[t.name] for t in tasks], method,
                                base=None if spec.base == "ignored" else self.base_sd, parameters=shared or None,
@@ -196,9 +199,7 @@ class Bench:
     def task_stats(self, task: Task, kind: str):
         """Statistics ``kind`` of the fine-tune of ``task`` on its training split (the first
         ``n_stats`` examples); collected once, then read from the cache folder."""
-        import copy
-
-        from alloykit.stats.collect import Example, Target, collect, score_encoder
+        from alloykit.stats.collect import collect
         from alloykit.stats.store import META_FILE, open_stats, write_stats
 
         key = self._key([task], self.cfg.recipe.steps)
@@ -206,14 +207,44 @@ class Bench:
         if not (folder / META_FILE).is_file():
             self.log(f"  collecting {kind} statistics of the {task.name} fine-tune on {self.cfg.n_stats} training examples")
             self.work.load_state_dict(self.ft_sd[task.name])
-            head = copy.deepcopy(self.ft_heads[task.name]).requires_grad_(False)
-            data = self.ev.encoded(task, "train").head(self.cfg.n_stats)
-            examples = [Example(data.ids[i, : int(data.lengths[i])], int(data.labels[i]), task.name) for i in range(len(data))]
-            tensors, meta = collect(Target(self.work, task.name, score_encoder, heads={task.name: head}), examples, kind,
-                                    log=lambda msg: None)
+            target, examples = self._stats_target(task, self.work)
+            tensors, meta = collect(target, examples, kind, log=lambda msg: None)
             meta.update({"model": f"benchmark fine-tune {task.name}-{key}", "data": f"train split of {task.name}"})
             write_stats(folder, tensors, meta)
         return open_stats(folder, task.name)
+
+    def _stats_target(self, task: Task, encoder: torch.nn.Module):
+        """The fine-tune's encoder and head as a statistics target, and its first ``n_stats`` training examples."""
+        import copy
+
+        from alloykit.stats.collect import Example, Target, score_encoder
+
+        head = copy.deepcopy(self.ft_heads[task.name]).requires_grad_(False)
+        data = self.ev.encoded(task, "train").head(self.cfg.n_stats)
+        examples = [Example(data.ids[i, : int(data.lengths[i])], int(data.labels[i]), task.name) for i in range(len(data))]
+        return Target(encoder, task.name, score_encoder, heads={task.name: head}), examples
+
+    def merged_stats(self, tasks: list[Task], alpha: float):
+        """RegMean++ statistics of the fine-tunes of ``tasks`` (Grams of the merged earlier layers),
+        collected once per task list and alpha, then read from the cache folder."""
+        from alloykit.stats.sequential import regmean_plus_plus
+        from alloykit.stats.store import META_FILE, open_stats, write_stats
+
+        key = hashlib.sha256(json.dumps([self._key([t], self.cfg.recipe.steps) for t in tasks]).encode()).hexdigest()[:12]
+        folders = [self.cache / "stats-merged" / f"{key}-a{alpha}-{self.cfg.n_stats}" / t.name for t in tasks]
+        if not all((f / META_FILE).is_file() for f in folders):
+            self.log(f"  collecting RegMean++ statistics of {len(tasks)} fine-tunes (alpha {alpha}) on {self.cfg.n_stats} examples each")
+            pairs = []
+            for t in tasks:
+                enc = load_encoder(self.base_path)
+                enc.load_state_dict(self.ft_sd[t.name])
+                pairs.append(self._stats_target(t, enc))
+            _, grams, metas = regmean_plus_plus([p[0] for p in pairs], [p[1] for p in pairs], alpha=alpha,
+                                                log=lambda msg: None)
+            for t, f, g, meta in zip(tasks, folders, grams, metas):
+                meta.update({"model": f"benchmark fine-tune {t.name}", "data": f"train split of {t.name}"})
+                write_stats(f, {"gram": g}, meta)
+        return [open_stats(f, t.name) for f, t in zip(folders, tasks)]
 
     def method(self, name: str) -> dict[str, Any]:
         from alloykit.methods.registry import get_method

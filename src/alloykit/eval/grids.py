@@ -58,6 +58,7 @@ KNOWN: dict[str, tuple[dict[str, list], dict[str, list]]] = {
     # data-dependent: statistics of each fine-tune on its task's training split (Bench.task_stats)
     "fisher": ({"normalize": [True, False]}, {}),
     "regmean": ({"alpha": [0.5, 0.9, 1.0]}, {}),
+    "regmean_plus_plus": ({"alpha": [0.5, 0.9, 1.0]}, {}),
 }
 
 

@@ -111,6 +111,9 @@ class MethodSpec:
     #: statistics the method reads (MergeInput.stats); the planner attaches them from each
     #: model's ``stats:`` folder and fails at plan time when they are missing
     needs_stats: StatsKind | None = None
+    #: where the statistics' inputs must come from (their summary's ``inputs``): "own" (each
+    #: model's own forward pass) or "merged" (RegMean++: the merged model's earlier layers)
+    stats_inputs: str | None = None
     #: plan-time check of one tensor's resolved parameters; returns an error message or None
     #: (e.g. "weights sum to 0" for a method that divides by their sum)
     check: Callable[[Any, list[Any]], str | None] | None = None

@@ -7,9 +7,9 @@ Tensors the statistics do not cover (buffers; for RegMean every tensor that is n
 linear layer's weight: biases, norms, embeddings) are averaged, as in FusionBench and
 the papers' reference code.
 
-RegMean++ (Nguyen et al. 2025) is not here: its Grams must be collected on inputs
-produced by the *merged* model's earlier layers, a sequential merge-and-collect loop
-that ``alloykit stats collect`` does not implement yet.
+RegMean++ (Nguyen et al. 2025) is the RegMean formula on Grams collected on inputs from
+the *merged* model's earlier layers: ``alloykit stats collect-merged`` merges and collects
+block by block (``alloykit.stats.sequential``) and writes those statistics.
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ def solve_spd(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.linalg.lstsq(a, b, driver="gelsd" if a.device.type == "cpu" else None).solution.float()
 
 
-@register("regmean", params=RegMeanParams, base="ignored", needs_stats="gram",
+@register("regmean", params=RegMeanParams, base="ignored", needs_stats="gram", stats_inputs="own",
           paper="Jin et al. 2023, Dataless Knowledge Fusion by Merging Weights of Language Models (ICLR)")
 def regmean(x: MergeInput) -> torch.Tensor:
     """RegMean: each linear weight solves the merged least-squares problem of its models' inputs.
@@ -125,3 +125,20 @@ def regmean(x: MergeInput) -> torch.Tensor:
     rhs = torch.einsum("kij,koj->io", grams, x.tensors.to(dtype))  # sum_i G~_i W_i^T: [in, out]
     return solve_spd(grams.sum(0), rhs).T.contiguous()
 
+
+
+@register("regmean_plus_plus", params=RegMeanParams, base="ignored", needs_stats="gram", stats_inputs="merged",
+          paper="Nguyen et al. 2025, RegMean++: Enhancing Effectiveness and Generalization of Regression Mean for Model Merging")
+def regmean_plus_plus(x: MergeInput) -> torch.Tensor:
+    """RegMean++: RegMean on Grams of inputs that went through the merged earlier layers.
+
+    The per-tensor formula is RegMean's, W^T = (sum_i G~_i)^-1 sum_i G~_i W_i^T with
+    G~_i = alpha G_i + (1 - alpha) diag(G_i); what differs is G_i = X_i^T X_i / n_i: X_i
+    are the inputs of this layer when model i's calibration data runs through the
+    *merged* blocks before it (with model i's own block), so the merge accounts for how
+    the earlier merged layers shift the features. Those statistics come from
+    ``alloykit stats collect-merged``, which merges block by block while collecting;
+    merge them with the alpha given there to reproduce its merge. Tensors without
+    Grams are averaged.
+    """
+    return regmean(x)

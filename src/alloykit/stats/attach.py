@@ -32,9 +32,18 @@ def collect_command(model: str, kind: str, calibration: str | None = None) -> st
     return f"alloykit stats collect {model} --out {model}.stats --kind {kind} {data}"
 
 
-def _missing(spec: MethodSpec, label: str, calibration: str | None) -> RecipeError:
+_FROM = {"own": "each model's own layers", "merged": "the merged earlier layers (RegMean++)"}
+_FIX = {"own": "merge them with method regmean_plus_plus, or collect them with 'alloykit stats collect'",
+        "merged": "collect them with 'alloykit stats collect-merged', or merge with method regmean"}
+
+
+def _missing(spec: MethodSpec, label: str, calibration: str | None, labels: list[str]) -> RecipeError:
     kind = spec.needs_stats
     cmd = collect_command(label, kind, calibration)
+    if spec.stats_inputs == "merged":  # RegMean++: every model's statistics at once
+        data = cmd.split(f" --kind {kind} ", 1)[1]
+        cmd = (f"alloykit stats collect-merged {' '.join(m.rstrip('/') for m in labels)} "
+               f"--out {' '.join(m.rstrip('/') + '.stats' for m in labels)} {data}")
     return RecipeError(f"method {spec.name} reads {kind} statistics and model '{label}' names none: run "
                        f"'{cmd}', then add 'stats: {label.rstrip('/')}.stats' to its entry in 'models'")
 
@@ -52,13 +61,18 @@ def attach_stats(recipe: Recipe, spec: MethodSpec, b: Any, preloaded: dict[str, 
         label = models.labels[i]
         entry = entries.get(label)
         if entry is None or entry.stats is None:
-            raise _missing(spec, label, entry.calibration if entry else None)
+            raise _missing(spec, label, entry.calibration if entry else None, [models.labels[j] for j in inputs])
         stats = preloaded.get(entry.stats) or open_stats(models.resolve_path(entry.stats), label)
         if kind not in stats.checkpoints:
             held = ", ".join(stats.kinds) or "no statistics"
             raise RecipeError(f"statistics '{stats.label}' of model '{label}' hold {held}, not the {kind} statistics "
                               f"method {spec.name} reads (no {KIND_FILES[kind]}): run "
                               f"'{collect_command(label, kind, entry.calibration)}'")
+        inputs_from = (stats.meta.get(kind) or {}).get("inputs", "own")
+        if spec.stats_inputs and inputs_from != spec.stats_inputs:
+            raise RecipeError(f"statistics '{stats.label}' of model '{label}' are Grams of inputs from {_FROM[inputs_from]}; "
+                              f"method {spec.name} reads Grams of inputs from {_FROM[spec.stats_inputs]}: "
+                              f"{_FIX[spec.stats_inputs]}")
         stat_idx.append(models._add(f"{stats.label} [{kind}]", stats.checkpoints[kind]))
         norms.append(stats.norm(kind))
     for job in b.jobs:

@@ -95,8 +95,8 @@ def score_encoder(examples: list[Example], target: Target) -> tuple[torch.Tensor
 
 
 class Progress:
-    def __init__(self, what: str, total: int, log: Callable[[str], None], every: float = 2.0):
-        self.what, self.total, self.log, self.every = what, total, log, every
+    def __init__(self, what: str, total: int, log: Callable[[str], None], every: float = 2.0, unit: str = "samples"):
+        self.what, self.total, self.log, self.every, self.unit = what, total, log, every, unit
         self.start = self.last = time.monotonic()
         self.done = self.batches = 0
 
@@ -107,7 +107,7 @@ class Progress:
         if now - self.last >= self.every or self.done >= self.total:
             self.last = now
             rate = self.done / max(now - self.start, 1e-9)
-            self.log(f"  {self.what}: {self.batches} batches, {self.done}/{self.total} samples, {rate:.1f} samples/s")
+            self.log(f"  {self.what}: {self.batches} batches, {self.done}/{self.total} {self.unit}, {rate:.1f} {self.unit}/s")
 
 
 def fisher(target: Target, examples: list[Example], *, sampled: bool, seed: int = 0,
@@ -188,7 +188,7 @@ def collect(target: Target, examples: list[Example], kind: str, *, batch_size: i
                           "seed": seed}
     if kind in ("gram", "all"):
         out["gram"], tokens = gram(target, examples, batch_size=batch_size, log=log)
-        meta["gram"] = {"tokens": tokens, "normalised": "X^T X / tokens"}
+        meta["gram"] = {"tokens": tokens, "normalised": "X^T X / tokens", "inputs": "own"}
     return out, meta
 
 
