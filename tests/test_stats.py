@@ -196,3 +196,26 @@ def test_regmean_plus_plus_grams_come_from_the_merged_earlier_layers(tmp_path, c
     assert torch.allclose(merged[name].double(), expected, atol=1e-4)
     meta = json.loads((tmp_path / "ft1.pp" / "alloykit_stats.json").read_text())
     assert meta["gram"]["inputs"] == "merged" and meta["gram"]["alpha"] == 1.0
+
+
+def test_evaluate_reports_the_mean_next_token_loss(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    _, (ft1,) = write_family(tmp_path, 1, SHAPE)
+    data = tmp_path / "held.txt"
+    data.write_text("first held-out text\n\nsecond, longer held-out text\n")
+    rc, out = _run(["stats", "evaluate", str(ft1), "--data", str(data), "--json"], capsys)
+    assert rc == 0, out.err
+    r = json.loads(out.out)
+    model = AutoModelForCausalLM.from_pretrained(str(ft1), dtype=torch.float32).eval()
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for text in ("first held-out text", "second, longer held-out text"):
+            ids = torch.tensor([b % SHAPE.vocab for b in text.encode()])
+            logits = model(input_ids=ids[None]).logits[0, :-1]
+            nll += float(torch.nn.functional.cross_entropy(logits, ids[1:], reduction="sum"))
+            n += len(ids) - 1
+    assert r["examples"] == 2 and r["positions"] == n
+    assert r["loss"] == pytest.approx(nll / n, rel=1e-5)
+    rc, out = _run(["stats", "evaluate", str(tmp_path / "missing"), "--data", str(data)], capsys)
+    assert rc == 2 and "is not a folder" in out.err

@@ -20,16 +20,16 @@ from alloykit.plan.planner import Source
 from alloykit.stats.store import KIND_FILES, Stats, open_stats
 
 
-def collect_command(model: str, kind: str, calibration: str | None = None) -> str:
+def collect_command(model: str, kind: str, calibration: str | None = None, out: str | None = None) -> str:
     """The ``alloykit stats collect`` command that writes the statistics ``kind`` of ``model``."""
     model = model.rstrip("/") or model
     if calibration:
         data = f"--data {calibration}" if Path(calibration).suffix in (".txt", ".jsonl") else f"--task {calibration}"
-    elif (Path(model) / "heads.safetensors").is_file():
+    elif any((p / "heads.safetensors").is_file() for p in (Path(model), Path(model).parent)):
         data = "--task TASK"
     else:
         data = "--data CALIBRATION.txt"
-    return f"alloykit stats collect {model} --out {model}.stats --kind {kind} {data}"
+    return f"alloykit stats collect {model} --out {out or model + '.stats'} --kind {kind} {data}"
 
 
 _FROM = {"own": "each model's own layers", "merged": "the merged earlier layers (RegMean++)"}
@@ -62,7 +62,8 @@ def attach_stats(recipe: Recipe, spec: MethodSpec, b: Any, preloaded: dict[str, 
         entry = entries.get(label)
         if entry is None or entry.stats is None:
             raise _missing(spec, label, entry.calibration if entry else None, [models.labels[j] for j in inputs])
-        stats = preloaded.get(entry.stats) or open_stats(models.resolve_path(entry.stats), label)
+        stats = preloaded.get(entry.stats) or open_stats(models.resolve_path(entry.stats), label,
+                                                         collect_command(label, kind, entry.calibration, entry.stats))
         if kind not in stats.checkpoints:
             held = ", ".join(stats.kinds) or "no statistics"
             raise RecipeError(f"statistics '{stats.label}' of model '{label}' hold {held}, not the {kind} statistics "

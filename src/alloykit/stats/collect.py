@@ -107,7 +107,8 @@ class Progress:
         if now - self.last >= self.every or self.done >= self.total:
             self.last = now
             rate = self.done / max(now - self.start, 1e-9)
-            self.log(f"  {self.what}: {self.batches} batches, {self.done}/{self.total} {self.unit}, {rate:.1f} {self.unit}/s")
+            batches = f"{self.batches} batches, " if self.unit == "samples" else ""
+            self.log(f"  {self.what}: {batches}{self.done}/{self.total} {self.unit}, {rate:.1f} {self.unit}/s")
 
 
 def fisher(target: Target, examples: list[Example], *, sampled: bool, seed: int = 0,
@@ -199,6 +200,9 @@ def _offline() -> None:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()  # our own progress lines go to stderr; no loading bars between them
 
 
 def heads_file(model: Path, head: str | None) -> Path | None:
@@ -239,9 +243,15 @@ def _tokenizer(folder: Path):
     return AutoTokenizer.from_pretrained(str(folder))
 
 
+def _need_folder(model: Path) -> None:
+    if not model.is_dir():
+        raise AlloyError(f"model '{model}' is not a folder (alloykit reads local model folders)")
+
+
 def encoder_target(model: Path, tasks: list[str], head: str | None) -> Target:
     from alloykit.eval.model import load_encoder
 
+    _need_folder(model)
     _offline()
     enc = load_encoder(encoder_folder(model))
     hf = heads_file(model, head)
@@ -251,20 +261,22 @@ def encoder_target(model: Path, tasks: list[str], head: str | None) -> Target:
     return Target(enc, f"encoder + task heads ({', '.join(tasks)})", score_encoder, heads=heads)
 
 
-def task_examples(model: Path, tasks: list[str], samples: int, max_len: int, seed: int = 0) -> tuple[list[Example], str]:
-    """The first ``samples`` training examples of each task (the benchmark's split, seed ``seed``)."""
+def task_examples(model: Path, tasks: list[str], samples: int, max_len: int, seed: int = 0,
+                  split: str = "train") -> tuple[list[Example], str]:
+    """The first ``samples`` examples of each task's ``split`` (the benchmark's splits, seed ``seed``)."""
     from alloykit.eval.model import encode, load_tokenizer
     from alloykit.eval.tasks import get_task
 
     tok = _tokenizer(encoder_folder(model)) or load_tokenizer()
     out: list[Example] = []
     for t in tasks:
-        enc = encode(tok, get_task(t).splits(seed=seed).train, max_len).head(samples)
+        enc = encode(tok, getattr(get_task(t).splits(seed=seed), split), max_len).head(samples)
         out += [Example(enc.ids[i, : int(enc.lengths[i])], int(enc.labels[i]), t) for i in range(len(enc))]
-    return out, f"train split of task(s) {', '.join(tasks)} (seed {seed}, first {samples} each, max_len {max_len})"
+    return out, f"{split} split of task(s) {', '.join(tasks)} (seed {seed}, first {samples} each, max_len {max_len})"
 
 
 def causal_target(model: Path) -> Target:
+    _need_folder(model)
     _offline()
     from transformers import AutoModelForCausalLM
 
@@ -326,8 +338,7 @@ def collect_to_folder(model: str, out: str, *, tasks: list[str] | None = None, d
 
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     path = Path(model)
-    if not path.is_dir():
-        raise AlloyError(f"model '{model}' is not a folder")
+    _need_folder(path)
     if (tasks is None) == (data is None):
         raise AlloyError("give the calibration data: --task TASK (benchmark encoder) or --data FILE.txt|FILE.jsonl (causal LM)")
     t0 = time.monotonic()
@@ -346,3 +357,41 @@ def collect_to_folder(model: str, out: str, *, tasks: list[str] | None = None, d
     folder = write_stats(out, tensors, meta)
     log(f"alloykit stats: wrote {', '.join(tensors)} statistics to {folder} in {meta['seconds']}s")
     return folder
+
+
+@torch.no_grad()
+def evaluate(model: str, *, tasks: list[str] | None = None, data: str | None = None, samples: int = 1000,
+             batch_size: int = 16, max_len: int | None = None, head: str | None = None, seed: int = 0) -> dict:
+    """``alloykit stats evaluate``: a causal LM's mean next-token loss and perplexity on a text
+    file, or the benchmark encoder's accuracy on a task's test split (with its head)."""
+    import math
+
+    path = Path(model)
+    _need_folder(path)
+    if (tasks is None) == (data is None):
+        raise AlloyError("give the evaluation data: --task TASK (benchmark encoder) or --data FILE.txt|FILE.jsonl (causal LM)")
+    if tasks:
+        target = encoder_target(path, tasks, head)
+        examples, source = task_examples(path, tasks, samples, max_len or 32, seed, split="test")
+    else:
+        if not is_causal_lm(path):
+            raise AlloyError(f"model '{model}': config.json names no *ForCausalLM architecture")
+        target = causal_target(path)
+        examples, source = text_examples(path, Path(data), samples, max_len or 512, target.module.config.vocab_size,
+                                         lambda s: None)
+    if not examples:
+        raise AlloyError("no evaluation examples: the data gave none")
+    target.module.eval()
+    total = correct = 0.0
+    nll = 0.0
+    for i in range(0, len(examples), batch_size):
+        logits, labels, mask = target.score(examples[i : i + batch_size], target)
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        nll -= float((logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1) * mask).sum())
+        correct += float(((logits.argmax(-1) == labels) * mask).sum())
+        total += float(mask.sum())
+    out = {"model": model, "data": source, "examples": len(examples), "positions": int(total),
+           "loss": nll / total, "accuracy": correct / total}
+    if not tasks:
+        out["perplexity"] = math.exp(out["loss"])
+    return out

@@ -54,14 +54,15 @@ class Stats:
             ck.close()
 
 
-def open_stats(path: str | os.PathLike, model_label: str) -> Stats:
-    """The statistics folder ``path`` of model ``model_label`` (headers only)."""
+def open_stats(path: str | os.PathLike, model_label: str, make: str | None = None) -> Stats:
+    """The statistics folder ``path`` of model ``model_label`` (headers only); ``make``: the
+    command that writes it, for the message when it is missing."""
     folder = Path(path)
     meta_path = folder / META_FILE
     if not meta_path.is_file():
         what = "does not exist" if not folder.exists() else f"has no {META_FILE}"
         raise CheckpointError(f"statistics '{folder}' of model '{model_label}' {what}; "
-                              f"write it with: alloykit stats collect {model_label} --out {folder}")
+                              f"write it with: {make or f'alloykit stats collect {model_label} --out {folder}'}")
     try:
         meta = json.loads(meta_path.read_text())
     except (OSError, ValueError) as err:
