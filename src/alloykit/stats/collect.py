@@ -136,10 +136,17 @@ def fisher(target: Target, examples: list[Example], *, sampled: bool, seed: int 
     return {n: a / max(len(examples), 1) for n, a in acc.items()}
 
 
+class StopForward(Exception):
+    """Raised by a hook once the layers being measured have run (the rest of the pass is not needed)."""
+
+
 @torch.no_grad()
-def gram(target: Target, examples: list[Example], *, batch_size: int = 16,
-         log: Callable[[str], None] = print) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-    """X^T X / n of every linear layer's input over the tokens of ``examples`` (padding excluded)."""
+def gram(target: Target, examples: list[Example], *, batch_size: int = 16, log: Callable[[str], None] = print,
+         linears: dict[str, torch.nn.Linear] | None = None,
+         stop_after: torch.nn.Module | None = None) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """X^T X / n of the inputs of ``linears`` (default: every linear layer of the model, by module
+    name) over the tokens of ``examples`` (padding excluded); ``stop_after``: a module after
+    which each forward pass is cut short."""
     sums: dict[str, torch.Tensor] = {}
     tokens: dict[str, int] = {}
 
@@ -157,13 +164,22 @@ def gram(target: Target, examples: list[Example], *, batch_size: int = 16,
             tokens[name] += x.shape[0]
         return fn
 
-    handles = [mod.register_forward_hook(hook(f"{name}.weight")) for name, mod in target.module.named_modules()
-               if isinstance(mod, torch.nn.Linear)]
+    def stop(mod, inputs, output) -> None:
+        raise StopForward
+
+    if linears is None:
+        linears = {name: mod for name, mod in target.module.named_modules() if isinstance(mod, torch.nn.Linear)}
+    handles = [mod.register_forward_hook(hook(f"{name}.weight")) for name, mod in linears.items()]
+    if stop_after is not None:
+        handles.append(stop_after.register_forward_hook(stop))
     prog = Progress("gram", len(examples), log)
     try:
         for i in range(0, len(examples), batch_size):
             batch = examples[i : i + batch_size]
-            target.score(batch, target)
+            try:
+                target.score(batch, target)
+            except StopForward:
+                pass
             prog.step(len(batch))
     finally:
         for h in handles:

@@ -33,11 +33,7 @@ import torch
 from alloykit.errors import AlloyError
 from alloykit.methods.registry import MergeInput, get_method
 from alloykit.methods.weighted import RegMeanParams
-from alloykit.stats.collect import Example, Progress, Target
-
-
-class _Stop(Exception):
-    """Raised by a hook once the block being measured has run (the rest of the pass is not needed)."""
+from alloykit.stats.collect import Example, Progress, Target, gram
 
 
 def find_blocks(module: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
@@ -58,42 +54,6 @@ def stage_of(name: str, prefix: str, n_blocks: int) -> int:
     if name.startswith(prefix + "."):
         return int(name[len(prefix) + 1 :].split(".", 1)[0])
     return -1 if "embed" in name or name.split(".")[0] in ("wte", "wpe") else n_blocks
-
-
-@torch.no_grad()
-def _grams(target: Target, examples: list[Example], linears: dict[str, torch.nn.Linear], stop_at: torch.nn.Module | None,
-           batch_size: int) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-    sums: dict[str, torch.Tensor] = {}
-    tokens: dict[str, int] = {}
-
-    def hook(name: str):
-        def fn(mod, inputs, output) -> None:
-            x = inputs[0].detach()
-            m = target.hook_mask
-            if m is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(m.shape):
-                x = x[m.bool()]
-            x = x.reshape(-1, x.shape[-1]).double()
-            sums[name] = sums.get(name, 0) + x.T @ x
-            tokens[name] = tokens.get(name, 0) + x.shape[0]
-        return fn
-
-    def stop(mod, inputs, output) -> None:
-        raise _Stop
-
-    handles = [mod.register_forward_hook(hook(f"{n}.weight")) for n, mod in linears.items()]
-    if stop_at is not None:
-        handles.append(stop_at.register_forward_hook(stop))
-    try:
-        for i in range(0, len(examples), batch_size):
-            try:
-                target.score(examples[i : i + batch_size], target)
-            except _Stop:
-                pass
-    finally:
-        for h in handles:
-            h.remove()
-        target.hook_mask = None
-    return {n: (s / max(tokens[n], 1)).float() for n, s in sums.items()}, tokens
 
 
 def regmean_plus_plus(targets: list[Target], examples: list[list[Example]], *, alpha: float = 0.9, batch_size: int = 16,
@@ -118,7 +78,8 @@ def regmean_plus_plus(targets: list[Target], examples: list[list[Example]], *, a
         for i, (target, exs) in enumerate(zip(targets, examples)):
             if stage_linears:
                 stop = blocks[stage] if 0 <= stage < n else None
-                g, t = _grams(target, exs, {k: linears[i][k] for k in stage_linears}, stop, batch_size)
+                g, t = gram(target, exs, batch_size=batch_size, log=lambda msg: None,
+                            linears={k: linears[i][k] for k in stage_linears}, stop_after=stop)
                 grams[i].update(g)
                 tokens[i].update(t)
             prog.step(1)
