@@ -63,7 +63,8 @@ def cmd_plan(args: Namespace) -> int:
             base = f" base=[{j.base.model}]" if j.base else ""
             what = "copy" if j.copy else plan.method.name
             params = "" if j.copy else _params_str(j)
-            print(f"{j.name} {list(j.shape)} {str(j.out_dtype).removeprefix('torch.')} <- {what}({src}){base}{params}")
+            stats = f" stats=({', '.join(f'[{s.model}]' for s in j.stats)})" if j.stats else ""
+            print(f"{j.name} {list(j.shape)} {str(j.out_dtype).removeprefix('torch.')} <- {what}({src}){base}{stats}{params}")
     finally:
         plan.close()
     return 0
@@ -95,6 +96,7 @@ def _plan_json(plan) -> dict:
                 "base": {"model": j.base.model, "tensor": j.base.tensor} if j.base else None,
                 "params": j.params.model_dump(by_alias=True) if j.params is not None else None,
                 "model_params": [m.model_dump(by_alias=True) for m in j.model_params],
+                **({"stats": [{"model": s.model, "tensor": s.tensor} for s in j.stats]} if j.stats else {}),
             }
             for j in plan.jobs
         ],
@@ -140,6 +142,10 @@ def describe_method(spec) -> str:
     count = f"{spec.min_models}+" if spec.max_models is None else (
         str(spec.min_models) if spec.min_models == spec.max_models else f"{spec.min_models}-{spec.max_models}")
     lines.append(f"base_model: {base}; models besides the base: {count}; randomized: {'yes (--seed)' if spec.randomized else 'no'}")
+    if spec.needs_stats:
+        how = ("alloykit stats collect-merged MODEL... --out STATS..." if spec.stats_inputs == "merged"
+               else f"alloykit stats collect MODEL --kind {spec.needs_stats} --out STATS")
+        lines.append(f"statistics: {spec.needs_stats}, named by 'stats: STATS' on each model (written by '{how}')")
     if spec.reproduces:
         lines.append(f"reproduces: {spec.reproduces}")
     if spec.paper:
