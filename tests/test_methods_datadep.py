@@ -59,8 +59,10 @@ def test_regmean_averages_tensors_without_grams_and_survives_a_singular_sum():
     grams = torch.stack([x.T @ x / 10] * 2)
     out = get_method("regmean").fn(_x("l.weight", ws, RegMeanParams(alpha=1.0), grams))
     assert torch.isfinite(out).all()
-    # on the directions the data spans, the merged layer reproduces the average of the outputs
+    # on the directions the data spans, the merged layer reproduces the average of the outputs;
+    # the direction no data reached is merged by the plain average (not zeroed)
     assert torch.allclose(x @ out.T, x @ ws.mean(0).T, atol=1e-4)
+    assert torch.allclose(out[:, 3], ws.mean(0)[:, 3], atol=1e-4)
 
 
 def test_fisher_with_equal_fishers_is_the_weighted_average():

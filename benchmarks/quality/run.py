@@ -48,8 +48,9 @@ NOTES = """
   is one third of them.
 - slerp, nuslerp, nearswap and passthrough merge at most one or two models besides the base, so they cannot merge
   six fine-tunes (nuslerp could merge two; it is not in the k-curve either).
-- Fisher merging, RegMean and RegMean++ read statistics of each fine-tune on {n_stats} examples of its task's training
-  split (collected once, cached beside the fine-tunes; RegMean++'s once per task list and alpha). AdaMerging needs gradients at merge time and is not in the table. The data-free subspace methods (iso_c, iso_cts, tsv_m, cart, consensus_ta, magmax) are, with a
+- Fisher merging, RegMean and RegMean++ read statistics of each fine-tune on {n_stats} examples of its task's
+  training split (collected once, cached beside the fine-tunes; RegMean++'s once per task list and alpha).
+  AdaMerging needs gradients at merge time and is not in the table. The data-free subspace methods (iso_c, iso_cts, tsv_m, cart, consensus_ta, magmax) are, with a
   small grid over their global scale.
 - The multi-task baseline is undertrained: {joint_steps} round-robin steps give each task {per_task} batches against
   {steps} for each individual fine-tune (the time for a longer run was not there). FusionBench's multi-task model is

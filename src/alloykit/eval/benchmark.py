@@ -234,9 +234,11 @@ class Bench:
         folders = [self.cache / "stats-merged" / f"{key}-a{alpha}-{self.cfg.n_stats}" / t.name for t in tasks]
         if not all((f / META_FILE).is_file() for f in folders):
             self.log(f"  collecting RegMean++ statistics of {len(tasks)} fine-tunes (alpha {alpha}) on {self.cfg.n_stats} examples each")
+            import copy
+
             pairs = []
             for t in tasks:
-                enc = load_encoder(self.base_path)
+                enc = copy.deepcopy(self.work)  # one encoder per fine-tune: RegMean++ runs them side by side
                 enc.load_state_dict(self.ft_sd[t.name])
                 pairs.append(self._stats_target(t, enc))
             _, grams, metas = regmean_plus_plus([p[0] for p in pairs], [p[1] for p in pairs], alpha=alpha,

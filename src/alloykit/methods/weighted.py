@@ -94,13 +94,32 @@ def scaled_grams(grams: torch.Tensor, alpha: float) -> torch.Tensor:
 FLOAT64_SOLVE_MAX = 8192
 
 
-def solve_spd(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a^-1 b`` for a symmetric positive semi-definite ``a``: Cholesky, else least squares
-    (a singular sum of Grams: input directions no model's data reached); float32 result."""
-    chol, info = torch.linalg.cholesky_ex(a)
+#: ridges tried, relative to the summed Gram's mean diagonal, when the sum is singular
+RIDGES = (1e-10, 1e-7, 1e-4)
+
+
+def regmean_solve(grams: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """W with W^T = (sum_i G_i)^-1 sum_i G_i W_i^T, for Grams [K, in, in] and weights [K, out, in].
+
+    Cholesky of the sum; when it is singular (input directions no model's data reached),
+    a ridge r I is added to every G_i, r tiny against the diagonal (``RIDGES``): it leaves
+    the covered directions as they are and merges the uncovered ones by the plain average
+    (a minimum-norm least-squares solution would set them to zero instead).
+    """
+    lhs = grams.sum(0)
+    rhs = torch.einsum("kij,koj->io", grams, weights)  # sum_i G_i W_i^T: [in, out]
+    chol, info = torch.linalg.cholesky_ex(lhs)
     if int(info) == 0:
-        return torch.cholesky_solve(b, chol).float()
-    return torch.linalg.lstsq(a, b, driver="gelsd" if a.device.type == "cpu" else None).solution.float()
+        return torch.cholesky_solve(rhs, chol).T
+    k, n = grams.shape[0], grams.shape[-1]
+    scale = float(torch.diagonal(lhs).mean()) / k or 1.0
+    eye = torch.eye(n, dtype=lhs.dtype, device=lhs.device)
+    for rel in RIDGES:
+        r = rel * scale
+        chol, info = torch.linalg.cholesky_ex(lhs + (k * r) * eye)
+        if int(info) == 0:
+            return torch.cholesky_solve(rhs + r * weights.sum(0).T, chol).T
+    return torch.linalg.lstsq(lhs + (k * RIDGES[-1] * scale) * eye, rhs + RIDGES[-1] * scale * weights.sum(0).T).solution.T
 
 
 @register("regmean", params=RegMeanParams, base="ignored", needs_stats="gram", stats_inputs="own",
@@ -115,15 +134,15 @@ def regmean(x: MergeInput) -> torch.Tensor:
     equally whatever their data size) and G~_i = alpha G_i + (1 - alpha) diag(G_i): the
     paper shrinks off-diagonal entries toward the diagonal (alpha < 1 regularises toward
     the plain average and keeps the sum well conditioned). Solved by Cholesky (float64 up to
-    8192 inputs), by least squares when the sum is singular. Every other tensor (biases, norms,
+    8192 inputs); a singular sum (input directions no data reached) gets a tiny ridge on
+    every Gram, which merges those directions by the plain average. Every other tensor (biases, norms,
     embeddings: no Gram statistics) is the plain average.
     """
     if x.stats is None or x.tensors.dim() != 3:
         return x.tensors.mean(0)
     dtype = torch.float64 if x.stats.shape[-1] <= FLOAT64_SOLVE_MAX else torch.float32
     grams = scaled_grams(x.stats.to(dtype), x.params.alpha)
-    rhs = torch.einsum("kij,koj->io", grams, x.tensors.to(dtype))  # sum_i G~_i W_i^T: [in, out]
-    return solve_spd(grams.sum(0), rhs).T.contiguous()
+    return regmean_solve(grams, x.tensors.to(dtype)).float().contiguous()
 
 
 
