@@ -230,7 +230,9 @@ class Bench:
         from alloykit.stats.sequential import regmean_plus_plus
         from alloykit.stats.store import META_FILE, open_stats, write_stats
 
-        key = hashlib.sha256(json.dumps([self._key([t], self.cfg.recipe.steps) for t in tasks]).encode()).hexdigest()[:12]
+        # v2: the block merges made while collecting use RegMean's ridge on singular Grams
+        key = hashlib.sha256(json.dumps({"finetunes": [self._key([t], self.cfg.recipe.steps) for t in tasks],
+                                         "v": 2}).encode()).hexdigest()[:12]
         folders = [self.cache / "stats-merged" / f"{key}-a{alpha}-{self.cfg.n_stats}" / t.name for t in tasks]
         if not all((f / META_FILE).is_file() for f in folders):
             self.log(f"  collecting RegMean++ statistics of {len(tasks)} fine-tunes (alpha {alpha}) on {self.cfg.n_stats} examples each")
