@@ -52,7 +52,7 @@ NOTES = """
   in the table. The data-free subspace methods (iso_c, iso_cts, tsv_m, cart, consensus_ta, magmax) are, with a
   small grid over their global scale.
 - The multi-task baseline is trained jointly for {joint_steps} round-robin steps: each task gets {per_task} batches, against
-  {steps} for each individual fine-tune. FusionBench's multi-task model is within 2 points of its fine-tunes.
+  {steps} for each individual fine-tune{undertrained}. FusionBench's multi-task model is within 2 points of its fine-tunes.
 - A chosen value marked "grid edge" is the smallest or largest the grid tried: that method's optimum may lie beyond,
   so its row is a lower bound.
 - Each accuracy has a standard error of 1 to 1.6 points (631 to 1,000 test examples).
@@ -78,8 +78,9 @@ def interference(results: dict, cache: Path) -> dict:
     return report
 
 
-def update(results: dict, cfg: BenchConfig, methods: list[str], log) -> dict:
-    """Rerun ``methods`` against the cached fine-tunes and replace their rows in ``results``."""
+def update(results: dict, cfg: BenchConfig, methods: list[str], log, save, baselines: bool = False) -> dict:
+    """Rerun ``methods`` against the cached fine-tunes and replace their rows in ``results``
+    (``save`` is called after each); ``baselines``: then recompute the baseline rows too."""
     from alloykit.eval.benchmark import Bench
 
     old, new = results["config"], cfg.to_dict()
@@ -98,8 +99,15 @@ def update(results: dict, cfg: BenchConfig, methods: list[str], log) -> dict:
         log(f"  method {name} (update)")
         results["methods"][name] = bench.method(name)
         results["methods"][name]["seconds"] = round(time.monotonic() - tm, 1)
-    results.setdefault("updates", []).append({"methods": methods, "seconds": round(time.monotonic() - t0, 1),
-                                              "hardware": hardware()})
+        save(results)
+    if baselines:
+        log("  baselines (update)")
+        results["baselines"] = bench.baselines()
+        results["config"]["joint_steps"] = cfg.joint_steps
+        results["config"]["n_probe"] = cfg.n_probe
+    results.setdefault("updates", []).append({"methods": methods, "baselines": baselines,
+                                              "seconds": round(time.monotonic() - t0, 1), "hardware": hardware()})
+    save(results)
     return results
 
 
@@ -117,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--from-json", help="rebuild the Markdown and plots from a results JSON (no training or merging)")
     ap.add_argument("--update", metavar="JSON",
                     help="rerun only --methods and replace their rows in this results JSON (same preset; the other rows are kept)")
+    ap.add_argument("--rerun-baselines", action="store_true", help="with --update: recompute the baseline rows too (after the methods)")
     ap.add_argument("--no-analyze", action="store_true", help="skip the interference analysis of the fine-tunes")
     ap.add_argument("--plots", help="folder of the PNG plots (default: the Markdown file's folder)")
     args = ap.parse_args(argv)
@@ -139,10 +148,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.from_json:
         results = json.loads(Path(args.from_json).read_text())
     elif args.update:
-        if not args.methods:
-            ap.error("--update needs --methods (the rows to rerun)")
-        results = update(json.loads(Path(args.update).read_text()), cfg, args.methods, log)
+        if not args.methods and not args.rerun_baselines:
+            ap.error("--update needs --methods (the rows to rerun) or --rerun-baselines")
         json_path = Path(args.json or args.update)
+        results = update(json.loads(Path(args.update).read_text()), cfg, args.methods or [], log,
+                         save=lambda r: json_path.write_text(json.dumps(r, indent=1)), baselines=args.rerun_baselines)
     else:
         results = run(cfg, log=log, checkpoint=json_path)
     md = Path(args.md)
@@ -165,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     results["command"] = command
     rec, steps = results["config"]["recipe"], results["config"]["joint_steps"]
     notes = NOTES.format(steps=rec["steps"], max_len=rec["max_len"], joint_steps=steps,
-                         per_task=steps // max(1, len(results["tasks"])))
+                         per_task=steps // max(1, len(results["tasks"])),
+                         undertrained=" (so it is undertrained, a lower bound)" if steps // max(1, len(results["tasks"])) < rec["steps"] else "")
     md.parent.mkdir(parents=True, exist_ok=True)
     md.write_text(markdown(results, command=command, plots=plots, notes=notes))
     json_path.write_text(json.dumps(results, indent=1))
