@@ -8,22 +8,28 @@
   then truncated back to ``rank`` by SVD (``alloykit.lora.extract.low_rank``); the
   truncation error per module is the discarded singular values (Eckart-Young).
   ``svd`` is ``task_arithmetic`` followed by the truncation (PEFT's ``svd``).
+- ``knots``: KnOTS (``alloykit.lora.knots``): the updates' joint SVD U S [V_1 ... V_K]^T,
+  the scaled blocks S V_i^T merged by ``knots_merge`` (any registered task-vector method,
+  TIES by default) with a zero base, then U times the merged block, truncated to ``rank``.
+- ``lorahub``: LoraHub's composition (``alloykit.lora.hub``): A = sum_i w_i s_i A_i,
+  B = sum_i w_i B_i (same rank for every adapter); exact, the rank does not grow.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from pydantic import ValidationError
 
 from alloykit.errors import AlloyError, OutputError
 from alloykit.io.checkpoint import Checkpoint
 from alloykit.io.lora import LoraCheckpoint
-from alloykit.lora.extract import low_rank
+from alloykit.lora.extract import low_rank, write_adapter
+from alloykit.lora.hub import compose_into
+from alloykit.lora.knots import knots_update
 from alloykit.methods.registry import MergeInput, get_method
 from alloykit.plan.planner import tensor_seed
 
@@ -39,6 +45,7 @@ def merge_adapters(
     params: dict | None = None,
     model_params: dict | None = None,
     seed: int = 0,
+    knots_merge: str = "ties",
 ) -> dict[str, float]:
     """Write the merged adapter to ``out``; returns each module's relative truncation error."""
     if len(adapters) < 1:
@@ -60,28 +67,32 @@ def merge_adapters(
         errors: dict[str, float] = {}
         if method == "cat":
             out_rank = _cat(cks, weights, modules, tensors)
+        elif method == "lorahub":
+            out_rank = compose_into(cks, weights, modules, tensors)
         else:
             if rank is None:
                 raise AlloyError(f"merge-lora --method {method}: give --rank, the rank of the merged adapter")
             out_rank = rank
-            spec = get_method("task_arithmetic" if method == "svd" else method)
+            inner = knots_merge if method == "knots" else ("task_arithmetic" if method == "svd" else method)
+            spec = get_method(inner)
+            try:
+                per = [spec.model_params.model_validate({"weight": w, **(model_params or {})}) for w in weights]
+                shared = spec.params.model_validate(params or {})
+            except ValidationError as err:
+                e = err.errors()[0]
+                raise AlloyError(f"merge-lora: method '{inner}' parameter '{'.'.join(map(str, e['loc']))}': {e['msg']}") from None
             for name in modules:
                 shape = cks[0].info(name).shape
-                deltas = torch.stack([ck.delta(name) if name in ck._deltas else torch.zeros(shape) for ck in cks])
-                per = [{"weight": w, **(model_params or {})} for w in weights]
-                mp = [spec.model_params.model_validate(p) for p in per]
                 gen = torch.Generator().manual_seed(tensor_seed(seed, name)) if spec.randomized else None
-                x = MergeInput(name, deltas, torch.zeros(shape), spec.params.model_validate(params or {}), mp, gen)
-                merged = spec.fn(x)
-                b, a = low_rank(merged, rank)
-                if a.shape[0] < rank:  # a matrix smaller than the rank: pad with zero directions (exact)
-                    a = torch.cat([a, a.new_zeros(rank - a.shape[0], a.shape[1])])
-                    b = torch.cat([b, b.new_zeros(b.shape[0], rank - b.shape[1])], 1)
-                norm = float(torch.linalg.vector_norm(merged))
-                errors[name] = float(torch.linalg.vector_norm(merged - b @ a)) / norm if norm else 0.0
-                module = name.removesuffix(".weight")
-                tensors[f"base_model.model.{module}.lora_A.weight"] = a.contiguous()
-                tensors[f"base_model.model.{module}.lora_B.weight"] = b.contiguous()
+
+                def run(stack: torch.Tensor, name=name, gen=gen) -> torch.Tensor:
+                    return spec.fn(MergeInput(name, stack, torch.zeros(stack.shape[1:]), shared, per, gen))
+
+                if method == "knots":
+                    merged = knots_update([ck.factors(name) for ck in cks], shape, run)
+                else:
+                    merged = run(torch.stack([ck.delta(name) if name in ck._deltas else torch.zeros(shape) for ck in cks]))
+                errors[name] = _store_low_rank(name, merged, rank, tensors)
         cfg = json.loads((Path(adapters[0]) / "adapter_config.json").read_text())
     finally:
         for ck in cks:
@@ -89,15 +100,22 @@ def merge_adapters(
     cfg.update({"r": out_rank, "lora_alpha": out_rank, "use_rslora": False, "rank_pattern": {}, "alpha_pattern": {},
                 "target_modules": sorted({m.removesuffix(".weight") for m in modules}), "fan_in_fan_out": False,
                 "modules_to_save": None, "base_model_name_or_path": str(Path(base).absolute())})
-    tmp = out.parent / f".{out.name}.alloykit-tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-    if out.exists():
-        out.rmdir()
-    os.rename(tmp, out)
+    write_adapter(out, tensors, cfg)
     return errors
+
+
+def _store_low_rank(name: str, merged: torch.Tensor, rank: int, tensors: dict) -> float:
+    """Truncate ``merged`` to ``rank`` into lora_A/B (zero-padded when the matrix is smaller);
+    returns the relative truncation error."""
+    b, a = low_rank(merged, rank)
+    if a.shape[0] < rank:  # a matrix smaller than the rank: pad with zero directions (exact)
+        a = torch.cat([a, a.new_zeros(rank - a.shape[0], a.shape[1])])
+        b = torch.cat([b, b.new_zeros(b.shape[0], rank - b.shape[1])], 1)
+    norm = float(torch.linalg.vector_norm(merged))
+    module = name.removesuffix(".weight")
+    tensors[f"base_model.model.{module}.lora_A.weight"] = a.contiguous()
+    tensors[f"base_model.model.{module}.lora_B.weight"] = b.contiguous()
+    return float(torch.linalg.vector_norm(merged - b @ a)) / norm if norm else 0.0
 
 
 def _cat(cks: list[LoraCheckpoint], weights: list[float], modules: list[str], tensors: dict) -> int:
