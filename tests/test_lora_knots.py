@@ -1,8 +1,6 @@
 """KnOTS (Stoica et al., ICLR 2025): joint SVD of the LoRA updates, blocks merged, checked
 against an independent dense computation of the paper's steps and by loading in PEFT."""
 
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -11,11 +9,18 @@ from alloykit.io.checkpoint import Checkpoint
 from alloykit.io.lora import LoraCheckpoint
 from alloykit.lora.knots import knots_update
 from alloykit.methods.registry import MergeInput, get_method
+from alloykit.cli.main import main
 from alloykit.testing.fixtures import write_llama
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
-CLI = [sys.executable, "-m", "alloykit.cli.main"]
+
+def cli(capsys, *args):
+    """Run the alloykit command in this process: (exit code, stdout, stderr)."""
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
 
 
 def merger(method, weights, **model_params):
@@ -99,12 +104,12 @@ def adapters(tmp_path_factory):
 
 
 @pytest.mark.parametrize("rank", [8, 3])
-def test_cli_knots_adapter_loads_in_peft_within_the_truncation_error(adapters, tmp_path, rank):
+def test_cli_knots_adapter_loads_in_peft_within_the_truncation_error(adapters, tmp_path, rank, capsys):
     root, base = adapters
-    r = subprocess.run(CLI + ["merge-lora", str(root / "a1"), str(root / "a2"), str(tmp_path / "k"), "--base", str(base),
-                              "--method", "knots", "--knots-merge", "ties", "--density", "0.5", "--rank", str(rank)],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    code, out, err = cli(capsys, "merge-lora", root / "a1", root / "a2", tmp_path / "k", "--base", base,
+                         "--method", "knots", "--knots-merge", "ties", "--density", 0.5, "--rank", rank)
+    assert code == 0, err
+    assert "merged 2 adapters with knots" in out
     cks = [LoraCheckpoint(Checkpoint(base), root / f"a{i}", "a") for i in (1, 2)]
     b = Checkpoint(base)
     model = transformers.AutoModelForCausalLM.from_pretrained(base)

@@ -2,8 +2,6 @@
 
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,11 +10,19 @@ from safetensors.torch import load_file, save_file
 
 import alloykit
 from alloykit.io.checkpoint import Checkpoint
+from alloykit.cli.main import main
 from alloykit.testing.fixtures import write_llama
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 LOW_RANK = ("model.layers.0.self_attn.q_proj.weight", "model.layers.2.mlp.down_proj.weight", "lm_head.weight")
+
+def cli(capsys, *args):
+    """Run the alloykit command in this process: (exit code, stdout, stderr)."""
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
 
 
 @pytest.fixture(scope="module")
@@ -47,13 +53,12 @@ def peft_merged(base, adapter):
     return peft.PeftModel.from_pretrained(model, adapter)
 
 
-def test_exactly_low_rank_merge_is_recovered_exactly_by_the_cli(family, tmp_path):
+def test_exactly_low_rank_merge_is_recovered_exactly_by_the_cli(family, tmp_path, capsys):
     root, base, recipe, dense = family
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
-    r = subprocess.run([sys.executable, "-m", "alloykit.cli.main", "merge", str(tmp_path / "r.yaml"), str(tmp_path / "ad"),
-                        "--output-lora", "2", "--quiet"], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    assert "3 linear layers as LoRA" in r.stdout and "1 tensors saved whole" in r.stdout
+    code, out, err = cli(capsys, "merge", tmp_path / "r.yaml", tmp_path / "ad", "--output-lora", 2, "--quiet")
+    assert code == 0, err
+    assert "3 linear layers as LoRA" in out and "1 tensors saved whole" in out
     assert not (tmp_path / "ad" / "model.safetensors").exists()  # an adapter instead of the model
     report = {e["name"]: e for e in json.loads((tmp_path / "ad" / "alloykit_extract_report.json").read_text())}
     assert all(report[n]["kind"] == "lora" and report[n]["rel_error"] < 1e-5 for n in LOW_RANK)
@@ -82,11 +87,10 @@ def test_truncation_error_is_reported_and_is_the_eckart_young_bound(family, tmp_
         assert report[name]["rel_error"] == pytest.approx(float(bound / s.square().sum().sqrt()), rel=1e-3, abs=1e-6)
 
 
-def test_output_lora_errors(family, tmp_path):
+def test_output_lora_errors(family, tmp_path, capsys):
     root, base, recipe, dense = family
     no_base = {k: v for k, v in recipe.items() if k != "base_model"} | {"merge_method": "linear"}
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(no_base))
-    r = subprocess.run([sys.executable, "-m", "alloykit.cli.main", "merge", str(tmp_path / "r.yaml"), str(tmp_path / "ad"),
-                        "--output-lora", "2"], capture_output=True, text=True)
-    assert r.returncode == 2 and "no base_model" in r.stderr and "Traceback" not in r.stderr
+    code, out, err = cli(capsys, "merge", tmp_path / "r.yaml", tmp_path / "ad", "--output-lora", 2)
+    assert code == 2 and "no base_model" in err
     assert not (tmp_path / "ad").exists()

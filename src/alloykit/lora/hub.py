@@ -117,7 +117,7 @@ class _Composer:
     def __init__(self, base: str | os.PathLike, adapters: list[str | os.PathLike]):
         from transformers import AutoModelForCausalLM
 
-        self.model = AutoModelForCausalLM.from_pretrained(str(base), torch_dtype=torch.float32).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32).eval()
         cks = [LoraCheckpoint(Checkpoint(base), a, str(a)) for a in adapters]
         try:
             if any(ck._replace for ck in cks):
