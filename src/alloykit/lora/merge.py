@@ -80,7 +80,10 @@ def merge_adapters(
                 shared = spec.params.model_validate(params or {})
             except ValidationError as err:
                 e = err.errors()[0]
-                raise AlloyError(f"merge-lora: method '{inner}' parameter '{'.'.join(map(str, e['loc']))}': {e['msg']}") from None
+                key = ".".join(map(str, e["loc"]))
+                if e["type"] == "extra_forbidden":
+                    raise AlloyError(f"merge-lora: method '{inner}' has no parameter '{key}'; drop --{key}") from None
+                raise AlloyError(f"merge-lora: method '{inner}' parameter '{key}': {e['msg']}") from None
             for name in modules:
                 shape = cks[0].info(name).shape
                 gen = torch.Generator().manual_seed(tensor_seed(seed, name)) if spec.randomized else None
