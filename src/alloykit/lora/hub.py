@@ -16,6 +16,9 @@ Dynamic LoRA Composition", COLM 2024 (arXiv:2307.13269), and its reference code:
   is not a dependency here, so alloykit runs a seeded (1+1)-evolution strategy with the
   1/5th success rule (Rechenberg 1973): deterministic for a seed.
 
+The composition is unchanged when every weight changes sign, so the search reports the
+sign whose weights have a nonnegative sum.
+
 ``merge-lora --method lorahub`` writes the composed adapter (exact; the rank stays r).
 """
 
@@ -194,6 +197,8 @@ def lorahub_search(
             sigma *= math.exp(1 / 3)  # 1/5th rule: stationary at a success rate of 1/5
         else:
             sigma *= math.exp(-1 / 12)
+    if x.sum() < 0:  # (sum -w B)(sum -w A) = (sum w B)(sum w A): report the sign with a nonnegative sum
+        x = -x
     return HubResult([float(v) for v in x], fx, loss_x, base_loss, history)
 
 
