@@ -114,3 +114,21 @@ def test_lorahub_errors(hub, tmp_path, capsys):
     assert code == 2 and "needs 'input' and 'output'" in err
     code, out, err = cli(capsys, "merge-lora", "--recipe", tmp_path / "x.yaml", tmp_path / "o")
     assert code == 2 and "cannot read it" in err
+
+
+def test_text_examples_are_tokenized_with_the_base_tokenizer(tmp_path):
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+
+    from alloykit.lora.hub import load_examples
+
+    vocab = {"[UNK]": 0, "two": 1, "plus": 2, "three": 3, "is": 4, "five": 5}
+    tok = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(tmp_path / "tok")
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"input": "two plus three is", "output": "five"}) + "\n\n"
+                    + json.dumps({"input_ids": [1, 2], "output_ids": [3]}) + "\n")
+    examples = load_examples(data, tmp_path / "tok")
+    assert [(e.input_ids, e.output_ids) for e in examples] == [([1, 2, 3, 4], [5]), ([1, 2], [3])]
