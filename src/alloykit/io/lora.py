@@ -162,6 +162,16 @@ class LoraCheckpoint:
             total = upd if total is None else total + upd
         return total
 
+    def layout(self, name: str) -> str:
+        """How PEFT stores this weight's update: 'linear' (B A), 'fan_in_fan_out' (Conv1D:
+        (B A)^T) or 'embedding' (lora_embedding_A/B, (B A)^T); 'linear' when not adapted."""
+        for d in self._deltas.get(name, []):
+            if d.a.endswith(".lora_embedding_A"):
+                return "embedding"
+            if d.transpose:
+                return "fan_in_fan_out"
+        return "linear"
+
     def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(L, R) with L @ R the adapter's weight update of ``name`` (scale and transpose folded
         in; several updates of one weight are concatenated along the rank), or None."""

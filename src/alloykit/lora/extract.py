@@ -128,6 +128,18 @@ def write_adapter(out: str | os.PathLike, tensors: dict[str, torch.Tensor], conf
     return out
 
 
+def store_factors(tensors: dict[str, torch.Tensor], name: str, left: torch.Tensor, right: torch.Tensor,
+                  layout: str = "linear") -> None:
+    """Put PEFT's lora_A/lora_B for the update ``left @ right`` of weight ``name`` (in the
+    weight's own layout) into ``tensors``. PEFT computes (B A)^T for Conv1D (fan_in_fan_out)
+    and embedding layers, so there B = right^T and A = left^T."""
+    module = name.removesuffix(".weight")
+    a, b = (right, left) if layout == "linear" else (left.T, right.T)
+    ka, kb = ("lora_embedding_A", "lora_embedding_B") if layout == "embedding" else ("lora_A.weight", "lora_B.weight")
+    tensors[f"base_model.model.{module}.{ka}"] = a.contiguous().cpu()
+    tensors[f"base_model.model.{module}.{kb}"] = b.contiguous().cpu()
+
+
 def extract_tensor(name: str, delta: torch.Tensor, rank: int, tensors: dict[str, torch.Tensor],
                    finetuned: Callable[[], torch.Tensor] | None = None) -> LayerReport:
     """Store one tensor's delta in ``tensors``: as lora_A/B when it is a linear weight,
@@ -141,8 +153,7 @@ def extract_tensor(name: str, delta: torch.Tensor, rank: int, tensors: dict[str,
     if delta.dim() == 2 and name.endswith(".weight") and not any(h in name for h in EMBEDDING_HINTS):
         b, a = low_rank(delta, rank)
         err = float(torch.linalg.vector_norm(delta - b @ a)) / norm
-        tensors[f"base_model.model.{module}.lora_A.weight"] = a.contiguous().cpu()
-        tensors[f"base_model.model.{module}.lora_B.weight"] = b.contiguous().cpu()
+        store_factors(tensors, name, b, a)
         return LayerReport(name, shape, "lora", err)
     if finetuned is not None and name.endswith(".weight"):
         tensors[f"base_model.model.{name}"] = finetuned()

@@ -36,6 +36,7 @@ import torch
 from alloykit.errors import AlloyError
 from alloykit.io.checkpoint import Checkpoint
 from alloykit.io.lora import LoraCheckpoint
+from alloykit.lora.extract import store_factors
 
 L1_STRENGTH = 0.05
 BOUND = 1.5
@@ -57,13 +58,16 @@ def compose_into(cks: list[LoraCheckpoint], weights: list[float], modules: list[
     rank = 0
     for name in modules:
         left, right = compose([ck.factors(name) for ck in cks], weights, name)
-        module = name.removesuffix(".weight")
-        tensors[f"base_model.model.{module}.lora_A.weight"] = right.contiguous()
-        tensors[f"base_model.model.{module}.lora_B.weight"] = left.contiguous()
+        store_factors(tensors, name, left, right, layout_of(cks, name))
         if rank and right.shape[0] != rank:
             raise AlloyError(f"lorahub: '{name}' has rank {right.shape[0]}, other modules {rank}; LoraHub composes adapters of one rank")
         rank = right.shape[0]
     return rank
+
+
+def layout_of(cks: list[LoraCheckpoint], name: str) -> str:
+    """The PEFT layout of weight ``name`` in the first adapter that adapts it."""
+    return next((ck.layout(name) for ck in cks if name in ck._deltas), "linear")
 
 
 @dataclass

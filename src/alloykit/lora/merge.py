@@ -27,8 +27,8 @@ from pydantic import ValidationError
 from alloykit.errors import AlloyError, OutputError
 from alloykit.io.checkpoint import Checkpoint
 from alloykit.io.lora import LoraCheckpoint
-from alloykit.lora.extract import low_rank, write_adapter
-from alloykit.lora.hub import compose_into
+from alloykit.lora.extract import low_rank, store_factors, write_adapter
+from alloykit.lora.hub import compose_into, layout_of
 from alloykit.lora.knots import knots_update
 from alloykit.methods.registry import MergeInput, get_method
 from alloykit.plan.planner import tensor_seed
@@ -95,19 +95,20 @@ def merge_adapters(
                     merged = knots_update([ck.factors(name) for ck in cks], shape, run)
                 else:
                     merged = run(torch.stack([ck.delta(name) if name in ck._deltas else torch.zeros(shape) for ck in cks]))
-                errors[name] = _store_low_rank(name, merged, rank, tensors)
+                errors[name] = _store_low_rank(name, merged, rank, tensors, layout_of(cks, name))
         cfg = json.loads((Path(adapters[0]) / "adapter_config.json").read_text())
     finally:
         for ck in cks:
             ck.close()
     cfg.update({"r": out_rank, "lora_alpha": out_rank, "use_rslora": False, "rank_pattern": {}, "alpha_pattern": {},
-                "target_modules": sorted({m.removesuffix(".weight") for m in modules}), "fan_in_fan_out": False,
+                "target_modules": sorted({m.removesuffix(".weight") for m in modules}),
+                "fan_in_fan_out": any(layout_of(cks, m) == "fan_in_fan_out" for m in modules),
                 "modules_to_save": None, "base_model_name_or_path": str(Path(base).absolute())})
     write_adapter(out, tensors, cfg)
     return errors
 
 
-def _store_low_rank(name: str, merged: torch.Tensor, rank: int, tensors: dict) -> float:
+def _store_low_rank(name: str, merged: torch.Tensor, rank: int, tensors: dict, layout: str) -> float:
     """Truncate ``merged`` to ``rank`` into lora_A/B (zero-padded when the matrix is smaller);
     returns the relative truncation error."""
     b, a = low_rank(merged, rank)
@@ -115,9 +116,7 @@ def _store_low_rank(name: str, merged: torch.Tensor, rank: int, tensors: dict) -
         a = torch.cat([a, a.new_zeros(rank - a.shape[0], a.shape[1])])
         b = torch.cat([b, b.new_zeros(b.shape[0], rank - b.shape[1])], 1)
     norm = float(torch.linalg.vector_norm(merged))
-    module = name.removesuffix(".weight")
-    tensors[f"base_model.model.{module}.lora_A.weight"] = a.contiguous()
-    tensors[f"base_model.model.{module}.lora_B.weight"] = b.contiguous()
+    store_factors(tensors, name, b, a, layout)
     return float(torch.linalg.vector_norm(merged - b @ a)) / norm if norm else 0.0
 
 
