@@ -91,7 +91,7 @@ def test_merge_lora_errors(setup, tmp_path):
 
 
 def test_conv1d_and_embedding_adapters_keep_peft_layout(tmp_path):
-    """GPT-2's Conv1D (fan_in_fan_out) and embedding updates are (B A)^T in PEFT: the dense
+    """GPT-2's Conv1D (fan_in_fan_out) and embedding updates are (B A)^T in PEFT: cat, the dense
     methods, KnOTS and LoraHub write them so, and the result loads in PEFT."""
     from alloykit.lora.merge import merge_adapters
 
@@ -109,7 +109,7 @@ def test_conv1d_and_embedding_adapters_keep_peft_layout(tmp_path):
     assert {cks[0].layout(n) for n in names} == {"fan_in_fan_out", "embedding"}
     b = Checkpoint(base)
     runs = {"svd": dict(method="svd", rank=8), "knots": dict(method="knots", knots_merge="task_arithmetic", rank=8),
-            "hub": dict(method="lorahub", weights=[1.0, 0.0])}
+            "hub": dict(method="lorahub", weights=[1.0, 0.0]), "cat": dict(method="cat")}
     for label, kw in runs.items():
         merge_adapters([tmp_path / "a1", tmp_path / "a2"], base, tmp_path / label, **kw)
         merged = load_merged(base, tmp_path / label)

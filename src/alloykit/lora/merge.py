@@ -1,6 +1,6 @@
 """Merge LoRA adapters of one base into one PEFT adapter.
 
-- ``cat``: exact. A = [s_1 w_1 A_1; ...; s_K w_K A_K], B = [B_1 ... B_K], alpha = r =
+- ``cat``: exact. B = [w_1 s_1 B_1 ... w_K s_K B_K], A = [A_1; ...; A_K], alpha = r =
   sum r_i, so B A = sum_i w_i s_i B_i A_i; the rank adds up.
 - any registered task-vector method (``task_arithmetic``, ``ties``, ``dare_ties``,
   ``dare_linear``, ``magnitude_prune``, ...): applied to the adapters' dense updates
@@ -121,23 +121,19 @@ def _store_low_rank(name: str, merged: torch.Tensor, rank: int, tensors: dict, l
 
 
 def _cat(cks: list[LoraCheckpoint], weights: list[float], modules: list[str], tensors: dict) -> int:
-    """Exact concatenation; modules an adapter lacks get zero blocks so every module has the same rank."""
-    ranks = [max((ck.adapter.info(d.a).shape[0] for ds in ck._deltas.values() for d in ds), default=0) for ck in cks]
-    total = sum(ranks)
+    """Exact concatenation of the factors [w_1 s_1 B_1 ... w_K s_K B_K], [A_1; ...; A_K]; modules an
+    adapter lacks get zero blocks so every module has the same rank (the sum of the adapters')."""
+    ranks = [max((sum(ck.adapter.info(d.a).shape[0] for d in ds) for ds in ck._deltas.values()), default=0) for ck in cks]
     for name in modules:
         out_dim, in_dim = cks[0].info(name).shape
-        a_rows, b_cols = [], []
+        lefts, rights = [], []
         for ck, w, r in zip(cks, weights, ranks):
-            a_blk, b_blk = torch.zeros(r, in_dim), torch.zeros(out_dim, r)
-            for d in ck._deltas.get(name, []):
-                if d.transpose:
-                    raise AlloyError("merge-lora --method cat: fan_in_fan_out and embedding adapters are not supported; use --method svd")
-                a, b = ck.adapter.read(d.a).float(), ck.adapter.read(d.b).float()
-                a_blk[: a.shape[0]] = a * (d.scale * w)
-                b_blk[:, : b.shape[1]] = b
-            a_rows.append(a_blk)
-            b_cols.append(b_blk)
-        module = name.removesuffix(".weight")
-        tensors[f"base_model.model.{module}.lora_A.weight"] = torch.cat(a_rows).contiguous()
-        tensors[f"base_model.model.{module}.lora_B.weight"] = torch.cat(b_cols, 1).contiguous()
-    return total
+            left, right = torch.zeros(out_dim, r), torch.zeros(r, in_dim)
+            f = ck.factors(name)
+            if f is not None:
+                left[:, : f[0].shape[1]] = f[0] * w
+                right[: f[1].shape[0]] = f[1]
+            lefts.append(left)
+            rights.append(right)
+        store_factors(tensors, name, torch.cat(lefts, 1), torch.cat(rights), layout_of(cks, name))
+    return sum(ranks)
