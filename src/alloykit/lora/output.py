@@ -19,6 +19,7 @@ import torch
 
 from alloykit.config import Recipe, load_recipe, parse_recipe
 from alloykit.errors import AlloyError, OutputError
+from alloykit.io.lora import LoraCheckpoint
 from alloykit.lora.extract import LayerReport, adapter_config, extract_tensor, targets_of, write_adapter
 from alloykit.merge import default_threads, plan_recipe
 from alloykit.plan.executor import run_jobs
@@ -55,6 +56,9 @@ def merge_to_lora(
     lock = threading.Lock()
     try:
         base = plan.checkpoints[plan.config_source]
+        if isinstance(base, LoraCheckpoint):
+            raise AlloyError(f"--output-lora: base_model '{recipe.base_model}' is a LoRA adapter; an adapter's base must be a "
+                             "plain model folder (fold it first with 'alloykit merge', or name its base)")
         for job in plan.jobs:
             if job.name not in base or tuple(base.info(job.name).shape) != tuple(job.shape):
                 raise AlloyError(f"--output-lora: merged tensor '{job.name}' {list(job.shape)} is not in base_model "
@@ -74,5 +78,5 @@ def merge_to_lora(
     targets, to_save = targets_of(reports)
     if not targets:
         raise AlloyError("--output-lora: no linear layer of the merged model differs from base_model; nothing to write")
-    write_adapter(out, tensors, adapter_config(base.path if hasattr(base, "path") else recipe.base_model, rank, targets, to_save), reports)
+    write_adapter(out, tensors, adapter_config(base.path, rank, targets, to_save), reports)
     return reports
