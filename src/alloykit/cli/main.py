@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     from alloykit.cli.analyze_command import add_parser as add_analyze  # its own module (sets func)
 
     add_analyze(sub)
+    from alloykit.cli.search_command import add_parser as add_search  # alloykit search ... (sets func)
+
+    add_search(sub)
     return ap
 
 
