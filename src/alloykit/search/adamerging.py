@@ -167,6 +167,8 @@ class HeadEntropy:
 
     def __init__(self, encoder: torch.nn.Module, heads: list[torch.nn.Linear], data: list, names: list[str]):
         self.encoder, self.heads, self.data, self.names = encoder, heads, data, names
+        for h in heads:
+            h.requires_grad_(False)  # fixed: gradients go to the coefficients only
 
     def size(self, task: int) -> int:
         return len(self.data[task])
