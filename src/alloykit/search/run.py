@@ -57,7 +57,7 @@ def adamerging_search(base: str, models: Sequence[str], *, tasks: Sequence[str] 
         max_len = max_len or 128
         module, seqs, pad = inputs.causal_lm_and_tokens(base_ref, data, samples, max_len)
         objective = NextTokenEntropy(module, seqs, [Path(d).name for d in data], pad)
-        what = (f"data {', '.join(data)}: {', '.join(str(len(s)) for s in seqs)} texts, at most {max_len} tokens; "
+        what = (f"{', '.join(data)}: {', '.join(str(len(s)) for s in seqs)} texts, at most {max_len} tokens; "
                 "entropy of the next-token distribution at every position")
     tv = inputs.task_vectors(module, base_ck, cks)
     result = adamerging(tv, objective, granularity=granularity, steps=steps, lr=lr, init=init, clamp=clamp,
