@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import torch
 import yaml
 
 from alloykit.errors import AlloyError
@@ -44,7 +43,6 @@ def adamerging_search(base: str, models: Sequence[str], *, tasks: Sequence[str] 
     if clamp[0] > clamp[1]:
         raise AlloyError(f"--clamp {clamp[0]:g} {clamp[1]:g}: the lower bound exceeds the upper; give --clamp LO HI with LO <= HI")
     base_ref, refs, base_ck, cks = inputs.checked_pair(base, models)
-    torch.manual_seed(seed)  # dropout is off (eval mode); nothing else draws, but keep any module init reproducible
     if tasks:
         max_len = max_len or 32
         names, texts = inputs.task_texts(tasks, "val", samples)
