@@ -92,7 +92,7 @@ def test_cli_recipe_runs_through_merge_lora_and_matches_peft(hub, tmp_path, caps
     root, base, task = hub
     data = tmp_path / "examples.jsonl"
     data.write_text("".join(json.dumps({"input_ids": e.input_ids, "output_ids": e.output_ids}) + "\n" for e in task))
-    code, out, err = cli(capsys, "lorahub", "--base", base, "--adapters", root / "other", root / "helpful",
+    code, out, err = cli(capsys, "search", "lorahub", "--base", base, "--adapters", root / "other", root / "helpful",
                          "--data", data, "--steps", 20, "--seed", 3, "--out", tmp_path / "hub.yaml")
     assert code == 0, err
     assert "lorahub: weights [" in out
@@ -110,7 +110,7 @@ def test_lorahub_errors(hub, tmp_path, capsys):
     root, base, task = hub
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "x"}\n')
-    code, out, err = cli(capsys, "lorahub", "--base", base, "--adapters", root / "helpful", "--data", bad, "--out", tmp_path / "x.yaml")
+    code, out, err = cli(capsys, "search", "lorahub", "--base", base, "--adapters", root / "helpful", "--data", bad, "--out", tmp_path / "x.yaml")
     assert code == 2 and "needs 'input' and 'output'" in err
     code, out, err = cli(capsys, "merge-lora", "--recipe", tmp_path / "x.yaml", tmp_path / "o")
     assert code == 2 and "cannot read it" in err

@@ -25,16 +25,18 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 from alloykit.eval.benchmark import BenchConfig, hardware, run  # noqa: E402
 from alloykit.eval.model import FinetuneRecipe  # noqa: E402
 from alloykit.eval.report import markdown, plot  # noqa: E402
+from alloykit.search.bench import SEARCH_METHODS  # noqa: E402
 
 TASKS = ["wordnet_noun", "wordnet_verb", "wordnet_pos", "fortune_category", "fortune_language", "chatterbot_topic"]
 
 PRESETS = {
     # sized for a contended 2-core CPU: about an hour with fine-tuning, minutes once cached
-    "full": dict(tasks=TASKS, recipe=FinetuneRecipe(steps=250), joint_steps=1500, n_test=1000, n_val=200, n_probe=2000),
+    "full": dict(tasks=TASKS, recipe=FinetuneRecipe(steps=250), joint_steps=1500, n_test=1000, n_val=200, n_probe=2000,
+                 search_methods=list(SEARCH_METHODS), search_steps=100, search_lr=5e-3),
     # the harness end to end in about a minute; the numbers mean nothing
     "ci": dict(tasks=["wordnet_pos", "fortune_language"], recipe=FinetuneRecipe(steps=12, batch_size=8, max_len=24, lr=2e-4, head_lr=3e-2),
                joint_steps=12, n_test=40, n_val=24, n_train=64, n_probe=64,
-               methods=["linear", "task_arithmetic", "ties"], curve_methods=("linear",)),
+               methods=["linear", "task_arithmetic", "ties"], curve_methods=("linear",)),  # no search rows: tests cover them
 }
 
 NOTES = """
@@ -48,9 +50,13 @@ NOTES = """
   is one third of them.
 - slerp, nuslerp, nearswap and passthrough merge at most one or two models besides the base, so they cannot merge
   six fine-tunes (nuslerp could merge two; it is not in the k-curve either).
-- Fisher, RegMean and AdaMerging need data or gradients at merge time and are not registered methods, so they are not
-  in the table. The data-free subspace methods (iso_c, iso_cts, tsv_m, cart, consensus_ta, magmax) are, with a
-  small grid over their global scale.
+- Fisher and RegMean need data or gradients at merge time and are not registered methods, so they are not in the table.
+  AdaMerging and the soups are recipe searches (`alloykit search`, docs/search.md): `adamerging_task`/`_layer` learn
+  their coefficients by entropy minimisation on the validation inputs WITHOUT labels ({search_steps} Adam steps at lr
+  {search_lr}, init 0.3, clamp [0, 1]; the paper runs 500 steps at lr 1e-3 on the unlabelled test inputs);
+  `greedy_soup` keeps a fine-tune in the uniform average only if the mean validation accuracy over the tasks (each
+  task's head on its validation split) does not drop; `uniform_soup` averages all of them. The data-free subspace
+  methods (iso_c, iso_cts, tsv_m, cart, consensus_ta, magmax) are in the table, with a small grid over their global scale.
 - The multi-task baseline is trained jointly for {joint_steps} round-robin steps: each task gets {per_task} batches, against
   {steps} for each individual fine-tune{undertrained}. FusionBench's multi-task model is within 2 points of its fine-tunes.
 - A chosen value marked "grid edge" is the smallest or largest the grid tried: that method's optimum may lie beyond,
@@ -97,7 +103,7 @@ def update(results: dict, cfg: BenchConfig, methods: list[str], log, save, basel
     for name in methods:
         tm = time.monotonic()
         log(f"  method {name} (update)")
-        results["methods"][name] = bench.method(name)
+        results["methods"][name] = bench.search(name) if name in SEARCH_METHODS else bench.method(name)
         results["methods"][name]["seconds"] = round(time.monotonic() - tm, 1)
         save(results)
     if baselines:
@@ -116,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preset", choices=sorted(PRESETS), default="full")
     ap.add_argument("--tasks", nargs="+", help="override the preset's tasks")
     ap.add_argument("--methods", nargs="+", help="only these methods (default: the preset's, else every registered)")
+    ap.add_argument("--search", nargs="*", help="only these search rows (default: the preset's; none: no search rows)")
     ap.add_argument("--steps", type=int, help="fine-tuning steps per task")
     ap.add_argument("--joint-steps", type=int)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 was fastest on a contended 2-core box)")
@@ -134,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         p["tasks"] = args.tasks
     if args.methods:
         p["methods"] = args.methods
+    if args.search is not None:
+        p["search_methods"] = args.search
     if args.steps:
         p["recipe"] = FinetuneRecipe(**{**p["recipe"].to_dict(), "steps": args.steps})
     if args.joint_steps is not None:
@@ -176,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     rec, steps = results["config"]["recipe"], results["config"]["joint_steps"]
     notes = NOTES.format(steps=rec["steps"], max_len=rec["max_len"], joint_steps=steps,
                          per_task=steps // max(1, len(results["tasks"])),
-                         undertrained=" (so it is undertrained, a lower bound)" if steps // max(1, len(results["tasks"])) < rec["steps"] else "")
+                         undertrained=" (so it is undertrained, a lower bound)" if steps // max(1, len(results["tasks"])) < rec["steps"] else "",
+                         search_steps=results["config"].get("search_steps", 100), search_lr=results["config"].get("search_lr", 1e-3))
     md.parent.mkdir(parents=True, exist_ok=True)
     md.write_text(markdown(results, command=command, plots=plots, notes=notes))
     json_path.write_text(json.dumps(results, indent=1))

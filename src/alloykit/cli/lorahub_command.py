@@ -1,7 +1,6 @@
-"""``alloykit lorahub``: learn LoRA adapter weights from a few examples (LoraHub).
+"""``alloykit search lorahub``: learn LoRA adapter weights from a few examples (LoraHub).
 
-``add_lorahub_parser`` adds the subcommand to any subparsers object: the top-level
-``alloykit lorahub`` and, once wired, ``alloykit search lorahub``.
+``add_lorahub_parser`` adds the subcommand to the ``search`` subparsers (cli/search_command.py).
 """
 
 from __future__ import annotations

@@ -108,9 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     from alloykit.cli.analyze_command import add_parser as add_analyze  # its own module (sets func)
 
     add_analyze(sub)
-    from alloykit.cli.lorahub_command import add_lorahub_parser
+    from alloykit.cli.search_command import add_parser as add_search  # alloykit search ... (sets func)
 
-    add_lorahub_parser(sub)  # top-level 'alloykit lorahub'; also meant for 'alloykit search lorahub'
+    add_search(sub)
     return ap
 
 
