@@ -88,3 +88,31 @@ def test_merge_lora_errors(setup, tmp_path):
     r = subprocess.run(CLI + ["merge-lora", str(root / "a1"), str(root / "a2"), str(tmp_path / "o"), "--base", str(base), "--weights", "1"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "one weight per adapter" in r.stderr
+
+
+def test_conv1d_and_embedding_adapters_keep_peft_layout(tmp_path):
+    """GPT-2's Conv1D (fan_in_fan_out) and embedding updates are (B A)^T in PEFT: cat, the dense
+    methods, KnOTS and LoraHub write them so, and the result loads in PEFT."""
+    from alloykit.lora.merge import merge_adapters
+
+    cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=2, n_positions=32)
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "base")
+    base = tmp_path / "base"
+    for i in (1, 2):
+        torch.manual_seed(i)
+        model = transformers.AutoModelForCausalLM.from_pretrained(base)
+        conf = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "wte"], fan_in_fan_out=True, init_lora_weights=False)
+        peft.get_peft_model(model, conf).save_pretrained(tmp_path / f"a{i}")
+    cks = [LoraCheckpoint(Checkpoint(base), tmp_path / f"a{i}", "a") for i in (1, 2)]
+    names = sorted(cks[0]._deltas)
+    assert {cks[0].layout(n) for n in names} == {"fan_in_fan_out", "embedding"}
+    b = Checkpoint(base)
+    runs = {"svd": dict(method="svd", rank=8), "knots": dict(method="knots", knots_merge="task_arithmetic", rank=8),
+            "hub": dict(method="lorahub", weights=[1.0, 0.0]), "cat": dict(method="cat")}
+    for label, kw in runs.items():
+        merge_adapters([tmp_path / "a1", tmp_path / "a2"], base, tmp_path / label, **kw)
+        merged = load_merged(base, tmp_path / label)
+        for n in names:
+            want = b.read(n) + cks[0].delta(n) + (0 if label == "hub" else cks[1].delta(n))
+            torch.testing.assert_close(merged[n], want, rtol=1e-4, atol=1e-5, msg=lambda m: f"{label} {n}: {m}")

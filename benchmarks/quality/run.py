@@ -22,19 +22,22 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from alloykit.eval.benchmark import BenchConfig, run  # noqa: E402
+from alloykit.eval.benchmark import BenchConfig, hardware, run  # noqa: E402
 from alloykit.eval.model import FinetuneRecipe  # noqa: E402
 from alloykit.eval.report import markdown, plot  # noqa: E402
+from alloykit.search.bench import SEARCH_METHODS  # noqa: E402
 
 TASKS = ["wordnet_noun", "wordnet_verb", "wordnet_pos", "fortune_category", "fortune_language", "chatterbot_topic"]
 
 PRESETS = {
     # sized for a contended 2-core CPU: about an hour with fine-tuning, minutes once cached
-    "full": dict(tasks=TASKS, recipe=FinetuneRecipe(steps=250), joint_steps=500, n_test=1000, n_val=200, n_probe=2000),
+    "full": dict(tasks=TASKS, recipe=FinetuneRecipe(steps=250), joint_steps=1500, n_test=1000, n_val=200, n_probe=2000,
+                 search_methods=list(SEARCH_METHODS), search_steps=100, search_lr=5e-3),
     # the harness end to end in about a minute; the numbers mean nothing
     "ci": dict(tasks=["wordnet_pos", "fortune_language"], recipe=FinetuneRecipe(steps=12, batch_size=8, max_len=24, lr=2e-4, head_lr=3e-2),
                joint_steps=12, n_test=40, n_val=24, n_train=64, n_probe=64,
-               methods=["linear", "task_arithmetic", "ties", "fisher", "regmean", "regmean_plus_plus"], curve_methods=("linear",), n_stats=16),
+               methods=["linear", "task_arithmetic", "ties", "fisher", "regmean", "regmean_plus_plus"], curve_methods=("linear",),
+               n_stats=16),  # no search rows: tests cover them
 }
 
 NOTES = """
@@ -50,13 +53,16 @@ NOTES = """
   six fine-tunes (nuslerp could merge two; it is not in the k-curve either).
 - Fisher merging, RegMean and RegMean++ read statistics of each fine-tune on {n_stats} examples of its task's
   training split (collected once, cached beside the fine-tunes; RegMean++'s once per task list and alpha).
-  AdaMerging needs gradients at merge time and is not in the table. The data-free subspace methods (iso_c, iso_cts, tsv_m, cart, consensus_ta, magmax) are, with a
-  small grid over their global scale.
-- The multi-task baseline is undertrained: {joint_steps} round-robin steps give each task {per_task} batches against
-  {steps} for each individual fine-tune (the time for a longer run was not there). FusionBench's multi-task model is
-  within 2 points of its fine-tunes; here it is a lower bound.
+  AdaMerging and the soups are recipe searches (`alloykit search`, docs/search.md): `adamerging_task`/`_layer` learn
+  their coefficients by entropy minimisation on the validation inputs WITHOUT labels ({search_steps} Adam steps at lr
+  {search_lr}, init 0.3, clamp [0, 1]; the paper runs 500 steps at lr 1e-3 on the unlabelled test inputs);
+  `greedy_soup` keeps a fine-tune in the uniform average only if the mean validation accuracy over the tasks (each
+  task's head on its validation split) does not drop; `uniform_soup` averages all of them. The data-free subspace
+  methods (iso_c, iso_cts, tsv_m, cart, consensus_ta, magmax) are in the table, with a small grid over their global scale.
+- The multi-task baseline is trained jointly for {joint_steps} round-robin steps: each task gets {per_task} batches, against
+  {steps} for each individual fine-tune{undertrained}. FusionBench's multi-task model is within 2 points of its fine-tunes.
 - A chosen value marked "grid edge" is the smallest or largest the grid tried: that method's optimum may lie beyond,
-  so its row is a lower bound (cart, iso_c, iso_cts chose the largest scale tried).
+  so its row is a lower bound.
 - Each accuracy has a standard error of 1 to 1.6 points (631 to 1,000 test examples).
 """
 
@@ -80,11 +86,45 @@ def interference(results: dict, cache: Path) -> dict:
     return report
 
 
+def update(results: dict, cfg: BenchConfig, methods: list[str], log, save, baselines: bool = False) -> dict:
+    """Rerun ``methods`` against the cached fine-tunes and replace their rows in ``results``
+    (``save`` is called after each); ``baselines``: then recompute the baseline rows too."""
+    from alloykit.eval.benchmark import Bench
+
+    old, new = results["config"], cfg.to_dict()
+    for key in ("tasks", "recipe", "n_test", "n_val", "n_train", "merge_seed"):
+        if old.get(key) != new.get(key):
+            raise SystemExit(f"--update: the results were made with {key}={old.get(key)!r}, this run has {new.get(key)!r}; "
+                             "use the same preset and options, or run the whole benchmark")
+    t0 = time.monotonic()
+    bench = Bench(cfg, log)
+    bench.finetune_all()
+    if any(m["cached"] is False for m in bench.ft_meta.values()):
+        raise SystemExit("--update: a fine-tune was not in the cache, so the kept rows would not match; run the whole benchmark")
+    bench.ft_test = results["baselines"]["fine-tuned (individual)"]["test"]
+    for name in methods:
+        tm = time.monotonic()
+        log(f"  method {name} (update)")
+        results["methods"][name] = bench.search(name) if name in SEARCH_METHODS else bench.method(name)
+        results["methods"][name]["seconds"] = round(time.monotonic() - tm, 1)
+        save(results)
+    if baselines:
+        log("  baselines (update)")
+        results["baselines"] = bench.baselines()
+        results["config"]["joint_steps"] = cfg.joint_steps
+        results["config"]["n_probe"] = cfg.n_probe
+    results.setdefault("updates", []).append({"methods": methods, "baselines": baselines,
+                                              "seconds": round(time.monotonic() - t0, 1), "hardware": hardware()})
+    save(results)
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), default="full")
     ap.add_argument("--tasks", nargs="+", help="override the preset's tasks")
     ap.add_argument("--methods", nargs="+", help="only these methods (default: the preset's, else every registered)")
+    ap.add_argument("--search", nargs="*", help="only these search rows (default: the preset's; none: no search rows)")
     ap.add_argument("--steps", type=int, help="fine-tuning steps per task")
     ap.add_argument("--joint-steps", type=int)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 was fastest on a contended 2-core box)")
@@ -92,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--md", default="docs/results.md")
     ap.add_argument("--json", default=None, help="results JSON (default benchmarks/quality/results-PRESET.json)")
     ap.add_argument("--from-json", help="rebuild the Markdown and plots from a results JSON (no training or merging)")
+    ap.add_argument("--update", metavar="JSON",
+                    help="rerun only --methods and replace their rows in this results JSON (same preset; the other rows are kept)")
+    ap.add_argument("--rerun-baselines", action="store_true", help="with --update: recompute the baseline rows too (after the methods)")
     ap.add_argument("--no-analyze", action="store_true", help="skip the interference analysis of the fine-tunes")
     ap.add_argument("--plots", help="folder of the PNG plots (default: the Markdown file's folder)")
     args = ap.parse_args(argv)
@@ -100,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         p["tasks"] = args.tasks
     if args.methods:
         p["methods"] = args.methods
+    if args.search is not None:
+        p["search_methods"] = args.search
     if args.steps:
         p["recipe"] = FinetuneRecipe(**{**p["recipe"].to_dict(), "steps": args.steps})
     if args.joint_steps is not None:
@@ -113,6 +158,12 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.from_json:
         results = json.loads(Path(args.from_json).read_text())
+    elif args.update:
+        if not args.methods and not args.rerun_baselines:
+            ap.error("--update needs --methods (the rows to rerun) or --rerun-baselines")
+        json_path = Path(args.json or args.update)
+        results = update(json.loads(Path(args.update).read_text()), cfg, args.methods or [], log,
+                         save=lambda r: json_path.write_text(json.dumps(r, indent=1)), baselines=args.rerun_baselines)
     else:
         results = run(cfg, log=log, checkpoint=json_path)
     md = Path(args.md)
@@ -135,7 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     results["command"] = command
     rec, steps = results["config"]["recipe"], results["config"]["joint_steps"]
     notes = NOTES.format(steps=rec["steps"], max_len=rec["max_len"], joint_steps=steps,
-                         per_task=steps // max(1, len(results["tasks"])), n_stats=results["config"].get("n_stats", 256))
+                         per_task=steps // max(1, len(results["tasks"])),
+                         undertrained=" (so it is undertrained, a lower bound)" if steps // max(1, len(results["tasks"])) < rec["steps"] else "",
+                         search_steps=results["config"].get("search_steps", 100), search_lr=results["config"].get("search_lr", 1e-3),
+                         n_stats=results["config"].get("n_stats", 256))
     md.parent.mkdir(parents=True, exist_ok=True)
     md.write_text(markdown(results, command=command, plots=plots, notes=notes))
     json_path.write_text(json.dumps(results, indent=1))

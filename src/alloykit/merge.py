@@ -68,14 +68,25 @@ def merge(
     budget_bytes: int = DEFAULT_BUDGET,
     copy_tokenizer: bool = True,
     recipe_dir: str | os.PathLike | None = None,
+    output_lora: int | None = None,
 ) -> Path:
     """Merge the models a recipe names into ``out_dir`` (a Hugging Face model folder).
+
+    ``output_lora=RANK`` writes, instead of the model, a PEFT LoRA adapter of that rank
+    holding the merged model's delta from the recipe's base_model
+    (``alloykit.lora.output.merge_to_lora``, which also returns the per-layer errors).
 
     The output is written into ``.NAME.alloykit-tmp`` beside the target and renamed
     into place only when complete: ``out_dir`` either does not exist or is whole.
     An interrupted merge leaves that folder; ``resume=True`` continues from its
     verified complete shards, otherwise it is cleaned and the merge starts over.
     """
+    if output_lora is not None:
+        from alloykit.lora.output import merge_to_lora
+
+        merge_to_lora(recipe, out_dir, output_lora, recipe_dir=recipe_dir, device=device, threads=threads, seed=seed,
+                      allow_pickle=allow_pickle, progress=progress)
+        return Path(out_dir).absolute()
     out = Path(out_dir).absolute()
     plan = plan_recipe(recipe, allow_pickle=allow_pickle, seed=seed, recipe_dir=recipe_dir)
     tmp = temp_dir_for(out)

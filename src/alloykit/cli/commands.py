@@ -28,6 +28,15 @@ def cmd_merge(args: Namespace) -> int:
     import time
 
     t0 = time.monotonic()
+    if args.output_lora is not None:
+        from alloykit.lora.output import merge_to_lora
+        from alloykit.lora.extract import summary
+
+        reports = merge_to_lora(recipe, args.out, args.output_lora, recipe_dir=Path(args.recipe).parent, device=device,
+                                threads=args.threads, seed=args.seed, allow_pickle=args.allow_pickle,
+                                save_others=not args.lora_skip_others, progress=not args.quiet)
+        print(summary(reports) + f" -> {args.out}")
+        return 0
     out = merge(
         recipe, args.out, recipe_dir=Path(args.recipe).parent, device=device, threads=args.threads, seed=args.seed,
         max_shard_size=args.max_shard_size, allow_pickle=args.allow_pickle, overwrite=args.overwrite, resume=args.resume,
@@ -205,13 +214,27 @@ def cmd_extract_lora(args: Namespace) -> int:
 def cmd_merge_lora(args: Namespace) -> int:
     from alloykit.lora.merge import merge_adapters
 
-    if len(args.adapters) < 2:
-        raise RecipeError("merge-lora: give the adapter folders and then the output folder")
-    *adapters, out = args.adapters
-    errors = merge_adapters(adapters, args.base, out, method=args.method, weights=args.weights, rank=args.rank,
-                            model_params={"density": args.density} if args.density is not None else None, seed=args.seed)
+    if args.recipe:
+        from alloykit.lora.hub import load_merge_lora_recipe
+
+        if len(args.adapters) != 1:
+            raise RecipeError("merge-lora --recipe FILE: give only the output folder")
+        r = load_merge_lora_recipe(args.recipe)
+        adapters, out, base = r["adapters"], args.adapters[0], r["base"]
+        method, weights, rank, density = r.get("method", "cat"), r.get("weights"), r.get("rank"), r.get("density")
+        seed, knots = r.get("seed", 0), r.get("knots_merge", "ties")
+    else:
+        if len(args.adapters) < 2:
+            raise RecipeError("merge-lora: give the adapter folders and then the output folder")
+        if not args.base:
+            raise RecipeError("merge-lora: give --base, the adapters' base model folder")
+        *adapters, out = args.adapters
+        base, method, weights, rank, density = args.base, args.method, args.weights, args.rank, args.density
+        seed, knots = args.seed, args.knots_merge
+    errors = merge_adapters(adapters, base, out, method=method, weights=weights, rank=rank,
+                            model_params={"density": density} if density is not None else None, seed=seed, knots_merge=knots)
     worst = max(errors.values(), default=0.0)
-    print(f"merged {len(adapters)} adapters with {args.method} -> {out}"
+    print(f"merged {len(adapters)} adapters with {method} -> {out}"
           + (f" (truncation error per module: worst {worst:.4f})" if errors else " (exact)"))
     return 0
 

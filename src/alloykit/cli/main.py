@@ -55,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--no-copy-tokenizer", dest="copy_tokenizer", action="store_false", help="do not copy tokenizer files")
     m.add_argument("--copy-tokenizer", dest="copy_tokenizer", action="store_true", help=argparse.SUPPRESS)
     m.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+    m.add_argument("--output-lora", type=int, metavar="RANK",
+                   help="write a PEFT LoRA adapter of rank RANK (the merged model minus base_model) instead of the model")
+    m.add_argument("--lora-skip-others", action="store_true",
+                   help="with --output-lora: skip changed embeddings and norms instead of saving them as modules_to_save")
     for flag in ("--lazy-unpickle", "--allow-crimes", "--low-cpu-memory", "--read-to-gpu"):
         m.add_argument(flag, action="store_true", help=argparse.SUPPRESS)  # mergekit flags: accepted, no effect here
     _add_model_args(m)
@@ -84,9 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(x)
 
     ml = sub.add_parser("merge-lora", help="merge LoRA adapters of one base into one PEFT adapter")
-    ml.add_argument("adapters", nargs="+", help="adapter folders, then the output folder")
-    ml.add_argument("--base", required=True, help="the adapters' base model folder")
-    ml.add_argument("--method", default="cat", help="cat (exact), svd, or a task-vector method (ties, dare_ties, ...) then SVD")
+    ml.add_argument("adapters", nargs="+", help="adapter folders, then the output folder (only the output with --recipe)")
+    ml.add_argument("--base", help="the adapters' base model folder")
+    ml.add_argument("--method", default="cat",
+                    help="cat (exact), lorahub (exact, weighted sum of the factors), svd, knots, or a task-vector method "
+                         "(ties, dare_ties, ...) then SVD")
+    ml.add_argument("--knots-merge", default="ties", help="with --method knots: the method that merges the aligned blocks (default ties)")
+    ml.add_argument("--recipe", help="a merge-lora recipe (as written by 'alloykit lorahub') instead of the adapters and options")
     ml.add_argument("--weights", type=float, nargs="+", help="one weight per adapter (default 1)")
     ml.add_argument("--rank", type=int, help="rank of the merged adapter (all methods but cat)")
     ml.add_argument("--density", type=float, help="per-adapter density for trimming methods")
@@ -103,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     from alloykit.cli.stats_command import add_parser as add_stats
 
     add_stats(sub)
+    from alloykit.cli.search_command import add_parser as add_search  # alloykit search ... (sets func)
+
+    add_search(sub)
     return ap
 
 

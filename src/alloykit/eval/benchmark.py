@@ -7,6 +7,8 @@
    fine-tuned heads (what a merge with lambda 0 gives).
 3. Every registered method merges the fine-tuned encoders (heads stay per task);
    its grid point is chosen on the validation splits, then scored once on test.
+   Recipe searches (``search_methods``: AdaMerging, greedy and uniform soups, see
+   :mod:`alloykit.search.bench`) search on the validation splits and add their rows.
 4. Normalized accuracy (merged / fine-tuned, per task, averaged) against the number
    of tasks merged, 2..N, for a few methods at their chosen grid points.
 
@@ -56,6 +58,12 @@ class BenchConfig:
     #: training examples per task for the statistics of data-dependent methods (fisher, regmean)
     n_stats: int = 256
     merge_seed: int = 0
+    #: recipe searches run on the validation split (alloykit.search.bench.SEARCH_METHODS); none by default
+    search_methods: list[str] = field(default_factory=list)
+    #: AdaMerging: Adam steps, learning rate, unlabelled validation inputs per task
+    search_steps: int = 100
+    search_lr: float = 1e-3
+    search_samples: int = 200
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -177,6 +185,12 @@ class Bench:
             row["avg"] = _avg(row["test"])
             row["norm_avg"] = self._norm(row["test"], ft)
         return out
+
+    def search(self, name: str) -> dict[str, Any]:
+        """A search method's row (AdaMerging, soups): searched on validation, merged by its recipe, scored on test."""
+        from alloykit.search.bench import search_row
+
+        return search_row(self, name)
 
     # -- merging -------------------------------------------------------------------------
     def merged(self, method: str, point: grids.Point, tasks: list[Task]) -> tuple[dict, float]:
@@ -360,6 +374,14 @@ def run(config: BenchConfig, log=print, checkpoint: Path | None = None, bench: B
         results["methods"][name]["seconds"] = round(time.monotonic() - tm, 1)
         save()
     phase("methods", t0)
+    if config.search_methods:
+        t0 = time.monotonic()
+        for name in config.search_methods:
+            tm = time.monotonic()
+            log(f"  search {name}")
+            results["methods"][name] = {**bench.search(name), "seconds": round(time.monotonic() - tm, 1)}
+            save()
+        phase("search", t0)
     t0 = time.monotonic()
     results["curve"] = bench.curve(results["methods"])
     phase("curve", t0)

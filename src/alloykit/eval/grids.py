@@ -17,7 +17,8 @@ Point = tuple[dict[str, Any], dict[str, Any]]  # (shared parameters, per-model p
 
 LAMBDAS = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)  # scales of a summed task vector (6 tasks: the optimum is near 1/K..0.3)
 SUM_SCALES = [0.1, 0.2, 0.3, 0.5]  # for the sparsified sums
-MEAN_SCALES = [0.7, 1.0, 1.5, 2.0]  # for disjoint means / isotropic merges (one task vector's size)
+MEAN_SCALES = [0.7, 1.0, 1.5, 2.0]  # for disjoint means (one task vector's size)
+WIDE_SCALES = [0.7, 1.0, 1.5, 2.0, 3.0, 4.0]  # isotropic / subspace merges (their optimum was at 2.0 or beyond)
 
 
 def _product(shared: dict[str, list], per_model: dict[str, list]) -> list[Point]:
@@ -33,12 +34,12 @@ def _product(shared: dict[str, list], per_model: dict[str, list]) -> list[Point]
 KNOWN: dict[str, tuple[dict[str, list], dict[str, list]]] = {
     "linear": ({}, {}),  # the simple average (normalize on)
     "task_arithmetic": ({"lambda": list(LAMBDAS)}, {}),
-    "ties": ({"lambda": MEAN_SCALES}, {"density": [0.2, 0.5]}),  # disjoint mean (normalize on)
+    "ties": ({"lambda": [0.3, 0.5, 0.7, 1.0, 1.5]}, {"density": [0.2, 0.5]}),  # disjoint mean (normalize on)
     "ties_fusionbench": ({"lambda": SUM_SCALES}, {"density": [0.2]}),  # disjoint sum
-    "ties_peft": ({}, {"density": [0.2], "weight": [1.0, 1.5, 2.0]}),  # disjoint mean, scaled by the weight
+    "ties_peft": ({}, {"density": [0.2], "weight": [1.0, 1.5, 2.0, 3.0]}),  # disjoint mean, scaled by the weight
     "dare_linear": ({"lambda": SUM_SCALES}, {"density": [0.5]}),
     "dare_ties": ({"lambda": SUM_SCALES}, {"density": [0.5]}),
-    "della": ({"lambda": MEAN_SCALES}, {"density": [0.5]}),
+    "della": ({"lambda": [0.3, 0.5, 0.7, 1.0, 1.5]}, {"density": [0.5]}),
     "della_linear": ({"lambda": SUM_SCALES}, {"density": [0.5]}),
     "breadcrumbs": ({"lambda": SUM_SCALES}, {"density": [0.8], "gamma": [0.01]}),
     "breadcrumbs_ties": ({"lambda": SUM_SCALES}, {"density": [0.8], "gamma": [0.01]}),
@@ -49,11 +50,11 @@ KNOWN: dict[str, tuple[dict[str, list], dict[str, list]]] = {
     "multislerp": ({}, {}),
     "nuslerp": ({}, {}),
     # subspace methods: their papers tune the global scale (alpha / lambda) on validation
-    "iso_c": ({"alpha": MEAN_SCALES}, {}),
-    "iso_cts": ({"alpha": MEAN_SCALES}, {}),
-    "tsv_m": ({"alpha": MEAN_SCALES}, {}),
-    "cart": ({"lambda": [1.0, 1.5, 2.0, 3.0]}, {}),
-    "consensus_ta": ({"alpha": SUM_SCALES}, {}),
+    "iso_c": ({"alpha": WIDE_SCALES}, {}),
+    "iso_cts": ({"alpha": WIDE_SCALES}, {}),
+    "tsv_m": ({"alpha": WIDE_SCALES}, {}),
+    "cart": ({"lambda": [1.0, 2.0, 3.0, 4.0, 6.0]}, {}),
+    "consensus_ta": ({"alpha": [0.2, 0.3, 0.5, 0.7, 1.0]}, {}),
     "magmax": ({"lambda": [0.3, 0.5, 0.7, 1.0]}, {}),
     # data-dependent: statistics of each fine-tune on its task's training split (Bench.task_stats)
     "fisher": ({"normalize": [True, False]}, {}),

@@ -162,6 +162,27 @@ class LoraCheckpoint:
             total = upd if total is None else total + upd
         return total
 
+    def layout(self, name: str) -> str:
+        """How PEFT stores this weight's update: 'linear' (B A), 'fan_in_fan_out' (Conv1D:
+        (B A)^T) or 'embedding' (lora_embedding_A/B, (B A)^T); 'linear' when not adapted."""
+        for d in self._deltas.get(name, []):
+            if d.a.endswith(".lora_embedding_A"):
+                return "embedding"
+            if d.transpose:
+                return "fan_in_fan_out"
+        return "linear"
+
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(L, R) with L @ R the adapter's weight update of ``name`` (scale and transpose folded
+        in; several updates of one weight are concatenated along the rank), or None."""
+        lefts, rights = [], []
+        for d in self._deltas.get(name, []):
+            b, a = self.adapter.read(d.b).float(), self.adapter.read(d.a).float()
+            left, right = (a.T, b.T * d.scale) if d.transpose else (b * d.scale, a)
+            lefts.append(left)
+            rights.append(right)
+        return (torch.cat(lefts, 1), torch.cat(rights)) if lefts else None
+
     def read(self, name: str) -> torch.Tensor:
         if name in self._replace:  # modules_to_save / saved embedding layer, then any LoRA update on top
             t = self.adapter.read(self._replace[name]).to(self.base.info(name).dtype)

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,42 +73,27 @@ def extract_lora(
         raise OutputError(f"output folder '{out}' exists and is not empty; choose another folder")
     tensors: dict[str, torch.Tensor] = {}
     reports: list[LayerReport] = []
-    targets: list[str] = []
-    to_save: list[str] = []
     try:
         for name, info in ft.tensors.items():
             if name not in bs or bs.info(name).shape != info.shape:
                 raise AlloyError(f"tensor '{name}': missing from the base or of another shape; is '{base}' this model's base?")
             if not info.is_float:
                 continue
-            d = (ft.read(name).to(device, torch.float32) - bs.read(name).to(device, torch.float32))
-            norm = float(torch.linalg.vector_norm(d))
-            module = name.removesuffix(".weight")
-            if norm == 0:
-                reports.append(LayerReport(name, info.shape, "skipped", 0.0))
-                continue
-            if d.dim() == 2 and name.endswith(".weight") and not any(h in name for h in EMBEDDING_HINTS):
-                b, a = low_rank(d, rank)
-                err = float(torch.linalg.vector_norm(d - b @ a)) / norm
-                tensors[f"base_model.model.{module}.lora_A.weight"] = a.contiguous().cpu()
-                tensors[f"base_model.model.{module}.lora_B.weight"] = b.contiguous().cpu()
-                targets.append(module)
-                reports.append(LayerReport(name, info.shape, "lora", err))
-            elif save_others and name.endswith(".weight"):
-                tensors[f"base_model.model.{name}"] = ft.read(name)
-                to_save.append(module)
-                reports.append(LayerReport(name, info.shape, "saved", 0.0))
-            else:
-                reports.append(LayerReport(name, info.shape, "skipped", 1.0))
+            d = ft.read(name).to(device, torch.float32) - bs.read(name).to(device, torch.float32)
+            reports.append(extract_tensor(name, d, rank, tensors, (lambda n=name: ft.read(n)) if save_others else None))
     finally:
         ft.close()
         bs.close()
+    targets, to_save = targets_of(reports)
     if not targets:
         raise AlloyError(f"'{finetuned}' has no linear layer that differs from '{base}'; nothing to extract")
-    tmp = out.parent / f".{out.name}.alloykit-tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    config = {
+    write_adapter(out, tensors, adapter_config(base, rank, targets, to_save), reports)
+    return reports
+
+
+def adapter_config(base: str | os.PathLike, rank: int, targets: list[str], to_save: list[str] | None = None) -> dict:
+    """A PEFT LoRA config with scale 1 (lora_alpha = r)."""
+    return {
         "peft_type": "LORA",
         "base_model_name_or_path": str(Path(base).absolute()),
         "r": rank,
@@ -123,13 +109,62 @@ def extract_lora(
         "inference_mode": True,
         "task_type": None,
     }
+
+
+def write_adapter(out: str | os.PathLike, tensors: dict[str, torch.Tensor], config: dict,
+                  reports: list[LayerReport] | None = None) -> Path:
+    """Write a PEFT adapter folder atomically: into ``.NAME.alloykit-tmp``, then renamed."""
+    out = Path(out).absolute()
+    tmp = out.parent / f".{out.name}.alloykit-tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
     (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-    (tmp / "alloykit_extract_report.json").write_text(json.dumps([r.__dict__ for r in reports], indent=1) + "\n")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+    if reports is not None:
+        (tmp / "alloykit_extract_report.json").write_text(json.dumps([r.__dict__ for r in reports], indent=1) + "\n")
     if out.exists():
         out.rmdir()
     os.rename(tmp, out)
-    return reports
+    return out
+
+
+def store_factors(tensors: dict[str, torch.Tensor], name: str, left: torch.Tensor, right: torch.Tensor,
+                  layout: str = "linear") -> None:
+    """Put PEFT's lora_A/lora_B for the update ``left @ right`` of weight ``name`` (in the
+    weight's own layout) into ``tensors``. PEFT computes (B A)^T for Conv1D (fan_in_fan_out)
+    and embedding layers, so there B = right^T and A = left^T."""
+    module = name.removesuffix(".weight")
+    a, b = (right, left) if layout == "linear" else (left.T, right.T)
+    ka, kb = ("lora_embedding_A", "lora_embedding_B") if layout == "embedding" else ("lora_A.weight", "lora_B.weight")
+    tensors[f"base_model.model.{module}.{ka}"] = a.contiguous().cpu()
+    tensors[f"base_model.model.{module}.{kb}"] = b.contiguous().cpu()
+
+
+def extract_tensor(name: str, delta: torch.Tensor, rank: int, tensors: dict[str, torch.Tensor],
+                   finetuned: Callable[[], torch.Tensor] | None = None) -> LayerReport:
+    """Store one tensor's delta in ``tensors``: as lora_A/B when it is a linear weight,
+    as the whole fine-tuned tensor (``finetuned()``, a modules_to_save entry) when it is
+    not and ``finetuned`` is given, else skip it. Returns what was done and its error."""
+    shape = tuple(delta.shape)
+    norm = float(torch.linalg.vector_norm(delta))
+    module = name.removesuffix(".weight")
+    if norm == 0:
+        return LayerReport(name, shape, "skipped", 0.0)
+    if delta.dim() == 2 and name.endswith(".weight") and not any(h in name for h in EMBEDDING_HINTS):
+        b, a = low_rank(delta, rank)
+        err = float(torch.linalg.vector_norm(delta - b @ a)) / norm
+        store_factors(tensors, name, b, a)
+        return LayerReport(name, shape, "lora", err)
+    if finetuned is not None and name.endswith(".weight"):
+        tensors[f"base_model.model.{name}"] = finetuned()
+        return LayerReport(name, shape, "saved", 0.0)
+    return LayerReport(name, shape, "skipped", 1.0)
+
+
+def targets_of(reports: list[LayerReport]) -> tuple[list[str], list[str]]:
+    """(target_modules, modules_to_save) of an extraction."""
+    return ([r.name.removesuffix(".weight") for r in reports if r.kind == "lora"],
+            [r.name.removesuffix(".weight") for r in reports if r.kind == "saved"])
 
 
 def summary(reports: list[LayerReport]) -> str:

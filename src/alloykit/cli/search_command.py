@@ -1,0 +1,94 @@
+"""``alloykit search adamerging|greedy-soup|uniform-soup``: search, then write a recipe for ``alloykit merge``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from alloykit.errors import AlloyError
+
+
+def _common(p, *, data: bool) -> None:
+    p.add_argument("--base", required=True, help="the base model the fine-tunes share")
+    p.add_argument("--models", nargs="+", required=True,
+                   help="fine-tuned model folders (benchmark fine-tune folders holding encoder/ and heads.safetensors)")
+    p.add_argument("--task", "--tasks", nargs="+", dest="tasks", required=not data,
+                   help="eval registry tasks (their heads come from the models' heads.safetensors)")
+    if data:
+        p.add_argument("--data", nargs="+", help="causal LM: .txt (one text per line) or .jsonl files, one per data set")
+    p.add_argument("--out", required=True, help="the recipe YAML to write")
+
+
+def add_parser(sub) -> None:
+    s = sub.add_parser("search", help="search merging coefficients or soup ingredients on data; writes a recipe")
+    ss = s.add_subparsers(dest="search_command", required=True, metavar="SEARCH")
+    from alloykit.cli.lorahub_command import add_lorahub_parser
+
+    add_lorahub_parser(ss)  # alloykit search lorahub
+
+    a = ss.add_parser("adamerging", help="AdaMerging: coefficients learned by entropy minimisation on unlabelled inputs")
+    _common(a, data=True)
+    a.add_argument("--granularity", choices=["task", "layer"], default="task",
+                   help="one coefficient per model (task) or per model and parameter tensor (layer; default task)")
+    a.add_argument("--steps", type=int, default=500, help="Adam steps (default 500, the paper's)")
+    a.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3, the paper's)")
+    a.add_argument("--init", type=float, default=0.3, help="initial coefficient (default 0.3, the paper's prior)")
+    a.add_argument("--clamp", type=float, nargs=2, default=[0.0, 1.0], metavar=("LO", "HI"),
+                   help="coefficients are clamped to [LO, HI] after every step (default 0 1)")
+    a.add_argument("--samples", type=int, default=64, help="unlabelled inputs per task or data file (default 64; 0: all)")
+    a.add_argument("--batch-size", type=int, default=16, help="inputs per task per step (default 16)")
+    a.add_argument("--max-len", type=int, help="tokens per input (default 32 for tasks, 128 for text files)")
+    a.add_argument("--seed", type=int, default=0, help="seed of the batch sampling (default 0)")
+    a.add_argument("--quiet", "-q", action="store_true")
+    a.set_defaults(func=cmd_adamerging)
+
+    g = ss.add_parser("greedy-soup", help="greedy soup: add models to a uniform average while validation accuracy holds")
+    _common(g, data=False)
+    g.set_defaults(func=cmd_greedy_soup)
+
+    u = ss.add_parser("uniform-soup", help="uniform soup: the average of every model (a linear recipe)")
+    _common(u, data=False)
+    u.set_defaults(func=cmd_uniform_soup)
+    for action in u._actions:  # scoring is optional for the uniform soup
+        if action.dest == "tasks":
+            action.required = False
+
+
+def _write(out: str, text: str) -> None:
+    path = Path(out)
+    if path.parent and not path.parent.exists():
+        raise AlloyError(f"--out '{out}': folder '{path.parent}' does not exist")
+    path.write_text(text)
+    print(f"wrote {out}; merge it with: alloykit merge {out} OUT_FOLDER")
+
+
+def cmd_adamerging(args) -> int:
+    from alloykit.search.run import adamerging_search
+
+    log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr))
+    text, res = adamerging_search(args.base, args.models, tasks=args.tasks, data=args.data, granularity=args.granularity,
+                                  steps=args.steps, lr=args.lr, init=args.init, clamp=tuple(args.clamp),
+                                  samples=args.samples or None, batch_size=args.batch_size, seed=args.seed,
+                                  max_len=args.max_len, log=log)
+    print(f"entropy {res.entropy_init:.4f} -> {res.entropy_final:.4f}")
+    _write(args.out, text)
+    return 0
+
+
+def cmd_greedy_soup(args) -> int:
+    from alloykit.search.run import greedy_soup_search
+
+    text, res = greedy_soup_search(args.base, args.models, args.tasks)
+    print(f"greedy soup: {len(res['chosen'])} of {len(args.models)} models, validation score {res['score']:.4f}")
+    _write(args.out, text)
+    return 0
+
+
+def cmd_uniform_soup(args) -> int:
+    from alloykit.search.run import uniform_soup_recipe
+
+    text, res = uniform_soup_recipe(args.base, args.models, args.tasks)
+    if res["score"] is not None:
+        print(f"uniform soup of {len(args.models)} models: validation score {res['score']:.4f}")
+    _write(args.out, text)
+    return 0
