@@ -14,7 +14,7 @@ import alloykit
 from alloykit.errors import CheckpointError
 from alloykit.io.checkpoint import Checkpoint
 from alloykit.methods import get_method
-from alloykit.methods.emr import emr_unified, pack_bits, unpack_bits
+from alloykit.methods.emr import emr_unified, pack_bits, task_state_dict, unpack_bits
 from alloykit.methods.registry import MergeInput
 
 
@@ -132,3 +132,37 @@ def test_cli_merge_writes_the_side_files(family, tmp_path):
     names = sorted(p.name for p in (out / "emr").iterdir())
     assert names == ["manifest.json", "mask_0.safetensors", "mask_1.safetensors", "mask_2.safetensors", "sums.safetensors"]
     assert not list(tmp_path.glob(".*alloykit-tmp"))
+
+
+def test_in_memory_task_models_equal_the_loaded_ones(family, emr_merge):
+    base, tunes, out = emr_merge
+    side: dict = {}
+    unified = alloykit.merge_state_dicts([_state(t) for t in tunes], "emr", base=_state(base), side_outputs=side)
+    for t in range(3):
+        mem = task_state_dict(unified, _state(base), side, t)
+        disk = alloykit.load_task_model(out, t)
+        assert all(torch.equal(mem[n], disk[n]) for n in disk)
+
+
+def test_bench_scores_emr_tasks_on_their_own_models():
+    """The quality benchmark scores EMR per task: task i on its rebuilt model, with its own head only."""
+    import types
+
+    from alloykit.eval.benchmark import Bench
+
+    g = torch.Generator().manual_seed(0)
+    base = {"enc.weight": torch.randn(4, 3, generator=g), "enc.bias": torch.randn(4, generator=g)}
+    ft = {name: {n: v + 0.1 * torch.randn(v.shape, generator=g) for n, v in base.items()} for name in ("a", "b")}
+    stub = types.SimpleNamespace(ft_sd=ft, base_sd=base, cfg=types.SimpleNamespace(merge_seed=0), ft_heads={"a": "head a", "b": "head b"},
+                                 score=lambda sd, heads, tasks, split: {t.name: {"sd": sd, "heads": heads} for t in tasks})
+    stub.merged = types.MethodType(Bench.merged, stub)
+    tasks = [types.SimpleNamespace(name="a"), types.SimpleNamespace(name="b")]
+    res, _ = Bench.merged_scores(stub, "emr", ({}, {}), tasks, "val")
+    side: dict = {}
+    unified = alloykit.merge_state_dicts([ft["a"], ft["b"]], "emr", base=base, side_outputs=side)
+    for i, name in enumerate(("a", "b")):
+        assert res[name]["heads"] == {name: f"head {name}"}
+        want = task_state_dict(unified, base, side, i)
+        assert all(torch.equal(res[name]["sd"][n], want[n]) for n in want)
+    plain, _ = Bench.merged_scores(stub, "task_arithmetic", ({}, {"weight": 1.0}), tasks, "val")
+    assert plain["a"]["heads"] == stub.ft_heads  # other methods: one model, every head

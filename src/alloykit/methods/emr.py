@@ -76,7 +76,8 @@ def emr(x: MergeInput) -> torch.Tensor:
     The ordinary output is the unified model. Task t's model theta_0 + lambda_t M_t tau_uni
     needs the side outputs: the masks (one bit per entry) and, per tensor, the two sums of
     lambda_t, written to ``<output>/emr/``; ``alloykit.load_task_model(folder, t)`` adds
-    them up over all tensors and rebuilds it.
+    them up over all tensors and rebuilds it. The quality benchmark scores each task on
+    its rebuilt model, as the paper does.
 
     Huang et al. 2024, EMR-Merging: Tuning-Free High-Performance Model Merging (arXiv:2405.17461).
     """
@@ -120,6 +121,22 @@ def task_rescalers(sums: Mapping[str, torch.Tensor]) -> torch.Tensor:
     return torch.where(den > 0, num / torch.where(den > 0, den, 1.0), 1.0)
 
 
+def _task_tensor(merged: torch.Tensor, theta0: torch.Tensor, packed: torch.Tensor, lam: float) -> torch.Tensor:
+    """theta_0 + lam * M * (merged - theta_0), computed in float32, in the unified tensor's dtype."""
+    theta0 = theta0.float()
+    mask = unpack_bits(packed, tuple(merged.shape))
+    return (theta0 + lam * mask * (merged.float() - theta0)).to(merged.dtype)
+
+
+def task_state_dict(
+    unified: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor], side: Mapping[str, Mapping[str, torch.Tensor]], task: int,
+) -> dict[str, torch.Tensor]:
+    """``load_task_model`` for an in-memory EMR merge (``merge_state_dicts(..., side_outputs=side)``)."""
+    lam = float(task_rescalers(side["sums"])[task])
+    masks = side[f"mask_{task}"]
+    return {n: _task_tensor(v, base[n], masks[n], lam) if n in masks else v for n, v in unified.items()}
+
+
 def load_task_model(
     folder: str | os.PathLike,
     task: int | str | os.PathLike,
@@ -156,9 +173,8 @@ def load_task_model(
                 if name not in masked:
                     out[name] = merged
                     continue
-                theta0 = (base_src[name] if base_ck is None else base_ck.read(name)).float()
-                mask = unpack_bits(masks.get_tensor(name), tuple(merged.shape))
-                out[name] = (theta0 + lam * mask * (merged.float() - theta0)).to(merged.dtype)
+                theta0 = base_src[name] if base_ck is None else base_ck.read(name)
+                out[name] = _task_tensor(merged, theta0, masks.get_tensor(name), lam)
         return out
     finally:
         unified.close()
