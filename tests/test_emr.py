@@ -166,3 +166,25 @@ def test_bench_scores_emr_tasks_on_their_own_models():
         assert all(torch.equal(res[name]["sd"][n], want[n]) for n in want)
     plain, _ = Bench.merged_scores(stub, "task_arithmetic", ({}, {"weight": 1.0}), tasks, "val")
     assert plain["a"]["heads"] == stub.ft_heads  # other methods: one model, every head
+
+
+def _tree_bytes(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("kill", [{"ALLOYKIT_FAULT_KILL_AFTER": "10"}, {"ALLOYKIT_FAULT_KILL_AT": "tensors-written"}])
+def test_killed_emr_merge_resumes_to_the_same_side_files(family, tmp_path, kill):
+    """Side outputs are held in memory, so a resumed EMR merge recomputes every shard and writes them whole."""
+    import os
+
+    base, tunes = family
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"merge_method: emr\nbase_model: {base}\ndtype: float32\nmodels:\n" + "".join(f"  - model: {t}\n" for t in tunes))
+    cli = [sys.executable, "-m", "alloykit.cli.main", "merge", str(recipe)]
+    shard = ["-q", "--max-shard-size", "100KB"]
+    subprocess.run(cli + [str(tmp_path / "ref"), *shard], check=True)
+    out = tmp_path / "out"
+    r = subprocess.run(cli + [str(out), *shard], env={**os.environ, **kill}, capture_output=True, text=True)
+    assert r.returncode == -9, r.stderr
+    subprocess.run(cli + [str(out), *shard, "--resume"], check=True)
+    assert _tree_bytes(out) == _tree_bytes(tmp_path / "ref")
