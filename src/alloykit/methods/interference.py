@@ -38,20 +38,21 @@ class PcbParams(Params):
     )
 
 
-def _minmax(flat: torch.Tensor) -> torch.Tensor:
-    """Min-max normalisation of each row to [0, 1] (a constant row maps to 0)."""
-    lo = flat.amin(1, keepdim=True)
-    span = flat.amax(1, keepdim=True) - lo
-    return torch.where(span > 0, (flat - lo) / torch.where(span > 0, span, 1.0), 0.0)
+def _minmax_(v: torch.Tensor) -> torch.Tensor:
+    """In place: min-max normalisation of a 1-D tensor to [0, 1] (a constant tensor maps to 0)."""
+    lo, hi = v.aminmax()
+    span = float(hi - lo)
+    return v.sub_(lo).div_(span) if span > 0 else v.zero_()
 
 
-def _softmax_d(flat: torch.Tensor) -> torch.Tensor:
-    """``d * softmax`` over each row's d entries: the paper's softmax rescaled to mean 1.
+def _softmax_d_(v: torch.Tensor) -> torch.Tensor:
+    """In place: ``d * softmax(v)`` over the d entries of a 1-D tensor (the paper's softmax rescaled to mean 1).
 
     The factor d is the same for every task of one tensor, so it cancels in PCB's weighted
     mean; it keeps the scores near 1 instead of near 1/d (float32 on 10^8-entry tensors).
     """
-    return torch.softmax(flat, dim=1).mul_(flat.shape[1])
+    v.sub_(v.max()).exp_()
+    return v.mul_(v.numel() / float(v.sum()))
 
 
 def pcb_scores(tau: torch.Tensor) -> torch.Tensor:
@@ -61,13 +62,16 @@ def pcb_scores(tau: torch.Tensor) -> torch.Tensor:
       beta_inter_i = sum_j softmax(Norm(tau_i * tau_j))
       beta_i = beta_intra_i * beta_inter_i
     Norm = min-max over the d entries, softmax over the d entries (both scaled by d).
+    One task at a time, in place: a few [d] temporaries, not [K, d] ones (embeddings).
     """
     k = tau.shape[0]
-    intra = _softmax_d(_minmax(tau * tau).mul_(k))
-    inter = torch.zeros_like(tau)
-    for j in range(k):
-        inter += _softmax_d(_minmax(tau * tau[j]))
-    return intra.mul_(inter)
+    beta = torch.empty_like(tau)
+    for i in range(k):
+        inter = torch.zeros_like(tau[i])
+        for j in range(k):
+            inter += _softmax_d_(_minmax_(tau[i] * tau[j]))
+        beta[i] = _softmax_d_(_minmax_(tau[i] * tau[i]).mul_(k)).mul_(inter)
+    return beta
 
 
 def top_fraction_mask(scores: torch.Tensor, density: float) -> torch.Tensor:
