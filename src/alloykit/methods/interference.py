@@ -55,32 +55,27 @@ def _softmax_d_(v: torch.Tensor) -> torch.Tensor:
     return v.mul_(v.numel() / float(v.sum()))
 
 
-def pcb_scores(tau: torch.Tensor) -> torch.Tensor:
-    """PCB balance scores beta [K, d] of K flattened task vectors tau [K, d].
+def pcb_score(tau: torch.Tensor, i: int) -> torch.Tensor:
+    """PCB balance score beta_i [d] of task i, from K flattened task vectors tau [K, d].
 
       beta_intra_i = softmax(K * Norm(tau_i * tau_i))
       beta_inter_i = sum_j softmax(Norm(tau_i * tau_j))
       beta_i = beta_intra_i * beta_inter_i
     Norm = min-max over the d entries, softmax over the d entries (both scaled by d).
-    One task at a time, in place: a few [d] temporaries, not [K, d] ones (embeddings).
+    In place on [d] temporaries (no [K, d] ones: embeddings are 10^7-10^8 entries).
     """
     k = tau.shape[0]
-    beta = torch.empty_like(tau)
-    for i in range(k):
-        inter = torch.zeros_like(tau[i])
-        for j in range(k):
-            inter += _softmax_d_(_minmax_(tau[i] * tau[j]))
-        beta[i] = _softmax_d_(_minmax_(tau[i] * tau[i]).mul_(k)).mul_(inter)
-    return beta
+    inter = torch.zeros_like(tau[i])
+    for j in range(k):
+        inter += _softmax_d_(_minmax_(tau[i] * tau[j]))
+    return _softmax_d_(_minmax_(tau[i] * tau[i]).mul_(k)).mul_(inter)
 
 
-def top_fraction_mask(scores: torch.Tensor, density: float) -> torch.Tensor:
-    """Per row, ``scores >= sorted(scores)[floor((1 - density) * d)]`` (ascending sort): the top
-    ``density`` of the entries (ties at the threshold are all kept)."""
-    d = scores.shape[1]
-    idx = min(d - 1, int((1 - density) * d))
-    threshold = scores.kthvalue(idx + 1, dim=1, keepdim=True).values
-    return scores >= threshold
+def top_fraction_threshold(scores: torch.Tensor, density: float) -> torch.Tensor:
+    """``sorted(scores)[floor((1 - density) * d)]`` (ascending) of a 1-D tensor: entries at or
+    above it are the top ``density`` of the d entries (ties at the threshold all count)."""
+    d = scores.numel()
+    return scores.kthvalue(min(d - 1, int((1 - density) * d)) + 1).values
 
 
 @register(
@@ -117,10 +112,13 @@ def pcb(x: MergeInput) -> torch.Tensor:
     flat = tau.reshape(x.k, -1)
     if flat.shape[1] == 0:
         return x.base.clone()
-    beta = pcb_scores(flat)
-    beta *= top_fraction_mask(beta, x.params.density)
-    den = beta.sum(0)
-    num = (beta * flat).sum(0)
+    num = torch.zeros_like(flat[0])
+    den = torch.zeros_like(flat[0])
+    for i in range(x.k):  # one task at a time: [d] temporaries only
+        beta = pcb_score(flat, i)
+        beta *= beta >= top_fraction_threshold(beta, x.params.density)
+        den += beta
+        num.addcmul_(beta, flat[i])
     merged = torch.where(den > 0, num / torch.where(den > 0, den, 1.0), 0.0)
     return x.base + merged.view(x.base.shape) * x.params.lambda_
 
