@@ -49,7 +49,7 @@ def recipe(method: str, shared: dict, root: Path) -> dict:
 
 
 def breakdown(root: Path, label: str, method: str, shared: dict) -> dict[str, float]:
-    """Seconds of the method's function alone on layer 0's tensors and the embedding (1 thread)."""
+    """CPU seconds of the method's function alone on layer 0's tensors and the embedding (1 thread)."""
     from alloykit.io.checkpoint import Checkpoint
     from alloykit.methods import get_method
     from alloykit.methods.registry import MergeInput
@@ -65,13 +65,29 @@ def breakdown(root: Path, label: str, method: str, shared: dict) -> dict[str, fl
         stack = torch.stack([c.read(name).float() for c in cks[1:]])
         mps = [spec.model_params.model_validate({"weight": 1.0} if "weight" in spec.model_params.model_fields else {}) for _ in range(3)]
         x = MergeInput(name, stack, base, spec.params.model_validate(shared), mps, owned=True)
-        t0 = time.perf_counter()
+        t0 = time.thread_time()  # CPU time of this thread (torch runs on it with 1 thread): robust to a busy machine
         spec.fn(x)
-        times[name.removeprefix("model.").removeprefix("layers.0.")] = time.perf_counter() - t0
+        times[name.removeprefix("model.").removeprefix("layers.0.")] = time.thread_time() - t0
     for c in cks:
         c.close()
     print(f"  breakdown {label}: " + ", ".join(f"{k} {v:.2f}s" for k, v in times.items()), flush=True)
     return times
+
+
+def table(results: dict) -> str:
+    """Markdown table of a results file: seconds and ratios to task_arithmetic (wall and CPU)."""
+    ref = results["task_arithmetic"]
+    rows = ["| method | wall s | CPU s | wall / task_arithmetic | CPU / task_arithmetic | anon RSS GB | slowest tensor of layer 0 (function alone, 1 thread, CPU s) |",
+            "|---|---|---|---|---|---|---|"]
+    for label, r in results.items():
+        if label == "machine":
+            continue
+        params = ", ".join(f"{k}={v}" for k, v in r.get("parameters", {}).items())
+        worst = max(r.get("breakdown", {}).items(), key=lambda kv: kv[1], default=None)
+        rows.append(f"| {label}{f' ({params})' if params and label != 'wudi closed_form' else ''} | {r['wall']:.1f} | {r['cpu']:.1f} | "
+                    f"{r['wall'] / ref['wall']:.1f}x | {r['cpu'] / ref['cpu']:.1f}x | {r['rss_anon'] / 1e9:.2f} | "
+                    + (f"{worst[0]} {worst[1]:.2f} s" if worst else "-") + " |")
+    return "\n".join(rows)
 
 
 def main() -> None:
@@ -82,7 +98,11 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma-separated labels (default: all)")
     ap.add_argument("--adam-steps", type=int, default=300, help="Adam steps of 'wudi adam' (cost is linear in the steps)")
     ap.add_argument("--breakdown", action="store_true")
+    ap.add_argument("--table", action="store_true", help="print the Markdown table of --out and stop")
     a = ap.parse_args()
+    if a.table:
+        print(table(json.loads(a.out.read_text())))
+        return
     work = a.work or a.root.parent / "subspace-work"
     work.mkdir(parents=True, exist_ok=True)
     labels = [s.strip() for s in a.only.split(",") if s.strip()] or list(VARIANTS)
