@@ -52,8 +52,10 @@ def unpack_bits(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
 def emr_unified(tau: torch.Tensor) -> torch.Tensor:
     """tau_uni = sign(sum_t tau_t) * max over the tasks agreeing with that sign of |tau_t| (0 where none agrees)."""
     sign = torch.sign(tau.sum(0))
-    agree = tau * sign > 0
-    return sign * (tau.abs() * agree).amax(0)
+    mag = torch.zeros_like(sign)
+    for t in tau:  # sign * tau_t is |tau_t| where task t agrees, <= 0 where not; one task at a time ([d] temporaries)
+        torch.maximum(mag, t * sign, out=mag)
+    return mag.mul_(sign)
 
 
 @register(
@@ -83,13 +85,14 @@ def emr(x: MergeInput) -> torch.Tensor:
     """
     tau = x.deltas()
     uni = emr_unified(tau)
-    masks = tau * uni > 0
-    flat_tau = tau.reshape(x.k, -1).double()
-    numerators = flat_tau.abs().sum(1)
-    denominators = (masks.reshape(x.k, -1) * uni.reshape(1, -1).abs()).double().sum(1)
-    for t in range(x.k):
-        x.emit(f"mask_{t}", pack_bits(masks[t]))
-    x.emit("sums", torch.stack([numerators, denominators], dim=1))
+    uni_abs = uni.abs()
+    sums = torch.zeros(x.k, 2, dtype=torch.float64)
+    for t in range(x.k):  # one task at a time: no [K, ...] temporaries on embedding-sized tensors
+        mask = tau[t] * uni > 0
+        x.emit(f"mask_{t}", pack_bits(mask))
+        sums[t, 0] = tau[t].abs().sum(dtype=torch.float64)
+        sums[t, 1] = (uni_abs * mask).sum(dtype=torch.float64)
+    x.emit("sums", sums)
     return x.base + uni
 
 
