@@ -96,6 +96,9 @@ def main() -> None:
     lines += ["## Scaling", ""] + plots(results) + [""]
     if results.get("scaling"):
         lines += ["```json", json.dumps(results["scaling"], indent=1), "```", ""]
+    subspace = DOCS / "benchmarks-subspace.md"  # written by hand from benchmarks/subspace_cost.py --table
+    if subspace.exists():
+        lines += [subspace.read_text().strip(), ""]
     (DOCS / "benchmarks.md").write_text("\n".join(lines))
     print("wrote docs/benchmarks.md")
 

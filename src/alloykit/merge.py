@@ -17,10 +17,11 @@ import torch
 
 from alloykit.config import Recipe, load_recipe, parse_recipe
 from alloykit.errors import CheckpointError, OutputError, PlanError
-from alloykit.io.checkpoint import StateDictCheckpoint
+from alloykit.io.checkpoint import Checkpoint, StateDictCheckpoint
 from alloykit import __version__
 from alloykit.card import write_metadata
 from alloykit.io.journal import JOURNAL, Journal, fault_point, file_sha256
+from alloykit.io.side import SideOutputs
 from alloykit.io.writer import ShardedWriter, ShardLayout, plan_shards
 from alloykit.plan.executor import DEFAULT_BUDGET, run_jobs
 from alloykit.plan.planner import Plan, make_plan
@@ -267,19 +268,45 @@ def _write(plan: Plan, folder: Path, shards: list[ShardLayout], journal: Journal
 
     writer = ShardedWriter(folder, shards, {j.name: j.out_dtype for j in plan.jobs}, {j.name: j.shape for j in plan.jobs},
                            on_complete=completed)
-    done = set(journal.shards)
+    side = SideOutputs() if plan.method.side_outputs else None
+    # side outputs live in memory until the end, so a resumed merge of such a method recomputes every shard
+    done = set(journal.shards) if side is None else set()
     skip = {n for s in shards if s.filename in done for n in s.names}
     writer.open(done)
     sink = _with_fault_hook(writer.write)
     try:
         run_jobs(plan, sink, device=device, threads=threads or default_threads(), budget_bytes=budget_bytes,
-                 progress=progress, fail_on_nonfinite=fail_on_nonfinite, skip=skip)
+                 progress=progress, fail_on_nonfinite=fail_on_nonfinite, skip=skip,
+                 side_sink=side.add if side is not None else None)
     finally:
         writer.close()
     fault_point("tensors-written")
     writer.write_index()
+    if side is not None:
+        side.write(folder / plan.method.name, side_manifest(plan))
     write_metadata(plan, folder, copy_tokenizer=copy_tokenizer)
     fault_point("metadata-written")
+
+
+def side_manifest(plan: Plan) -> dict[str, Any]:
+    """What a reader of side outputs needs to know: the method and its inputs, in the order
+    the method saw them (a job's sources: the recipe's models, base excluded)."""
+    job = next((j for j in plan.jobs if not j.copy), None)
+
+    def path_of(i: int) -> str | None:
+        ck = plan.checkpoints[i]
+        return str(ck.path.resolve()) if isinstance(ck, Checkpoint) else None
+
+    sources = job.sources if job is not None else []
+    base = job.base if job is not None else None
+    return {
+        "method": plan.method.name,
+        "alloykit_version": __version__,
+        "models": [plan.labels[s.model] for s in sources],
+        "model_paths": [path_of(s.model) for s in sources],
+        "base": plan.labels[base.model] if base is not None else None,
+        "base_path": path_of(base.model) if base is not None else None,
+    }
 
 
 def _with_fault_hook(sink):
@@ -317,6 +344,7 @@ def merge_state_dicts(
     seed: int = 0,
     out_dtype: torch.dtype | None = None,
     stats: Sequence[Any] | None = None,
+    side_outputs: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Merge in-memory state dicts (or modules) with a registered method.
 
@@ -324,6 +352,8 @@ def merge_state_dicts(
     dict per model. ``stats`` (data-dependent methods): per model, its statistics, an
     ``alloykit.stats.store.Stats`` or a dict kind -> {tensor name: tensor}. The tensors go through the same planner and executor as a file
     merge, so the result equals ``merge()`` of the same models saved to disk.
+    ``side_outputs``: a dict that receives the method's side outputs, if it emits any
+    (group -> {tensor name -> tensor}, as a file merge stores them).
     """
     sds = [m.state_dict() if isinstance(m, torch.nn.Module) else dict(m) for m in models]
     base_sd = base.state_dict() if isinstance(base, torch.nn.Module) else (dict(base) if base is not None else None)
@@ -353,7 +383,10 @@ def merge_state_dicts(
         recipe["parameters"] = parameters
     plan = make_plan(parse_recipe(recipe), seed=seed, preloaded=preloaded, preloaded_stats=preloaded_stats)
     result: dict[str, torch.Tensor] = {}
-    run_jobs(plan, result.__setitem__, threads=1, progress=False)
+    side = SideOutputs() if side_outputs is not None else None
+    run_jobs(plan, result.__setitem__, threads=1, progress=False, side_sink=side.add if side is not None else None)
+    if side is not None:
+        side_outputs.update(side.groups)
     if out_dtype is not None:
         result = {k: v.to(out_dtype) if v.is_floating_point() else v for k, v in result.items()}
     return result

@@ -193,7 +193,7 @@ class Bench:
         return search_row(self, name)
 
     # -- merging -------------------------------------------------------------------------
-    def merged(self, method: str, point: grids.Point, tasks: list[Task]) -> tuple[dict, float]:
+    def merged(self, method: str, point: grids.Point, tasks: list[Task], side: dict | None = None) -> tuple[dict, float]:
         from alloykit.merge import merge_state_dicts
         from alloykit.methods.registry import get_method
 
@@ -207,7 +207,7 @@ class Bench:
         sd = merge_state_dicts([self.ft_sd[t.name] for t in tasks], method,
                                base=None if spec.base == "ignored" else self.base_sd, parameters=shared or None,
                                model_parameters=[dict(per_model) for _ in tasks] if per_model else None,
-                               seed=self.cfg.merge_seed, stats=stats)
+                               seed=self.cfg.merge_seed, stats=stats, side_outputs=side)
         return sd, time.monotonic() - t0
 
     def task_stats(self, task: Task, kind: str):
@@ -264,6 +264,19 @@ class Bench:
                 write_stats(f, {"gram": g}, meta)
         return [open_stats(f, t.name) for f, t in zip(folders, tasks)]
 
+    def merged_scores(self, method: str, point: grids.Point, tasks: list[Task], split: str) -> tuple[dict[str, dict], float]:
+        """Scores of a merge on ``tasks``. EMR is scored per task, each task on its own model
+        rebuilt from the unified model, its mask and its rescaler (the paper's protocol)."""
+        if method != "emr":
+            sd, secs = self.merged(method, point, tasks)
+            return self.score(sd, self.ft_heads, tasks, split), secs
+        from alloykit.methods.emr import task_state_dict
+
+        side: dict = {}
+        sd, secs = self.merged(method, point, tasks, side)
+        return {t.name: self.score(task_state_dict(sd, self.base_sd, side, i), {t.name: self.ft_heads[t.name]}, [t], split)[t.name]
+                for i, t in enumerate(tasks)}, secs
+
     def method(self, name: str) -> dict[str, Any]:
         from alloykit.methods.registry import get_method
 
@@ -277,11 +290,10 @@ class Bench:
         tried = []
         for point in points:
             try:
-                sd, secs = self.merged(name, point, self.tasks)
+                val, secs = self.merged_scores(name, point, self.tasks, "val")
             except Exception as err:  # noqa: BLE001 - a method that fails is reported, not fatal
                 tried.append({"params": grids.describe(point), "error": f"{type(err).__name__}: {err}"})
                 continue
-            val = self.score(sd, self.ft_heads, self.tasks, "val")
             tried.append({"params": grids.describe(point), "point": point, "merge_s": round(secs, 2),
                           "val_avg": _avg(val), "val": {t: r["accuracy"] for t, r in val.items()}})
             self.log(f"    {name} [{grids.describe(point)}]: val {100 * _avg(val):.1f}  (merge {secs:.1f}s)")
@@ -289,8 +301,7 @@ class Bench:
         if not ok:
             return {"status": "error", "reason": tried[-1]["error"] if tried else "no grid point", "grid": tried}
         best = max(ok, key=lambda p: p["val_avg"])  # first of equals: grids list the plainest point first
-        sd, _ = self.merged(name, best["point"], self.tasks)
-        test = self.score(sd, self.ft_heads, self.tasks, "test")
+        test, _ = self.merged_scores(name, best["point"], self.tasks, "test")
         for p in tried:
             p.pop("point", None)
         chosen = _point_of(best["params"], points)
@@ -311,7 +322,7 @@ class Bench:
             out[name] = []
             for k in range(2, len(self.tasks) + 1):
                 sub = self.tasks[:k]
-                res = row["test"] if k == len(self.tasks) else self.score(self.merged(name, point, sub)[0], self.ft_heads, sub, "test")
+                res = row["test"] if k == len(self.tasks) else self.merged_scores(name, point, sub, "test")[0]
                 out[name].append({"k": k, "tasks": [t.name for t in sub], "avg": _avg(res),
                                   "norm_avg": self._norm(res, self.ft_test)})
                 self.log(f"    curve {name} k={k}: normalized {100 * out[name][-1]['norm_avg']:.1f}")

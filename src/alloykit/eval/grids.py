@@ -60,6 +60,12 @@ KNOWN: dict[str, tuple[dict[str, list], dict[str, list]]] = {
     "fisher": ({"normalize": [True, False]}, {}),
     "regmean": ({"alpha": [0.5, 0.9, 1.0]}, {}),
     "regmean_plus_plus": ({"alpha": [0.5, 0.9, 1.0]}, {}),
+    # interference balancing: PCB's merge is a score-weighted mean (one task vector's size), so the
+    # mean scales; WUDI has no scale to tune (the paper's point), only the solver
+    "pcb": ({"density": [0.2], "lambda": MEAN_SCALES}, {}),
+    "wudi": ({"solver": ["adam", "closed_form"]}, {}),
+    # tuning-free; the Bench scores each task on its own rebuilt model (unified + mask + rescaler)
+    "emr": ({}, {}),
 }
 
 

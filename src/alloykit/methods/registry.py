@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -66,6 +66,8 @@ class MergeInput:
     #: one scalar per model from its statistics' summary (the Fisher's global L2 norm over
     #: all tensors, for per-model normalisation), [K] float32, or None
     stats_norms: torch.Tensor | None = None
+    #: side outputs of a method declared ``side_outputs`` (group -> this tensor's entry), see ``emit``
+    side: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def k(self) -> int:
@@ -76,6 +78,11 @@ class MergeInput:
         values = [float(getattr(m, field_name)) for m in self.model_params]
         col = torch.tensor(values, dtype=self.tensors.dtype, device=self.tensors.device)
         return col.view(-1, *([1] * (self.tensors.dim() - 1)))
+
+    def emit(self, group: str, tensor: torch.Tensor) -> None:
+        """Record a side output of this tensor: stored in ``<output>/<method>/<group>.safetensors``
+        under the tensor's name (only for methods registered with ``side_outputs=True``)."""
+        self.side[group] = tensor
 
     def deltas(self) -> torch.Tensor:
         """Task vectors: each input minus the base (tau_i = theta_i - theta_0).
@@ -103,6 +110,9 @@ class MethodSpec:
     #: rows are independent (output row r depends only on row r of each input, for every
     #: parameter value): the executor may merge a large tensor a block of rows at a time
     elementwise: bool = False
+    #: the method also emits named side tensors (``MergeInput.emit``) that the writer stores
+    #: beside the model, e.g. EMR's per-task masks; such a method must not be ``elementwise``
+    side_outputs: bool = False
     #: if True, merging K copies of one tensor returns that tensor (checked by the suite)
     fixed_point: bool = True
     #: which peer implementation the numbers reproduce, e.g. "mergekit"

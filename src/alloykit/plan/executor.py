@@ -41,6 +41,8 @@ from alloykit.methods.registry import MergeInput
 from alloykit.plan.planner import Plan, TensorJob, tensor_seed
 
 Sink = Callable[[str, torch.Tensor], None]
+#: receives a job's side outputs (group -> tensor) for methods declared ``side_outputs``
+SideSink = Callable[[str, dict[str, torch.Tensor]], None]
 
 #: bytes of working memory in flight (estimated by ``job_cost``); with the interpreter and
 #: the heap's slack on top, a 4-input 1.1B merge stays under 2 GB resident at this figure
@@ -64,7 +66,9 @@ def block_rows(job: TensorJob, plan: Plan, device: torch.device) -> int | None:
     is a multiple of 64 rows where it can be, so that vector loops see the same lanes.
     """
     block_elements = BLOCK_ELEMENTS
-    if job.copy or device.type != "cpu" or not plan.method.elementwise or len(job.shape) == 0 or job.stats:
+    method = plan.method
+    if (job.copy or device.type != "cpu" or not method.elementwise or method.side_outputs or len(job.shape) == 0
+            or job.stats):
         return None
     rows = job.shape[0]
     row_len = _numel(job.shape[1:])
@@ -100,12 +104,13 @@ def stack_numel(job: TensorJob) -> int:
 
 def compute_job(
     plan: Plan, job: TensorJob, device: torch.device, fail_on_nonfinite: bool = False,
-    workspace: torch.Tensor | None = None,
+    workspace: torch.Tensor | None = None, side_sink: SideSink | None = None,
 ) -> torch.Tensor:
     """The merged tensor of one job (on the CPU, in the job's output dtype).
 
     ``workspace``: a float32 CPU buffer of at least ``stack_numel(job)`` entries to hold
-    the stack and the base (fresh memory when None).
+    the stack and the base (fresh memory when None). ``side_sink`` receives the job's side
+    outputs, if its method emits any (moved to the CPU).
     """
     cks = plan.checkpoints
     if job.copy:
@@ -143,6 +148,8 @@ def compute_job(
         raise AssertionError(f"method {plan.method.name} returned shape {list(result.shape)} for '{job.name}' {list(job.shape)}")
     if not _all_finite(result):
         _nonfinite(f"tensor '{job.name}': the merged result holds NaN or Inf", fail_on_nonfinite)
+    if x.side and side_sink is not None:
+        side_sink(job.name, {group: t.detach().to("cpu") for group, t in x.side.items()})
     return out.copy_(result)
 
 
@@ -267,8 +274,10 @@ def run_jobs(
     progress: bool = True,
     fail_on_nonfinite: bool = False,
     skip: set[str] | None = None,
+    side_sink: SideSink | None = None,
 ) -> None:
-    """Compute every job (except those in ``skip``) and pass each result to ``sink``."""
+    """Compute every job (except those in ``skip``) and pass each result to ``sink``
+    (and its side outputs, if the method emits any, to ``side_sink``)."""
     device = torch.device(device)
     jobs = [j for j in plan.jobs if not (skip and j.name in skip)]
     # parallelism comes from jobs (threads=1: none): intra-op threads on top would oversubscribe
@@ -278,12 +287,12 @@ def run_jobs(
     try:
         with _tuned_malloc():
             if threads > 1:
-                return _run_parallel(plan, jobs, sink, device, threads, budget_bytes, progress, fail_on_nonfinite)
+                return _run_parallel(plan, jobs, sink, device, threads, budget_bytes, progress, fail_on_nonfinite, side_sink)
             prog = Progress(len(jobs), sum(j.out_bytes for j in jobs), enabled=progress)
             slab = _Slab(min(budget_bytes, max((stack_numel(j) for j in jobs), default=0) * 4))
             for job in jobs:
                 with slab.region(plan, job, device) as workspace:
-                    out = compute_job(plan, job, device, fail_on_nonfinite, workspace)
+                    out = compute_job(plan, job, device, fail_on_nonfinite, workspace, side_sink)
                 sink(job.name, out)
                 prog.update(job.out_bytes)
     finally:
@@ -291,7 +300,7 @@ def run_jobs(
 
 
 def _run_parallel(plan: Plan, jobs: list[TensorJob], sink: Sink, device: torch.device, threads: int, budget_bytes: int,
-                  progress: bool, fail_on_nonfinite: bool) -> None:
+                  progress: bool, fail_on_nonfinite: bool, side_sink: SideSink | None = None) -> None:
     """Jobs on a thread pool, biggest first, with at most ``budget_bytes`` of working memory in flight."""
     prog = Progress(len(jobs), sum(j.out_bytes for j in jobs), enabled=progress)
     cond = threading.Condition()
@@ -314,7 +323,7 @@ def _run_parallel(plan: Plan, jobs: list[TensorJob], sink: Sink, device: torch.d
     def work(job: TensorJob, cost: int) -> None:
         try:
             with slab.region(plan, job, device) as workspace:
-                out = compute_job(plan, job, device, fail_on_nonfinite, workspace)
+                out = compute_job(plan, job, device, fail_on_nonfinite, workspace, side_sink)
             sink(job.name, out)
             prog.update(job.out_bytes)
         except BaseException as err:  # reported by the submitting thread, after in-flight jobs end
