@@ -60,9 +60,10 @@ KNOWN: dict[str, tuple[dict[str, list], dict[str, list]]] = {
     "fisher": ({"normalize": [True, False]}, {}),
     "regmean": ({"alpha": [0.5, 0.9, 1.0]}, {}),
     "regmean_plus_plus": ({"alpha": [0.5, 0.9, 1.0]}, {}),
-    # interference balancing: PCB's merge is a score-weighted mean (one task vector's size), so the
-    # mean scales; WUDI has no scale to tune (the paper's point), only the solver
-    "pcb": ({"density": [0.2], "lambda": MEAN_SCALES}, {}),
+    # interference balancing: PCB's merge is a score-weighted mean (one task vector's size); its best
+    # scale here sat at the low end of the mean scales, so the grid reaches down to 0.3. WUDI has no
+    # scale to tune (the paper's point), only the solver
+    "pcb": ({"density": [0.2], "lambda": [0.3, 0.5, 0.7, 1.0, 1.5]}, {}),
     "wudi": ({"solver": ["adam", "closed_form"]}, {}),
     # tuning-free; the Bench scores each task on its own rebuilt model (unified + mask + rescaler)
     "emr": ({}, {}),
