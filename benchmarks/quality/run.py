@@ -158,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.from_json:
         results = json.loads(Path(args.from_json).read_text())
+        json_path = Path(args.json or args.from_json)  # rewritten in place (with the interference report), never another run's file
     elif args.update:
         if not args.methods and not args.rerun_baselines:
             ap.error("--update needs --methods (the rows to rerun) or --rerun-baselines")
