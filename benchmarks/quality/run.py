@@ -102,6 +102,8 @@ def update(results: dict, cfg: BenchConfig, methods: list[str], log, save, basel
     if any(m["cached"] is False for m in bench.ft_meta.values()):
         raise SystemExit("--update: a fine-tune was not in the cache, so the kept rows would not match; run the whole benchmark")
     bench.ft_test = results["baselines"]["fine-tuned (individual)"]["test"]
+    for key in ("search_steps", "search_lr", "search_samples", "n_stats"):  # what the rerun rows run with
+        results["config"][key] = getattr(cfg, key)
     for name in methods:
         tm = time.monotonic()
         log(f"  method {name} (update)")
@@ -125,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tasks", nargs="+", help="override the preset's tasks")
     ap.add_argument("--methods", nargs="+", help="only these methods (default: the preset's, else every registered)")
     ap.add_argument("--search", nargs="*", help="only these search rows (default: the preset's; none: no search rows)")
+    ap.add_argument("--search-steps", type=int, help="Adam steps of the AdaMerging rows (default: the preset's)")
     ap.add_argument("--steps", type=int, help="fine-tuning steps per task")
     ap.add_argument("--joint-steps", type=int)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 was fastest on a contended 2-core box)")
@@ -145,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         p["methods"] = args.methods
     if args.search is not None:
         p["search_methods"] = args.search
+    if args.search_steps is not None:
+        p["search_steps"] = args.search_steps
     if args.steps:
         p["recipe"] = FinetuneRecipe(**{**p["recipe"].to_dict(), "steps": args.steps})
     if args.joint_steps is not None:
