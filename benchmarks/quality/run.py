@@ -93,7 +93,9 @@ def literature_notes(results: dict) -> str:
     out = []
     for u in results.get("updates", []):
         if u.get("command"):
-            what = ", ".join(u.get("methods") or []) + (" and the baselines" if u.get("baselines") else "")
+            what = ", ".join(u.get("methods") or [])
+            what += (" and the curve of " + ", ".join(u["curve"]) if u.get("curve") else "") + (" and the baselines" if u.get("baselines") else "")
+            what = what.removeprefix(" and ")
             out.append(f"- Rerun after the full run with `--update` against the same cached fine-tunes ({what}): `{u['command']}`")
     if {"regmean", "ties", "task_arithmetic"} <= m.keys():
         rpp = f" and RegMean++ {m['regmean_plus_plus']:.1f}" if "regmean_plus_plus" in m else ""
@@ -126,7 +128,8 @@ def literature_notes(results: dict) -> str:
     return "\n".join(out)
 
 
-def update(results: dict, cfg: BenchConfig, methods: list[str], log, save, baselines: bool = False) -> dict:
+def update(results: dict, cfg: BenchConfig, methods: list[str], log, save, baselines: bool = False,
+           curve: list[str] | None = None) -> dict:
     """Rerun ``methods`` against the cached fine-tunes and replace their rows in ``results``
     (``save`` is called after each); ``baselines``: then recompute the baseline rows too."""
     from alloykit.eval.benchmark import Bench
@@ -150,12 +153,17 @@ def update(results: dict, cfg: BenchConfig, methods: list[str], log, save, basel
         results["methods"][name] = bench.search(name) if name in SEARCH_METHODS else bench.method(name)
         results["methods"][name]["seconds"] = round(time.monotonic() - tm, 1)
         save(results)
+    if curve:
+        bench.cfg.curve_methods = tuple(curve)
+        results.setdefault("curve", {}).update(bench.curve(results["methods"]))
+        save(results)
     if baselines:
         log("  baselines (update)")
         results["baselines"] = bench.baselines()
         results["config"]["joint_steps"] = cfg.joint_steps
         results["config"]["n_probe"] = cfg.n_probe
-    results.setdefault("updates", []).append({"methods": methods, "baselines": baselines, "command": " ".join(sys.argv),
+    results.setdefault("updates", []).append({"methods": methods, "baselines": baselines, "curve": curve or [],
+                                              "command": " ".join(sys.argv),
                                               "seconds": round(time.monotonic() - t0, 1), "hardware": hardware()})
     save(results)
     return results
@@ -177,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--from-json", help="rebuild the Markdown and plots from a results JSON (no training or merging)")
     ap.add_argument("--update", metavar="JSON",
                     help="rerun only --methods and replace their rows in this results JSON (same preset; the other rows are kept)")
+    ap.add_argument("--curve", nargs="+", help="with --update: (re)compute the k-task curve of these methods at their chosen points")
     ap.add_argument("--rerun-baselines", action="store_true", help="with --update: recompute the baseline rows too (after the methods)")
     ap.add_argument("--no-analyze", action="store_true", help="skip the interference analysis of the fine-tunes")
     ap.add_argument("--plots", help="folder of the PNG plots (default: the Markdown file's folder)")
@@ -205,11 +214,12 @@ def main(argv: list[str] | None = None) -> int:
         results = json.loads(Path(args.from_json).read_text())
         json_path = Path(args.json or args.from_json)  # rewritten in place (with the interference report), never another run's file
     elif args.update:
-        if not args.methods and not args.rerun_baselines:
-            ap.error("--update needs --methods (the rows to rerun) or --rerun-baselines")
+        if not args.methods and not args.rerun_baselines and not args.curve:
+            ap.error("--update needs --methods (the rows to rerun), --curve or --rerun-baselines")
         json_path = Path(args.json or args.update)
         results = update(json.loads(Path(args.update).read_text()), cfg, args.methods or [], log,
-                         save=lambda r: json_path.write_text(json.dumps(r, indent=1)), baselines=args.rerun_baselines)
+                         save=lambda r: json_path.write_text(json.dumps(r, indent=1)), baselines=args.rerun_baselines,
+                         curve=args.curve)
     else:
         results = run(cfg, log=log, checkpoint=json_path)
     md = Path(args.md)

@@ -196,7 +196,7 @@ def plot(results: dict[str, Any], out_dir: Path, prefix: str = "quality") -> dic
     for ax in list(axes.flat)[len(tasks):]:
         ax.axis("off")
     fig.suptitle("Test accuracy per task (%), gray: baselines, red line: chance")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.98))  # room for the title above the subplot titles
     name = f"{prefix}-per-task.png"
     fig.savefig(out_dir / name, dpi=90)
     plt.close(fig)
