@@ -35,7 +35,7 @@ from alloykit.eval.model import (FinetuneRecipe, base_model_path, embed, finetun
                                  train_probe)
 from alloykit.eval.tasks import Task, get_task
 
-CURVE_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties")
+CURVE_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "emr", "iso_cts", "regmean")
 
 
 @dataclass
