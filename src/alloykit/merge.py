@@ -20,7 +20,7 @@ from alloykit.errors import CheckpointError, OutputError, PlanError
 from alloykit.io.checkpoint import Checkpoint, StateDictCheckpoint
 from alloykit import __version__
 from alloykit.card import write_metadata
-from alloykit.io.journal import JOURNAL, Journal, fault_point, file_sha256
+from alloykit.io.journal import JOURNAL, Journal, fault_point, file_sha256, fsync_file
 from alloykit.io.side import SideOutputs
 from alloykit.io.writer import ShardedWriter, ShardLayout, plan_shards
 from alloykit.plan.executor import DEFAULT_BUDGET, run_jobs
@@ -218,7 +218,7 @@ def _replace(tmp: Path, out: Path) -> None:
     """Rename the finished folder into place (flushed first, so the rename publishes whole files)."""
     for p in tmp.iterdir():  # shards were fsynced as they completed; the small files were not
         if p.is_file() and not p.name.endswith(".safetensors"):
-            _fsync_file(p)
+            fsync_file(p)
     _fsync_dir(tmp)
     old = out.parent / f".{out.name}.alloykit-old"
     _remove(old)  # left by a merge killed between the two renames below
@@ -238,14 +238,6 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     elif path.exists() or path.is_symlink():
         path.unlink()
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:

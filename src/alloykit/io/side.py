@@ -13,13 +13,14 @@ until the merge ends.
 from __future__ import annotations
 
 import json
-import os
 import threading
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
+
+from alloykit.io.journal import fsync_file
 
 MANIFEST = "manifest.json"
 
@@ -42,10 +43,10 @@ class SideOutputs:
         for group, tensors in sorted(self.groups.items()):
             path = folder / f"{group}.safetensors"
             save_file(tensors, str(path), metadata={"format": "pt"})
-            _fsync(path)
+            fsync_file(path)
         path = folder / MANIFEST
         path.write_text(json.dumps({**manifest, "groups": sorted(self.groups)}, indent=2) + "\n")
-        _fsync(path)
+        fsync_file(path)
 
 
 def read_manifest(folder: Path) -> dict[str, Any] | None:
@@ -53,11 +54,3 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     return json.loads(path.read_text())
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
