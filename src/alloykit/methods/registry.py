@@ -22,6 +22,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from alloykit.errors import RecipeError, did_you_mean
+from alloykit.roles import TensorRole, role_of
 
 BasePolicy = Literal["required", "optional", "ignored"]
 #: statistics a data-dependent method reads besides the weights (``alloykit stats collect``):
@@ -47,7 +48,9 @@ class MergeInput:
     ``tensors`` stacks the K non-base inputs along dim 0 (float32, on the compute
     device); ``base`` is the base model's tensor or None; ``params`` holds the shared
     parameters and ``model_params`` one entry per input, both already resolved for
-    this tensor (filters and layer gradients applied) and validated.
+    this tensor (filters and layer gradients applied) and validated. ``role`` says what
+    the tensor is (``alloykit.roles``): a method that treats embeddings, heads or norms
+    differently reads it, never the name.
     """
 
     name: str
@@ -68,6 +71,12 @@ class MergeInput:
     stats_norms: torch.Tensor | None = None
     #: side outputs of a method declared ``side_outputs`` (group -> this tensor's entry), see ``emit``
     side: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: the tensor's role, as the planner tagged it (from the name, when called directly)
+    role: TensorRole | None = None
+
+    def __post_init__(self) -> None:
+        if self.role is None:
+            self.role = role_of(self.name)
 
     @property
     def k(self) -> int:

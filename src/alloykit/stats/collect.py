@@ -27,7 +27,7 @@ in_features^2 float32 matrix per linear layer (Gram).
 from __future__ import annotations
 
 import json
-import sys
+import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -36,6 +36,9 @@ from pathlib import Path
 import torch
 
 from alloykit.errors import AlloyError
+from alloykit.progress import Progress
+
+_log = logging.getLogger(__name__)
 
 KIND_CHOICES = ("fisher", "fisher_sampled", "gram", "all")
 
@@ -94,31 +97,14 @@ def score_encoder(examples: list[Example], target: Target) -> tuple[torch.Tensor
     return logits.unsqueeze(1), labels.unsqueeze(1), torch.ones(len(examples), 1, dtype=torch.long)
 
 
-class Progress:
-    def __init__(self, what: str, total: int, log: Callable[[str], None], every: float = 2.0, unit: str = "samples"):
-        self.what, self.total, self.log, self.every, self.unit = what, total, log, every, unit
-        self.start = self.last = time.monotonic()
-        self.done = self.batches = 0
-
-    def step(self, n: int) -> None:
-        self.done += n
-        self.batches += 1
-        now = time.monotonic()
-        if now - self.last >= self.every or self.done >= self.total:
-            self.last = now
-            rate = self.done / max(now - self.start, 1e-9)
-            batches = f"{self.batches} batches, " if self.unit == "samples" else ""
-            self.log(f"  {self.what}: {batches}{self.done}/{self.total} {self.unit}, {rate:.1f} {self.unit}/s")
-
-
 def fisher(target: Target, examples: list[Example], *, sampled: bool, seed: int = 0,
-           log: Callable[[str], None] = print) -> dict[str, torch.Tensor]:
+           log: Callable[[str], None] | None = None) -> dict[str, torch.Tensor]:
     """Diagonal Fisher of every parameter, averaged over ``examples`` (one backward pass each)."""
     module = target.module
     params = {n: p for n, p in module.named_parameters() if p.requires_grad}
     acc = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
     gen = torch.Generator().manual_seed(seed)
-    prog = Progress("fisher (sampled)" if sampled else "fisher (empirical)", len(examples), log)
+    prog = Progress("fisher (sampled)" if sampled else "fisher (empirical)", len(examples), log, unit="samples")
     for ex in examples:
         module.zero_grad(set_to_none=True)
         logits, labels, mask = target.score([ex], target)
@@ -131,7 +117,7 @@ def fisher(target: Target, examples: list[Example], *, sampled: bool, seed: int 
         for n, p in params.items():
             if p.grad is not None:
                 acc[n].add_(p.grad.float().square())
-        prog.step(1)
+        prog.update(1)
     module.zero_grad(set_to_none=True)
     return {n: a / max(len(examples), 1) for n, a in acc.items()}
 
@@ -141,7 +127,7 @@ class StopForward(Exception):
 
 
 @torch.no_grad()
-def gram(target: Target, examples: list[Example], *, batch_size: int = 16, log: Callable[[str], None] = print,
+def gram(target: Target, examples: list[Example], *, batch_size: int = 16, log: Callable[[str], None] | None = None,
          linears: dict[str, torch.nn.Linear] | None = None,
          stop_after: torch.nn.Module | None = None) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     """X^T X / n of the inputs of ``linears`` (default: every linear layer of the model, by module
@@ -172,7 +158,7 @@ def gram(target: Target, examples: list[Example], *, batch_size: int = 16, log: 
     handles = [mod.register_forward_hook(hook(f"{name}.weight")) for name, mod in linears.items()]
     if stop_after is not None:
         handles.append(stop_after.register_forward_hook(stop))
-    prog = Progress("gram", len(examples), log)
+    prog = Progress("gram", len(examples), log, unit="samples")
     try:
         for i in range(0, len(examples), batch_size):
             batch = examples[i : i + batch_size]
@@ -180,7 +166,7 @@ def gram(target: Target, examples: list[Example], *, batch_size: int = 16, log: 
                 target.score(batch, target)
             except StopForward:
                 pass
-            prog.step(len(batch))
+            prog.update(len(batch))
     finally:
         for h in handles:
             h.remove()
@@ -189,8 +175,10 @@ def gram(target: Target, examples: list[Example], *, batch_size: int = 16, log: 
 
 
 def collect(target: Target, examples: list[Example], kind: str, *, batch_size: int = 16, seed: int = 0,
-            log: Callable[[str], None] = print) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
-    """kind -> {tensor name: statistic}, and the summary for ``alloykit_stats.json``."""
+            log: Callable[[str], None] | None = None) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
+    """kind -> {tensor name: statistic}, and the summary for ``alloykit_stats.json``.
+
+    ``log``: a callback for the progress lines (default: a progress bar on stderr)."""
     if kind not in KIND_CHOICES:
         raise AlloyError(f"--kind {kind}: choose one of {', '.join(KIND_CHOICES)}")
     if not examples:
@@ -320,13 +308,13 @@ def read_texts(path: Path) -> Iterator[str]:
 
 
 def text_examples(model: Path, data: Path, samples: int, max_len: int, vocab: int,
-                  log: Callable[[str], None] = print) -> tuple[list[Example], str]:
+                  log: Callable[[str], None] | None = None) -> tuple[list[Example], str]:
     """Token ids of the first ``samples`` texts: the model folder's tokenizer, else UTF-8 bytes."""
     if data.suffix not in (".txt", ".jsonl"):
         raise AlloyError(f"--data '{data}': give a .txt file (one text per line) or a .jsonl file (a \"text\" per line)")
     tok = _tokenizer(model)
     if tok is None:
-        log(f"  no tokenizer in '{model}': token ids are the texts' UTF-8 bytes (mod the vocabulary size {vocab})")
+        (log or _log.info)(f"  no tokenizer in '{model}': token ids are the texts' UTF-8 bytes (mod the vocabulary size {vocab})")
     out = []
     for text in read_texts(data):
         if len(out) >= samples:
@@ -352,7 +340,7 @@ def collect_to_folder(model: str, out: str, *, tasks: list[str] | None = None, d
     """``alloykit stats collect``: load ``model``, collect ``kind`` on the data, write the folder ``out``."""
     from alloykit.stats.store import write_stats
 
-    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    say = log or _log.info  # messages; progress goes to ``log`` if given, else to a bar
     path = Path(model)
     _need_folder(path)
     if (tasks is None) == (data is None):
@@ -366,12 +354,12 @@ def collect_to_folder(model: str, out: str, *, tasks: list[str] | None = None, d
             raise AlloyError(f"model '{model}': config.json names no *ForCausalLM architecture; --data needs a causal LM "
                              "(for the benchmark's encoders use --task TASK)")
         target = causal_target(path)
-        examples, source = text_examples(path, Path(data), samples, max_len or 512, target.module.config.vocab_size, log)
-    log(f"alloykit stats: {kind} of {target.describe} on {len(examples)} examples of {source}")
+        examples, source = text_examples(path, Path(data), samples, max_len or 512, target.module.config.vocab_size, say)
+    say(f"stats: {kind} of {target.describe} on {len(examples)} examples of {source}")
     tensors, meta = collect(target, examples, kind, batch_size=batch_size, seed=seed, log=log)
     meta.update({"model": str(model), "data": source, "kind": kind, "seconds": round(time.monotonic() - t0, 1)})
     folder = write_stats(out, tensors, meta)
-    log(f"alloykit stats: wrote {', '.join(tensors)} statistics to {folder} in {meta['seconds']}s")
+    say(f"stats: wrote {', '.join(tensors)} statistics to {folder} in {meta['seconds']}s")
     return folder
 
 
