@@ -153,25 +153,25 @@ def role_of(name: str, config: dict[str, Any] | None = None) -> TensorRole:
     """The role of tensor ``name``; ``config`` (the model's config.json) tells whether the
     output head is tied to the token embedding."""
     split = split_layer(name)
-    module, _, param = name.rpartition(".")
-    if not module:  # a bare name ('weight' of a single nn.Linear)
-        module, param = "", name
-    parts = module.lower().split(".") if module else []
+    param = name.rpartition(".")[2]
+    path = (split[2] if split else name).lower().split(".")  # inside the block, for a tensor in one
+    parts = path[:-1]  # the module path
+    if path[-1] not in ("weight", "bias"):  # a bare parameter is its own module (fused experts, class_embedding)
+        parts = path
+    if path[-1] in _BUFFERS or not parts:
+        kind = Kind.OTHER
+    elif _is_norm(parts[-1]):
+        kind = Kind.NORM
+    else:
+        kind = _kind_in_block(parts) if split else _kind_outside(parts)
     if split is not None:
-        layer = split[1]
-        inner = split[2].lower().split(".")[:-1]  # module path inside the block
-        return TensorRole(_kind_in_block(inner, param), layer, "layer", param)
-    kind = _kind_outside(parts, param)
+        return TensorRole(kind, split[1], "layer", param)
     tied = kind is Kind.OUTPUT_HEAD and bool(tied_embeddings(config))
-    return TensorRole(kind, None, _section(kind, parts, name), param, tied)
+    return TensorRole(kind, None, _section(kind, path[:-1], name), param, tied)
 
 
-def _kind_in_block(parts: list[str], param: str) -> Kind:
-    if param in _BUFFERS or not parts:
-        return Kind.OTHER
+def _kind_in_block(parts: list[str]) -> Kind:
     last = parts[-1]
-    if _is_norm(last):
-        return Kind.NORM
     if last in ("gate", "router") and len(parts) > 1:
         return Kind.ROUTER
     if any(p in _ATTENTION_MODULES for p in parts[:-1]) or parts[0] in _ATTENTION_MODULES:
@@ -188,12 +188,8 @@ def _kind_in_block(parts: list[str], param: str) -> Kind:
     return Kind.OTHER
 
 
-def _kind_outside(parts: list[str], param: str) -> Kind:
-    if param in _BUFFERS or not parts:
-        return Kind.OTHER
+def _kind_outside(parts: list[str]) -> Kind:
     last = parts[-1]
-    if _is_norm(last):
-        return Kind.NORM
     if last in _OUTPUT_HEAD or parts[0] == "lm_head":
         return Kind.OUTPUT_HEAD
     if parts[:3] == ["cls", "predictions", "decoder"] or parts == ["cls", "predictions"]:
@@ -202,7 +198,7 @@ def _kind_outside(parts: list[str], param: str) -> Kind:
         return Kind.POSITION_EMBEDDING
     if last == "token_type_embeddings":
         return Kind.TOKEN_TYPE_EMBEDDING
-    if last in _TOKEN_EMBEDDING or any("embed" in p for p in parts[-1:]):
+    if last in _TOKEN_EMBEDDING or "embed" in last:
         return Kind.EMBEDDING
     if "pooler" in parts:
         return Kind.POOLER
@@ -216,7 +212,7 @@ def _is_norm(component: str) -> bool:
 
 
 def _section(kind: Kind, parts: list[str], name: str) -> str:
-    if kind in EMBEDDING_KINDS or any("embed" in p for p in parts) and kind is not Kind.OUTPUT_HEAD:
+    if kind in EMBEDDING_KINDS or (any("embed" in p for p in parts) and kind is not Kind.OUTPUT_HEAD):
         return "pre"  # the embeddings and what belongs to them (BERT's embeddings.LayerNorm, position_ids)
     if parts and parts[-1].startswith("pre_"):
         return "pre"  # CLIP's pre_layrnorm
