@@ -129,3 +129,19 @@ def test_the_docs_show_the_same_layers():
         assert row is not None, f"docs/architecture.md has no row for layer '{name}'"
         for p in prefixes:
             assert re.search(rf"`{re.escape(p.removeprefix('alloykit.'))}[`/]", row), f"layer '{name}' of the docs lacks {p}"
+
+
+#: the quality benchmark's harness, which is moving out of the library to benchmarks/quality/
+PRINTS_KNOWN = {"alloykit.eval.benchmark"}
+
+
+def test_only_the_cli_prints():
+    """Library code logs (``logging``) and shows progress (``alloykit.progress``); ``print``,
+    called or passed as a callback, is the CLI's."""
+    offenders = []
+    for mod, f in _modules().items():
+        if mod.startswith("alloykit.cli") or mod in PRINTS_KNOWN:
+            continue
+        offenders += [f"{mod}:{n.lineno}" for n in ast.walk(ast.parse(f.read_text()))
+                      if isinstance(n, ast.Name) and n.id == "print"]
+    assert not offenders, f"print in library code: {offenders}"
