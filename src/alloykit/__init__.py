@@ -31,7 +31,8 @@ _API = {
 __all__ = sorted([*_API, "__version__"])
 
 # data-dependent methods (``needs_stats``) read each model's statistics: attached at plan time
-register_plan_step("stats", "alloykit.stats.attach:attach_stats_step", applies=lambda spec: spec.needs_stats is not None)
+register_plan_step("stats", "alloykit.stats.attach:attach_stats_step", applies=lambda spec: spec.needs_stats is not None,
+                   replace=True)
 
 
 def __getattr__(name: str):
