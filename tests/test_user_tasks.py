@@ -231,3 +231,198 @@ def test_a_head_from_another_folder_scores_this_models_body(user, capsys):
         logp = torch.log_softmax(head(**tok(r["text"], return_tensors="pt")).logits[0], -1)
         expect += torch.autograd.grad(logp[head.config.label2id[r["label"]]], [p])[0].square() / 3
     assert torch.allclose(f["bert.encoder.layer.1.attention.output.dense.weight"], expect, rtol=1e-4, atol=1e-10)
+
+
+# -- searches with task files ---------------------------------------------------------------------
+def test_adamerging_with_task_files_records_its_data_and_merges_to_what_it_searched(user, tmp_path, capsys):
+    from alloykit.config import load_recipe
+
+    root = user
+    recipe = tmp_path / "ada.yaml"
+    _cli(capsys, "search", "adamerging", "--base", root / "base", "--models", root / "ft-mood", root / "ft-topic",
+         "--task", root / "mood.yaml", root / "topic.yaml", "--steps", 3, "--lr", 0.05, "--samples", 16, "-q",
+         "--out", recipe)
+    text = recipe.read_text()
+    for task in ("mood", "topic"):
+        digest = hashlib.sha256((root / f"{task}-val.jsonl").read_bytes()).hexdigest()
+        assert (f"# data: task {task} ({root / f'{task}.yaml'}): validation split {root / f'{task}-val.jsonl'}, 40 texts, "
+                f"16 used, sha256 {digest}") in text
+    assert "quality benchmark" not in text and "labels unused" in text
+    weights = [m.parameters["weight"] for m in load_recipe(recipe).models]
+    assert all(0.0 <= w <= 1.0 for w in weights) and weights != [0.3, 0.3]  # three Adam steps moved them
+    _cli(capsys, "merge", recipe, tmp_path / "merged", "-q")
+    base, fts, merged = _sd(root / "base"), [_sd(root / f"ft-{t}") for t in ("mood", "topic")], _sd(tmp_path / "merged")
+    name = "bert.encoder.layer.0.attention.self.key.weight"
+    by_hand = base[name] + (weights[0] * (fts[0][name] - base[name]) + weights[1] * (fts[1][name] - base[name]))
+    assert torch.allclose(merged[name], by_hand, atol=1e-6)
+
+
+def test_greedy_soup_scores_equal_alloykit_eval_on_validation(user, tmp_path, capsys):
+    """No --base (the first model stands in for the architecture); each model's score is the mean over the tasks of
+    its validation accuracy with each task's head, which `alloykit eval --split validation` reports."""
+    root = user
+    recipe = tmp_path / "greedy.yaml"
+    _cli(capsys, "search", "greedy-soup", "--models", root / "ft-mood", root / "ft-topic",
+         "--task", root / "mood.yaml", root / "topic.yaml", "--out", recipe)
+    text = recipe.read_text()
+    for task in ("mood", "topic"):
+        out = _cli(capsys, "eval", root / f"ft-{task}", "--task", root / "mood.yaml", root / "topic.yaml",
+                   "--split", "validation", "--json")
+        mean = sum(r["accuracy"] for r in json.loads(out.out)["results"]) / 2
+        assert f"# individual {root / f'ft-{task}'}: {mean:.4f}" in text
+    assert "sha256" in text and "never test" in text
+    _cli(capsys, "search", "uniform-soup", "--models", root / "ft-mood", root / "ft-topic",
+         "--task", root / "mood.yaml", root / "topic.yaml", "--out", tmp_path / "u.yaml")
+    assert "validation score: " in (tmp_path / "u.yaml").read_text()
+    assert yaml.safe_load((tmp_path / "u.yaml").read_text())["merge_method"] == "linear"
+
+
+# -- an encoder with a heads.safetensors head, CLS pooling ---------------------------------------------
+def test_encoder_with_a_linear_head_file_and_cls_pooling(user, tmp_path, capsys):
+    from transformers import AutoModel
+
+    root = user
+    body = AutoModel.from_pretrained(str(root / "ft-mood")).eval()  # a BertModel folder: the body only
+    body.save_pretrained(tmp_path / "enc")
+    g = torch.Generator().manual_seed(0)
+    save_file({"feel.weight": torch.randn(2, 32, generator=g), "feel.bias": torch.randn(2, generator=g)},
+              tmp_path / "heads.safetensors")
+    for f in ("mood-train.jsonl", "mood-test.jsonl"):
+        (tmp_path / f).write_text((root / f).read_text())
+    (tmp_path / "feel.yaml").write_text("data: {train: mood-train.jsonl, test: mood-test.jsonl}\n"
+                                        "head: heads.safetensors\npooling: cls\nlabels: [happy, sad]\n")
+    _cli(capsys, "stats", "collect", tmp_path / "enc", "--task", tmp_path / "feel.yaml", "--kind", "fisher", "--samples", 3,
+         "--out", tmp_path / "enc.stats")
+    f = load_file(tmp_path / "enc.stats" / "fisher.safetensors")
+    head = torch.nn.Linear(32, 2)
+    head.load_state_dict({"weight": load_file(tmp_path / "heads.safetensors")["feel.weight"],
+                          "bias": load_file(tmp_path / "heads.safetensors")["feel.bias"]})
+    p = dict(body.named_parameters())["encoder.layer.1.output.dense.weight"]
+    expect = torch.zeros_like(p)
+    tok = _tokenizer()
+    for r in _read(tmp_path / "mood-train.jsonl")[:3]:
+        cls = body(**tok(r["text"], return_tensors="pt")).last_hidden_state[0, 0]
+        logp = torch.log_softmax(head(cls), -1)
+        expect += torch.autograd.grad(logp[["happy", "sad"].index(r["label"])], [p])[0].square() / 3
+    assert torch.allclose(f["encoder.layer.1.output.dense.weight"], expect, rtol=1e-4, atol=1e-10)
+    out = _cli(capsys, "eval", tmp_path / "enc", "--task", tmp_path / "feel.yaml", "--json")
+    r = json.loads(out.out)["results"][0]
+    with torch.no_grad():
+        rows = _read(tmp_path / "mood-test.jsonl")
+        enc = tok([x["text"] for x in rows], padding=True, return_tensors="pt")
+        pred = head(body(**enc).last_hidden_state[:, 0]).argmax(-1)
+    assert r["correct"] == int((pred == torch.tensor([["happy", "sad"].index(x["label"]) for x in rows])).sum())
+    assert r["head"] == f"{tmp_path / 'heads.safetensors'}[feel], cls pooling"
+
+
+# -- the worked example on a causal LM ---------------------------------------------------------------
+def test_worked_example_regmean_of_two_causal_lms(tmp_path, capsys):
+    """Text-only JSONL in a task file (metric perplexity): Grams of each fine-tune on its train split,
+    RegMean, then the merged model's perplexity on the test split, recomputed with plain transformers."""
+    from transformers import AutoModelForCausalLM
+
+    from alloykit.testing.fixtures import LlamaShape, write_family
+
+    shape = LlamaShape(vocab=256, hidden=16, intermediate=32, layers=2, heads=2, kv_heads=1)
+    _, (ft1, ft2) = write_family(tmp_path, 2, shape)
+    rng = random.Random(0)
+    for split, n in (("train", 12), ("validation", 6), ("test", 8)):
+        _write_jsonl(tmp_path / f"notes-{split}.jsonl",
+                     [{"text": " ".join(rng.choice(FILLER + MOOD["happy"]) for _ in range(rng.randint(3, 9)))} for _ in range(n)])
+    (tmp_path / "notes.yaml").write_text("data:\n  train: notes-train.jsonl\n  validation: notes-validation.jsonl\n"
+                                         "  test: notes-test.jsonl\n")
+    for ft in (ft1, ft2):
+        out = _cli(capsys, "stats", "collect", ft, "--task", tmp_path / "notes.yaml", "--kind", "gram", "--out", f"{ft}.stats")
+        assert "12/12 samples" in out.err
+    meta = json.loads((tmp_path / "ft1.stats" / "alloykit_stats.json").read_text())
+    assert meta["family"] == "causal-lm" and meta["data"][0]["tokens"].startswith("UTF-8 bytes")
+    (tmp_path / "r.yaml").write_text(f"merge_method: regmean\nmodels:\n  - model: {ft1}\n    stats: {ft1}.stats\n"
+                                     f"  - model: {ft2}\n    stats: {ft2}.stats\n")
+    _cli(capsys, "merge", tmp_path / "r.yaml", tmp_path / "merged", "-q")
+    out = _cli(capsys, "eval", tmp_path / "merged", "--task", tmp_path / "notes.yaml", "--json")
+    r = json.loads(out.out)["results"][0]
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32).eval()
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for row in _read(tmp_path / "notes-test.jsonl"):
+            ids = torch.tensor(list(row["text"].encode()))
+            logits = model(input_ids=ids[None]).logits[0, :-1]
+            nll += float(torch.nn.functional.cross_entropy(logits, ids[1:], reduction="sum"))
+            n += len(ids) - 1
+    assert r["metric"] == "perplexity" and r["n"] == 8 and r["tokens"] == n
+    assert r["loss"] == pytest.approx(nll / n, rel=1e-5)
+    lo, hi = r["ci95"]
+    assert lo < r["perplexity"] < hi
+
+
+def test_llama_sequence_classifier_with_its_own_head(tmp_path, capsys):
+    """A decoder classifier (LlamaForSequenceClassification: the score of the last real token), labelled --data."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, num_labels=2, pad_token_id=0, id2label={0: "animal", 1: "vehicle"},
+                      label2id={"animal": 0, "vehicle": 1})
+    model = LlamaForSequenceClassification(cfg).eval()
+    model.save_pretrained(tmp_path / "clf")
+    rows = _rows(TOPIC, 10, 5)
+    _write_jsonl(tmp_path / "topic.jsonl", rows)
+    _cli(capsys, "stats", "collect", tmp_path / "clf", "--data", tmp_path / "topic.jsonl", "--kind", "all",
+         "--samples", 4, "--out", tmp_path / "clf.stats")
+    f = load_file(tmp_path / "clf.stats" / "fisher.safetensors")
+    p = dict(model.named_parameters())["score.weight"]
+    expect = torch.zeros_like(p)
+    for r in rows[:4]:
+        logp = torch.log_softmax(model(input_ids=torch.tensor([list(r["text"].encode())])).logits[0], -1)
+        expect += torch.autograd.grad(logp[cfg.label2id[r["label"]]], [p])[0].square() / 4
+    assert torch.allclose(f["score.weight"], expect, rtol=1e-4, atol=1e-10)
+    assert "score.weight" in load_file(tmp_path / "clf.stats" / "gram.safetensors")
+    out = _cli(capsys, "eval", tmp_path / "clf", "--data", tmp_path / "topic.jsonl", "--json")
+    r = json.loads(out.out)["results"][0]
+    with torch.no_grad():  # one text at a time: no padding question
+        pred = [int(model(input_ids=torch.tensor([list(x["text"].encode())])).logits.argmax()) for x in rows]
+    assert r["correct"] == sum(p == cfg.label2id[x["label"]] for p, x in zip(pred, rows))
+
+
+# -- mistakes: one line each, exit 2, saying what to do ----------------------------------------------
+def test_mistakes_get_one_line_that_says_what_to_do(user, tmp_path, capsys):
+    from transformers import AutoModel
+
+    root = user
+    AutoModel.from_pretrained(str(root / "ft-mood")).save_pretrained(tmp_path / "enc")
+    AutoModel.from_pretrained(str(root / "ft-topic")).save_pretrained(tmp_path / "enc2")
+    (tmp_path / "val.txt").write_text("some text\nmore text\n")
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine", "label": "happy"}\n{"text": oops}\n')
+    (tmp_path / "typo.yaml").write_text(f"data: {{test: {root / 'mood-test.jsonl'}}}\nhaed: {root / 'ft-mood'}\n")
+    (tmp_path / "generic.yaml").write_text(f"data: {{test: {root / 'mood-test.jsonl'}}}\nhead: {root / 'base'}\n")
+    (tmp_path / "lm.yaml").write_text("data: {test: val.txt}\n")
+    save_file({"other.weight": torch.zeros(2, 32), "other.bias": torch.zeros(2)}, tmp_path / "heads.safetensors")
+    (tmp_path / "nokey.yaml").write_text(f"data: {{test: {root / 'mood-test.jsonl'}}}\nhead: heads.safetensors\n")
+    out = str(tmp_path / "out")
+    capsys.readouterr()
+    cases = {
+        "no head for encoder": ["search", "adamerging", "--base", tmp_path / "enc", "--models", tmp_path / "enc2",
+                                "--data", tmp_path / "val.txt", "--out", tmp_path / "r.yaml"],
+        "needs a head for task": ["stats", "collect", tmp_path / "enc", "--data", tmp_path / "val.txt", "--out", out],
+        "the empirical Fisher reads labels": ["stats", "collect", root / "ft-mood", "--data", tmp_path / "val.txt", "--out", out],
+        "line 2: not valid JSON": ["stats", "collect", root / "ft-mood", "--data", tmp_path / "bad.jsonl", "--out", out],
+        "unknown key 'haed' (did you mean 'head'?)": ["eval", root / "ft-mood", "--task", tmp_path / "typo.yaml"],
+        "list the names in head-output order under 'labels:'": ["eval", root / "ft-mood", "--task", tmp_path / "generic.yaml"],
+        "has no head 'nokey' (heads: other)": ["eval", tmp_path / "enc", "--task", tmp_path / "nokey.yaml"],
+        "one is a bare body, the other a model with a head": [
+            "search", "adamerging", "--base", tmp_path / "enc", "--models", root / "ft-mood", "--task", root / "mood.yaml",
+            "--out", tmp_path / "r.yaml"],
+        "metric perplexity cannot score model": ["eval", root / "ft-mood", "--task", tmp_path / "lm.yaml"],
+        "has no classification head": ["eval", tmp_path / "enc", "--task", root / "mood.yaml", "--model-class",
+                                       "sequence-classification"],
+        "give the data: --task": ["stats", "collect", root / "ft-mood", "--out", out],
+        "unknown task 'wordnet_po' (did you mean 'wordnet_pos'?)": ["eval", root / "ft-mood", "--task", "wordnet_po"],
+        "split 'tst': choose one of train, validation, test (did you mean 'test'?)": [
+            "eval", root / "ft-mood", "--task", root / "mood.yaml", "--split", "tst"],
+    }
+    for want, argv in cases.items():
+        assert main([str(a) for a in argv]) == 2, want
+        err = capsys.readouterr().err.strip()
+        assert want in err and err.count("\n") == 0 and err.startswith("alloykit: error:"), (want, err)
+        assert "prefixed names" not in err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "r.yaml").exists()

@@ -213,26 +213,25 @@ def has_tokenizer(folder: Path) -> bool:
 
 
 def load_tokenizer(model: LoadedModel, *also: Path) -> TextTokenizer:
-    """The tokenizer in the model's folder (or in ``also``, e.g. a head's folder); for an encoder
-    without one, the quality benchmark's MiniLM tokenizer when the vocabularies agree; for a
-    causal LM without one, UTF-8 bytes."""
-    vocab = int(getattr(model.module.config, "vocab_size", 0) or 0)
+    """The tokenizer in the model's folder (or in ``also``, e.g. a head's folder); without one, the
+    quality benchmark's MiniLM tokenizer for a BERT of its vocabulary (the benchmark's fine-tune
+    folders hold none), else UTF-8 bytes (mod the vocabulary: alloykit's Llama-shaped test fixtures)."""
+    cfg = model.module.config
+    vocab = int(getattr(cfg, "vocab_size", 0) or 0)
+    pad = getattr(cfg, "pad_token_id", None)
     auto = transformers_module().AutoTokenizer
     for folder in (model.folder.path, Path(model.folder.given), *also):
         if has_tokenizer(folder):
             with quiet_transformers():
                 tok = auto.from_pretrained(str(folder))
-            pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-            return TextTokenizer(tok, vocab, f"tokenizer of {folder}", int(pad))
-    if model.family == "causal-lm":
-        pad = getattr(model.module.config, "pad_token_id", None) or 0
-        return TextTokenizer(None, vocab, "UTF-8 bytes", int(pad))
-    try:
-        with quiet_transformers():
-            tok = auto.from_pretrained(str(base_model_path()))
-    except (AlloyError, OSError):
-        tok = None
-    if tok is None or len(tok) > vocab:
-        raise ModelFolderError(f"model '{model.folder.given}' has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}); "
-                               "save the tokenizer into the folder (tokenizer.save_pretrained)")
-    return TextTokenizer(tok, vocab, "the quality benchmark's MiniLM tokenizer (none in the folder)", 0)
+            pad = pad if pad is not None else tok.pad_token_id
+            return TextTokenizer(tok, vocab, f"tokenizer of {folder}", int(pad or 0))
+    if getattr(cfg, "model_type", None) == "bert":
+        try:
+            with quiet_transformers():
+                tok = auto.from_pretrained(str(base_model_path()))
+        except (AlloyError, OSError):
+            tok = None
+        if tok is not None and len(tok) == vocab:
+            return TextTokenizer(tok, vocab, "the quality benchmark's MiniLM tokenizer (none in the folder)", int(pad or 0))
+    return TextTokenizer(None, vocab, f"UTF-8 bytes mod {vocab} (no tokenizer in the folder)", int(pad or 0))

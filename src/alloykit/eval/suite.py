@@ -61,11 +61,12 @@ class TaskSuite:
 
     def __init__(self, model: LoadedModel, tasks: Sequence[Task], *, head: str | None = None, head_key: str | None = None,
                  pooling: str | None = None, max_len: int | None = None, causal_max_len: int = 512,
-                 heads_from: Sequence[ModelFolder] = (), need_head: bool = True):
+                 heads_from: Sequence[ModelFolder] = (), need_head: bool = True, head_option: bool = True):
         if pooling is not None and pooling not in POOLINGS:
             raise AlloyError(f"--pooling {pooling}: choose one of {', '.join(POOLINGS)}")
         self.model = model
         self.tokenizer: TextTokenizer = load_tokenizer(model)
+        self.head_option = head_option  # whether the command has --head (for the messages)
         self.bound = [self._bind(t, head, head_key, pooling, max_len, causal_max_len, heads_from, need_head) for t in tasks]
         self._encoded: dict[tuple[str, str, int | None], Encoded] = {}
 
@@ -83,10 +84,12 @@ class TaskSuite:
             if found is not None:
                 net = linear_net(model, linear_heads(found, [key])[key], pooling, f"{found}[{key}]")
             elif need_head:
+                how = ("'head:' in its task file, or --head" if self.head_option and not task.builtin and task.path
+                       else "--head" if self.head_option else "a task file (--task TASK.yaml) whose 'head:' names it")
                 raise HeadError(f"task '{task.name}': no head for encoder '{model.folder.given}' "
-                                f"({model.folder.architecture}); name one: 'head: FOLDER|heads.safetensors' in the task "
-                                "file, or --head (a fine-tuned sequence-classification folder, or a heads.safetensors "
-                                f"holding {key}.weight and {key}.bias)")
+                                f"({model.folder.architecture}) to score it with; give {how}: a fine-tuned "
+                                f"sequence-classification folder, or a heads.safetensors holding {key}.weight and "
+                                f"{key}.bias")
             else:
                 net = body_net(model)
         else:

@@ -32,7 +32,7 @@ def _suite(base: LoadedModel, folders, tasks, data, *, pooling, max_len, causal_
     fine-tunes' heads.safetensors, else the model's own), and the header lines recording their validation data."""
     task_list = command_tasks(tasks, None) if tasks else [text_task(d) for d in data]
     suite = TaskSuite(base, task_list, pooling=pooling, max_len=max_len, causal_max_len=causal_max_len,
-                      heads_from=folders)
+                      heads_from=folders, head_option=False)
     return suite, [f"data: {describe_record(r)}" for r in suite.record("validation", samples)]
 
 

@@ -299,7 +299,7 @@ def collect_to_folder(model: str, out: str, *, tasks: list[str] | None = None, d
     task_list = command_tasks(tasks, data)
     loaded = load_model(model_folder(model, model_class))
     suite = TaskSuite(loaded, task_list, head=head, head_key=head_key, pooling=pooling, max_len=max_len,
-                      need_head=kind not in ("gram",))
+                      need_head=False)  # Grams need none; _check_kind says what a Fisher needs
     _check_kind(suite, kind)
     if suite.tokenizer.tokenizer is None:
         log(f"  no tokenizer in '{model}': token ids are the texts' UTF-8 bytes (mod the vocabulary size {suite.tokenizer.vocab})")
