@@ -30,9 +30,9 @@ def add_eval_args(e: argparse.ArgumentParser) -> None:
     e.set_defaults(func=cmd_eval)
 
 
-def _line(model: str, r: dict) -> str:
+def _line(model: str, r: dict, split: bool) -> str:
     lo, hi = r["ci95"]
-    where = f"{model} on {r['task']} ({r['split']}, {r['n']} examples; {r['head']})"
+    where = f"{model} on {r['task']} ({r['split'] + ', ' if split else ''}{r['n']} examples; {r['head']})"
     if r["metric"] == "perplexity":
         return (f"{where}: perplexity {r['perplexity']:.2f} (95% CI {lo:.2f} to {hi:.2f}), loss {r['loss']:.4f} "
                 f"over {r['tokens']} tokens")
@@ -55,5 +55,5 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(json.dumps(out, indent=1))
     else:
         for r in out["results"]:
-            print(_line(args.model, r))
+            print(_line(args.model, r, split=not args.data))
     return 0

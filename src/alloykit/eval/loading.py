@@ -233,5 +233,5 @@ def load_tokenizer(model: LoadedModel, *also: Path) -> TextTokenizer:
         except (AlloyError, OSError):
             tok = None
         if tok is not None and len(tok) == vocab:
-            return TextTokenizer(tok, vocab, "the quality benchmark's MiniLM tokenizer (none in the folder)", int(pad or 0))
-    return TextTokenizer(None, vocab, f"UTF-8 bytes mod {vocab} (no tokenizer in the folder)", int(pad or 0))
+            return TextTokenizer(tok, vocab, "the quality benchmark's MiniLM tokenizer: none in the folder", int(pad or 0))
+    return TextTokenizer(None, vocab, f"UTF-8 bytes mod {vocab}: no tokenizer in the folder", int(pad or 0))

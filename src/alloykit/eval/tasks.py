@@ -182,14 +182,19 @@ class Task:
 
 
 def describe_record(rec: dict) -> str:
-    """One line for a recipe header or a log: task, split, file and hash, counts."""
+    """One line for a recipe header or a log: task, split, file and hash, counts (and, when the
+    record has them, the tokens per text, the tokenization and the head)."""
     used = f", {rec['used']} used" if "used" in rec else ""
+    if "max_len" in rec:
+        used += f", at most {rec['max_len']} tokens ({rec.get('tokens', '?')})"
+    if rec.get("head"):
+        used += f", head: {rec['head']}"
     if "builtin" in rec:
         return (f"built-in task {rec['task']} ({rec['builtin']}): {rec['split']} split, seed {rec['seed']}, "
-                f"{rec['examples']} examples{used}, sha256 {rec['sha256']}")
+                f"{rec['examples']} examples{used}; sha256 {rec['sha256']}")
     if "task_file" not in rec:  # a --data file
-        return f"{rec['path']}: {rec['texts']} texts{used}, sha256 {rec['sha256']}"
-    return (f"task {rec['task']} ({rec['task_file']}): {rec['split']} split {rec['path']}, {rec['texts']} texts{used}, "
+        return f"{rec['path']}: {rec['texts']} texts{used}; sha256 {rec['sha256']}"
+    return (f"task {rec['task']} ({rec['task_file']}): {rec['split']} split {rec['path']}, {rec['texts']} texts{used}; "
             f"sha256 {rec['sha256']}")
 
 
