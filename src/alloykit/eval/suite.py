@@ -101,7 +101,7 @@ class TaskSuite:
         return BoundTask(task, net, self._class_map(task, net), length)
 
     @staticmethod
-    def _class_map(task: Task, net: TaskNet | None) -> list[int] | None:
+    def _class_map(task: Task, net: TaskNet) -> list[int] | None:
         if net.kind != "classifier" or task.label_kind is None:
             return None
         labels = task.labels
@@ -114,9 +114,10 @@ class TaskSuite:
                                 "id2label); use the head's class names")
             return [index[lab] for lab in labels]
         if task.label_kind == "name" and net.id2label is not None and not task.builtin and task.label_names is None:
+            where = "under 'labels:' in the task file" if task.path else "under 'labels:' in a task file naming the data"
             raise TaskError(f"task '{task.name}': its labels are names ({', '.join(labels[:4])}) and the {net.describe} "
                             "does not name its classes (config.json id2label is LABEL_0, LABEL_1...); list the names in "
-                            "head-output order under 'labels:' in the task file")
+                            f"head-output order {where}, or give integer labels")
         if len(labels) > net.classes:
             raise TaskError(f"task '{task.name}' has {len(labels)} classes; the {net.describe} has {net.classes} outputs")
         return list(range(len(labels)))
