@@ -22,6 +22,7 @@ import torch
 from alloykit.errors import AlloyError, CheckpointError, PlanError
 from alloykit.io.checkpoint import Checkpoint
 from alloykit.search.adamerging import TaskVectorModel
+from alloykit.vocab.files import has_tokenizer
 
 #: the quality benchmark's splits (its full preset): seed 0, 1000 test, 200 validation examples per task
 SPLIT_SIZES = dict(seed=0, n_test=1000, n_val=200)
@@ -110,7 +111,7 @@ def encoder_and_tokenizer(base: ModelRef):
 
     _quiet_loading()
     encoder = load_encoder(base.weights)
-    has_tok = any((base.weights / f).exists() for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json"))
+    has_tok = has_tokenizer(base.weights)
     tokenizer = load_tokenizer(base.weights if has_tok else base_model_path())
     if len(tokenizer) > encoder.config.vocab_size:
         raise AlloyError(f"base '{base.given}': has no tokenizer files and the benchmark tokenizer's {len(tokenizer)} "
@@ -173,7 +174,7 @@ def causal_lm_and_tokens(base: ModelRef, files: Sequence[str], samples: int | No
     if not (base.weights / "config.json").is_file():
         raise AlloyError(f"base '{base.given}': no config.json; a causal LM search needs a Hugging Face model folder")
     model = AutoModelForCausalLM.from_pretrained(str(base.weights), dtype=torch.float32).eval()
-    has_tok = any((base.weights / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
+    has_tok = has_tokenizer(base.weights)
     data = []
     for f in files:
         texts = read_texts(f)[:samples] if samples else read_texts(f)

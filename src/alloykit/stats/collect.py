@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from alloykit.errors import AlloyError
+from alloykit.vocab.files import has_tokenizer
 
 KIND_CHOICES = ("fisher", "fisher_sampled", "gram", "all")
 
@@ -252,7 +253,7 @@ def load_heads(path: Path, tasks: list[str]) -> dict[str, torch.nn.Linear]:
 
 
 def _tokenizer(folder: Path):
-    if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model")):
+    if not has_tokenizer(folder):
         return None
     from transformers import AutoTokenizer
 
