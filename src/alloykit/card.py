@@ -17,7 +17,7 @@ import torch
 
 from alloykit import __version__
 from alloykit.plan.planner import Plan
-from alloykit.vocab.output import set_vocab_size, write_tokenizer
+from alloykit.vocab.output import update_config, write_tokenizer
 
 _LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -39,7 +39,7 @@ def write_metadata(plan: Plan, out: Path, *, copy_tokenizer: bool = True) -> Non
                 if key in config:
                     config[key] = plan.num_layers_out
         if plan.vocab is not None:  # rows remapped to the output vocabulary (padded)
-            set_vocab_size(config, plan.vocab.size)
+            update_config(config, plan.vocab)
         out_dtypes = {j.out_dtype for j in plan.jobs if j.out_dtype.is_floating_point}
         if len(out_dtypes) == 1 and (d := out_dtypes.pop()) in _DTYPE_NAMES:
             key = "dtype" if "dtype" in config and "torch_dtype" not in config else "torch_dtype"

@@ -148,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     from alloykit.cli.search_command import add_parser as add_search  # alloykit search ... (sets func)
 
     add_search(sub)
+    from alloykit.cli.tokensurgeon_command import add_parser as add_tokensurgeon
+
+    add_tokensurgeon(sub)
     return ap
 
 
@@ -158,7 +161,12 @@ def _version() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and getattr(args, "extra_paths", False) and not any(e.startswith("-") for e in extra):
+        args.paths += extra  # 'tokensurgeon MODEL --donor DONOR OUT': positionals on both sides of an option
+    elif extra:
+        parser.parse_args(argv)  # argparse's own message for the unrecognized arguments (exits 2)
     warnings.showwarning = lambda msg, *a, **k: print(f"alloykit: warning: {msg}", file=sys.stderr)
     from alloykit.cli import commands
 

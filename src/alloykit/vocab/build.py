@@ -59,6 +59,8 @@ class VocabPlan:
     base: int | None
     rules: dict[int, TokenRule] = field(default_factory=dict)  # output id -> configured rule
     copy_from: Path | None = None  # the output tokenizer is this folder's, unchanged: copy its files
+    #: config.json keys to set besides vocab_size (a transplant: the donor's special token ids)
+    config_updates: dict[str, Any] = field(default_factory=dict)
 
     @property
     def n_tokens(self) -> int:

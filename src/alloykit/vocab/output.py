@@ -10,12 +10,15 @@ from pathlib import Path
 from alloykit.vocab.files import tokenizer_files
 
 
-def set_vocab_size(config: dict, size: int) -> None:
-    """``vocab_size`` of a config (and of its ``text_config``, where the model nests one)."""
+def update_config(config: dict, vocab) -> None:
+    """``vocab_size`` of a config (and of its ``text_config``, where the model nests one) set
+    to the output's rows, and the vocabulary's other updates (a transplant's token ids)."""
+    size = vocab.size
     if isinstance(config.get("text_config"), dict) and "vocab_size" in config["text_config"]:
         config["text_config"]["vocab_size"] = size
     if "vocab_size" in config or "text_config" not in config:
         config["vocab_size"] = size
+    config.update({k: v for k, v in vocab.config_updates.items() if k != "vocab_size"})
 
 
 def write_tokenizer(out: Path, *, vocab=None, source_folder: Path | None = None, copy: bool = True,
@@ -36,6 +39,11 @@ def write_tokenizer(out: Path, *, vocab=None, source_folder: Path | None = None,
                 shutil.copyfile(f, out / f.name)
     if chat_template is not None:
         set_chat_template(out, chat_template)
+    gen = out / "generation_config.json"
+    if vocab is not None and vocab.config_updates and gen.is_file():  # the new tokenizer's special ids
+        data = json.loads(gen.read_text(encoding="utf-8"))
+        data.update({k: v for k, v in vocab.config_updates.items() if k in ("bos_token_id", "eos_token_id", "pad_token_id")})
+        gen.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
 def set_chat_template(out: Path, template: str) -> None:
