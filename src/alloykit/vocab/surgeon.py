@@ -116,6 +116,7 @@ def omp(targets: torch.Tensor, atoms: torch.Tensor, k: int) -> tuple[torch.Tenso
     them is kept, so a refit costs one projection). Returns (indices [B, k], coeffs [B, k])."""
     t = targets.to(torch.float64)
     a = atoms.to(torch.float64)
+    a32 = atoms.to(torch.float32)  # the correlations (the costly product) in float32, the fit in float64
     b = t.shape[0]
     picked = torch.zeros((b, k), dtype=torch.long)
     basis = torch.zeros((b, t.shape[1], k), dtype=torch.float64)
@@ -123,7 +124,7 @@ def omp(targets: torch.Tensor, atoms: torch.Tensor, k: int) -> tuple[torch.Tenso
     taken = torch.zeros((b, a.shape[0]), dtype=torch.bool)
     rows = torch.arange(b)
     for step in range(k):
-        score = (residual @ a.T).abs().masked_fill_(taken, -1.0)
+        score = (residual.to(torch.float32) @ a32.T).abs().masked_fill_(taken, -1.0)
         idx = score.argmax(dim=1)
         picked[:, step] = idx
         taken[rows, idx] = True
