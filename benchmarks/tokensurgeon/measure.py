@@ -51,6 +51,7 @@ def smollm2(folder: Path) -> Path:
     if model.config.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
     save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})  # GGUF models refuse save_pretrained
+    model.config.architectures = ["LlamaForCausalLM"]  # the GGUF config has none; mergekit needs it
     model.config.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
@@ -153,7 +154,8 @@ def main() -> None:
     small = CACHE / f"smollm2-minus{args.held_out}"
     held = reduced(full, small, texts, args.held_out)
     bin_dir = Path(sys.executable).parent
-    times = {}
+    times_file = CACHE / "times.json"  # a run whose output exists is not repeated (its time is kept)
+    times = json.loads(times_file.read_text()) if times_file.is_file() else {}
     outs = {}
     for name, cmd in {
         "alloykit_pieces": [bin_dir / "alloykit", "tokensurgeon", small, full, CACHE / "ak_pieces", "-q", "--overwrite"],
@@ -162,6 +164,9 @@ def main() -> None:
         "mergekit_omp": [bin_dir / "mergekit-tokensurgeon", small, full, CACHE / "mk_omp"],
     }.items():
         out = Path(cmd[4] if name.startswith("alloykit") else cmd[3])
+        outs[name] = out
+        if name in times and (out / "model.safetensors").is_file():
+            continue
         if name.startswith("mergekit"):
             subprocess.run(["rm", "-rf", str(out)], check=True)
         t0 = time.monotonic()
@@ -171,7 +176,7 @@ def main() -> None:
         r1 = os.times()
         times[name] = {"wall_s": round(time.monotonic() - t0, 1),
                        "cpu_s": round(r1.children_user + r1.children_system - r0.children_user - r0.children_system, 1)}
-        outs[name] = out
+        times_file.write_text(json.dumps(times))
         print(name, times[name], flush=True)
     vocab = transformers.AutoTokenizer.from_pretrained(str(full)).get_vocab()
     ids = torch.tensor([vocab[t] for t in held])

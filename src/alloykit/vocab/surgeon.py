@@ -31,7 +31,7 @@ import torch
 from alloykit.errors import RecipeError
 from alloykit.vocab.build import VocabPlan, load_tokenizer, model_folder, model_vocab_size
 from alloykit.vocab.files import has_tokenizer
-from alloykit.vocab.tensors import vocab_tensors
+from alloykit.vocab.tensors import is_input_embedding, vocab_tensors
 
 LOG = logging.getLogger(__name__)
 METHODS = ("pieces", "omp", "mean")
@@ -198,7 +198,7 @@ def attach_surgery(plan, donor_ck, donor_label: str, method: str = "pieces", k: 
     surgery = plan_surgery(model_tok, donor_tok, model_rows, donor_rows, method, k)
     LOG.info("tokensurgeon: %d donor tokens, %d kept from the model, %d rebuilt (%s)", surgery.size,
              int((surgery.keep >= 0).sum()), len(surgery.new_ids), method)
-    embed_names = [n for n in donor_targets if "embed" in n or "wte" in n]
+    embed_names = [n for n in donor_targets if is_input_embedding(n)]
     for job in plan.jobs:
         if job.name not in targets:
             continue

@@ -27,6 +27,11 @@ def vocab_axis(name: str) -> int | None:
     return None
 
 
+def is_input_embedding(name: str) -> bool:
+    """Whether a token-indexed tensor is the input embedding (else it is an output head)."""
+    return name.endswith(EMBEDDING_NAMES)
+
+
 def vocab_tensors(names, shapes: dict[str, tuple[int, ...]], vocab_size: int | None) -> dict[str, int]:
     """Token-indexed tensors among ``names``: name -> vocabulary axis.
 
