@@ -13,7 +13,7 @@ next-token loss (nats per character, so tokenizers of different sizes compare) o
 fortune texts, for: SmolLM2 (truth), the reduced model with its own tokenizer, and the
 three transplants. Run by hand (a few minutes; writes results.json next to this file):
 
-    nice -n 15 python benchmarks/tokensurgeon/measure.py [--held-out 1000] [--texts 300]
+    nice -n 15 python benchmarks/tokensurgeon/measure.py [--held-out 1000] [--texts 300] [--loss-texts 80]
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ def reduced(full: Path, out: Path, texts: list[str], n: int, seed: int = 0) -> l
     return held
 
 
-def nats_per_char(folder: Path, texts: list[str]) -> tuple[float, float]:
+def nats_per_char(folder: Path, texts: list[str], batch: int = 16) -> tuple[float, float]:
     """Mean next-token loss per character over ``texts`` and its standard error (per text)."""
     import transformers
 
@@ -122,12 +122,19 @@ def nats_per_char(folder: Path, texts: list[str]) -> tuple[float, float]:
     model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
     per_text = []
     with torch.no_grad():
-        for t in texts:
-            ids = tok(t, return_tensors="pt", add_special_tokens=False).input_ids
-            logits = model(ids).logits[0, :-1]
-            nll = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
-            first = len(tok.decode(ids[0, :1]))
-            per_text.append(nll / max(1, len(t) - first))
+        for i in range(0, len(texts), batch):
+            enc = [tok(t, add_special_tokens=False).input_ids for t in texts[i : i + batch]]
+            width = max(map(len, enc))
+            ids = torch.zeros((len(enc), width), dtype=torch.long)
+            mask = torch.zeros((len(enc), width), dtype=torch.long)
+            for j, e in enumerate(enc):
+                ids[j, : len(e)] = torch.tensor(e)
+                mask[j, : len(e)] = 1
+            logits = model(ids, attention_mask=mask).logits[:, :-1]
+            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+            nll = (nll * mask[:, 1:]).sum(1)
+            for j, (t, e) in enumerate(zip(texts[i : i + batch], enc)):
+                per_text.append(nll[j].item() / max(1, len(t) - len(tok.decode(e[:1]))))
     m = sum(per_text) / len(per_text)
     se = math.sqrt(sum((x - m) ** 2 for x in per_text) / (len(per_text) - 1) / len(per_text))
     return m, se
@@ -144,7 +151,8 @@ def mean_ci(xs: torch.Tensor) -> tuple[float, float]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--held-out", type=int, default=1000)
-    ap.add_argument("--texts", type=int, default=300)
+    ap.add_argument("--texts", type=int, default=300, help="texts that choose the held-out tokens")
+    ap.add_argument("--loss-texts", type=int, default=80, help="the first N of them measure the loss")
     args = ap.parse_args()
     import transformers
 
@@ -183,7 +191,7 @@ def main() -> None:
     truth = rows(full)[ids]
     got = {n: rows(p)[ids] for n, p in outs.items()}
     cos = torch.nn.functional.cosine_similarity
-    result = {"held_out": len(held), "texts": len(texts), "times": times, "cos_to_truth": {}, "agreement": {}, "loss": {}}
+    result = {"held_out": len(held), "texts": len(texts), "loss_texts": min(len(texts), args.loss_texts), "times": times, "cos_to_truth": {}, "agreement": {}, "loss": {}}
     for n, g in got.items():
         result["cos_to_truth"][n] = mean_ci(cos(g, truth, dim=1))
     for a, b in (("alloykit_omp", "mergekit_omp"), ("alloykit_pieces", "mergekit_omp"), ("alloykit_pieces", "alloykit_omp")):
@@ -192,7 +200,7 @@ def main() -> None:
     mean_row = rows(small).mean(0, keepdim=True)
     result["cos_to_truth"]["mean_of_all_rows"] = mean_ci(cos(mean_row.expand_as(truth), truth, dim=1))
     for n, p in {"smollm2 (truth)": full, f"reduced (own tokenizer)": small, **outs}.items():
-        result["loss"][n] = nats_per_char(p, texts)
+        result["loss"][n] = nats_per_char(p, texts[: args.loss_texts])
         print(n, result["loss"][n], flush=True)
     (HERE / "results.json").write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
