@@ -151,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     from alloykit.cli.tokensurgeon_command import add_parser as add_tokensurgeon
 
     add_tokensurgeon(sub)
+    from alloykit.cli.eval_command import add_parser as add_eval  # alloykit eval MODEL --task ...
+
+    add_eval(sub)
     return ap
 
 
