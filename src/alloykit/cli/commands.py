@@ -101,11 +101,9 @@ def cmd_plan(args: Namespace) -> int:
 
 
 def _params_str(job) -> str:
-    shared = job.params.model_dump(by_alias=True) if job.params is not None else {}
-    per = [m.model_dump(by_alias=True) for m in job.model_params]
-    parts = [f"{k}={v}" for k, v in shared.items()]
-    keys = per[0].keys() if per else []
-    parts += [f"{k}={[p[k] for p in per]}" for k in keys]
+    from alloykit.cli.plan_summary import job_params
+
+    parts = [f"{k}={v}" for k, v in job_params(job).items()]
     return (" " + " ".join(parts)) if parts else ""
 
 

@@ -15,12 +15,19 @@ from typing import Any
 from alloykit.plan.planner import Plan, TensorJob, layer_of
 
 #: above this many distinct parameter sets, parameters are shown as ranges
-MAX_GROUPS = 12
+MAX_GROUPS = 8
 NAMES_SHOWN = 3
 
 
 def _gb(n: int) -> str:
     return f"{n / 1e9:.3f} GB"
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
 
 
 def job_params(job: TensorJob) -> dict[str, Any]:
@@ -87,14 +94,14 @@ class _Group:
     def line(self) -> str:
         where = []
         if self.layers:
-            where.append(f"layers {ranges(self.layers)}")
+            where.append(f"layer{'s' if len(set(self.layers)) > 1 else ''} {ranges(self.layers)}")
         if self.others:
             shown = ", ".join(self.others[:NAMES_SHOWN])
             more = f" +{len(self.others) - NAMES_SHOWN} more" if len(self.others) > NAMES_SHOWN else ""
             where.append(shown + more)
         params = self.params_text()
         tensors = f"{self.count} tensor{'s' if self.count != 1 else ''}"
-        return f"  {self.structure}{' ' + params if params else ''}\n      {tensors}: {'; '.join(where)}; writes {_gb(self.out_bytes)}"
+        return f"  {self.structure}{' ' + params if params else ''}\n      {tensors}: {'; '.join(where)}; writes {_size(self.out_bytes)}"
 
 
 def _fmt(value: Any) -> str:
@@ -107,6 +114,8 @@ def _fmt(value: Any) -> str:
 
 def _span(values: list[Any]) -> str:
     """Differing values of one parameter across the grouped jobs: 'min..max' (per input for lists)."""
+    if len(set(map(repr, values))) == 1:
+        return _fmt(values[0])
     if all(isinstance(v, list) for v in values):
         return "[" + ", ".join(_span([v[i] for v in values]) for i in range(len(values[0]))) + "]"
     nums = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
