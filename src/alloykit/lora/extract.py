@@ -20,11 +20,11 @@ import os
 from pathlib import Path
 
 from alloykit.io.checkpoint import Checkpoint
-from alloykit.output.adapter import AdapterOptions, LayerReport, write_adapter
+from alloykit.output.adapter import AdapterOptions, LayerReport, summary, write_adapter
 from alloykit.output.model import Written
 from alloykit.request import MergeRequest
 
-__all__ = ["AdapterOptions", "LayerReport", "extract", "extract_lora"]
+__all__ = ["AdapterOptions", "LayerReport", "extract", "extract_lora", "summary"]
 
 
 def extract_lora(finetuned: str | os.PathLike, base: str | os.PathLike, out: str | os.PathLike, rank: int | AdapterOptions,

@@ -108,7 +108,7 @@ class OutputFolder:
             change = describe_change(old, fingerprint)
             if not change:
                 return True
-            raise OutputError(f"output folder '{self.target}' holds a finished {self.what}, but {change}; "
+            raise OutputError(f"output folder '{self.target}' holds a finished {self.what} that differs: {change}; "
                               "pass --overwrite to redo it, or choose another folder")
         raise OutputError(f"output folder '{self.target}' exists and is not empty; choose another folder or pass --overwrite")
 

@@ -49,7 +49,7 @@ def describe_change(old: Fingerprint | None, new: Fingerprint) -> str:
                     else "changed (its files, sizes, dates or tensor headers)")
             changed.append(f"input '{label}' {what}")
         elif key in ("seed", "alloykit"):
-            changed.append(f"{_PART_NAMES[key]} ({old.get(key)} then, {new.get(key)} now)")
+            changed.append(f"{_PART_NAMES[key]} changed ({old.get(key)} then, {new.get(key)} now)")
         else:
             changed.append(f"{_PART_NAMES.get(key, key)} changed")
     return "; ".join(changed)
