@@ -256,3 +256,22 @@ def test_adapter_cards_name_their_base(lora_pair, tmp_path, capsys):
     assert str(root) not in card
     manifest = json.loads((tmp_path / "ad" / "alloykit_manifest.json").read_text())
     assert manifest["command"] == "extract-lora" and manifest["rank"] == 4 and "fingerprint" in manifest
+
+
+def test_statistics_folders_go_through_the_same_folder(tmp_path):
+    from alloykit.errors import OutputError
+    from alloykit.stats.store import META_FILE, open_stats, write_stats
+
+    out = tmp_path / "s.stats"
+    write_stats(out, {"fisher": {"w": torch.ones(2, 2)}}, {"samples": 1})
+    write_stats(out, {"fisher": {"w": torch.full((2, 2), 3.0)}}, {"samples": 2})  # a rerun replaces them whole
+    stats = open_stats(out, "m")
+    assert stats.meta["samples"] == 2 and float(stats.checkpoints["fisher"].read("w")[0, 0]) == 3.0
+    stats.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.stats"]  # no working folder left
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"weights")
+    with pytest.raises(OutputError, match=f"no {META_FILE}"):  # a model folder given as --out by mistake
+        write_stats(model, {"fisher": {"w": torch.ones(1)}}, {})
+    assert (model / "model.safetensors").read_bytes() == b"weights"
