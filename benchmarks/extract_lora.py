@@ -57,6 +57,7 @@ def prepare_base() -> Path:
     config = model.config  # saved by hand: transformers refuses save_pretrained on a GGUF-loaded model
     if hasattr(config, "quantization_config"):
         del config.quantization_config
+    config.architectures = [type(model).__name__]  # mergekit reads the architecture from here
     config.save_pretrained(base)
     sd = model.state_dict()
     if config.tie_word_embeddings:
@@ -133,6 +134,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rank", type=int, action="append", help="max rank (repeatable; default 32)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "extract_lora.json"))
+    ap.add_argument("--reuse-mergekit", action="store_true",
+                    help="keep mergekit's adapters and timings from an earlier run on the same inputs (it takes minutes per rank)")
     args = ap.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
     base = prepare_base()
@@ -145,11 +148,17 @@ def main() -> None:
         for tool, exe in (("alloykit", [sys.executable, "-m", "alloykit.cli.main", "extract-lora", "-q"]),
                           ("mergekit", [str(BIN / "mergekit-extract-lora")])):
             out = WORK / f"{tool}-r{rank}"
+            saved = WORK / f"{tool}-r{rank}.json"
+            if tool == "mergekit" and args.reuse_mergekit and saved.is_file() and (out / "adapter_config.json").is_file():
+                run[tool] = json.loads(saved.read_text())
+                print(f"{tool} rank {rank}: reused {run[tool]}", flush=True)
+                continue
             shutil.rmtree(out, ignore_errors=True)
             cmd = exe + flags + ["--out-path", str(out)]
             print(f"{tool} rank {rank}: {' '.join(cmd)}", flush=True)
             run[tool] = {**cpu_of(cmd), "command": " ".join(["alloykit extract-lora" if tool == "alloykit" else "mergekit-extract-lora"]
                                                             + [a.replace(str(ROOT) + "/", "") for a in flags])}
+            saved.write_text(json.dumps(run[tool]))
             print(f"  {run[tool]}", flush=True)
         run["accuracy"] = accuracy(base, ft, WORK / f"alloykit-r{rank}", WORK / f"mergekit-r{rank}")
         run["speedup_wall"] = round(run["mergekit"]["wall_s"] / run["alloykit"]["wall_s"], 1)

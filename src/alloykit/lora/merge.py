@@ -46,7 +46,7 @@ from alloykit.ops.lowrank import low_rank
 from alloykit.output.adapter import store_factors
 from alloykit.output.folder import OutputFolder
 from alloykit.output.journal import digest
-from alloykit.output.model import Written
+from alloykit.output.model import Written, input_digest
 from alloykit.plan.params import ParamResolver, check_names
 from alloykit.plan.planner import layer_of, tensor_seed
 
@@ -90,7 +90,7 @@ def run_merge_lora(request: MergeLoraRecipe, out: str | os.PathLike, *, recipe_d
     try:
         cks = [LoraCheckpoint(Checkpoint(base), a, ref) for a, ref in zip(paths, request.adapters)]
         fingerprint = {"recipe": digest(request.model_dump_json()), "alloykit": __version__,
-                       **{f"input:{ck.label}": digest(_files_state(ck)) for ck in cks}}
+                       **{f"input:{ck.label}": input_digest(ck) for ck in cks}}
         folder.already_done(fingerprint, resume=False)
         modules = sorted({name for ck in cks for name in ck._deltas})
         if not modules:
@@ -131,11 +131,6 @@ def run_merge_lora(request: MergeLoraRecipe, out: str | os.PathLike, *, recipe_d
         for ck in cks:
             ck.close()
     return Written(folder.target, errors=errors)
-
-
-def _files_state(ck: LoraCheckpoint) -> str:
-    files = list(getattr(ck.adapter, "files", [])) + list(getattr(ck.base, "files", []))
-    return "".join(f"{os.path.realpath(f)}|{os.stat(f).st_size}|{os.stat(f).st_mtime_ns};" for f in files)
 
 
 def _method_spec(request: MergeLoraRecipe):

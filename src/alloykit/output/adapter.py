@@ -37,7 +37,7 @@ from alloykit.io.lora import LoraCheckpoint
 from alloykit.ops.lowrank import truncated_svd
 from alloykit.output.faults import after_tensors, fault_point
 from alloykit.output.folder import OutputFolder
-from alloykit.output.model import Written, default_threads, plan_fingerprint
+from alloykit.output.model import Written, default_threads, input_digest, plan_fingerprint
 from alloykit.plan.executor import run_jobs
 from alloykit.plan.planner import Plan, tensor_seed
 
@@ -242,7 +242,8 @@ def write_adapter(
             raise AlloyError(f"tensor '{job.name}' {list(job.shape)} is not in base model '{base_ref}' with that shape; "
                              "an adapter can only change the base's tensors (is it this model's base?)")
     folder = OutputFolder(out, overwrite=overwrite, what=what)
-    fingerprint = plan_fingerprint(plan, "adapter", options=repr(options) + repr(sorted(base.tensors.items())))
+    fingerprint = plan_fingerprint(plan, "adapter", options=repr(options))
+    fingerprint[f"input:{base_ref}"] = input_digest(base)  # the base of extract-lora is not in the plan
     if folder.already_done(fingerprint, resume):
         return Written(folder.target, already_done=True)
     builder = AdapterBuilder(options)

@@ -53,16 +53,21 @@ def _files_of(ck: Any) -> list[str]:
     return files
 
 
+def input_digest(ck: Any) -> str:
+    """One input's part of a fingerprint: its tensor headers, and its files' paths, sizes and dates."""
+    text = "".join(f"{n}|{i.dtype}|{i.shape}|{i.offset}|{i.nbytes};" for n, i in sorted(ck.tensors.items()))
+    for f in _files_of(ck):
+        st = os.stat(f)
+        text += f"{os.path.realpath(f)}|{st.st_size}|{st.st_mtime_ns};"
+    return digest(text)
+
+
 def plan_fingerprint(plan: Plan, layout: str, options: str = "") -> Fingerprint:
     """What decides the output bytes, in named parts: recipe, seed, version, every input (its
     tensor headers, files, sizes and dates), the output layout, and the writer's options."""
     parts: Fingerprint = {"recipe": digest(plan.recipe.to_yaml()), "seed": str(plan.seed), "alloykit": __version__}
     for label, ck in zip(plan.labels, plan.checkpoints):
-        text = "".join(f"{n}|{i.dtype}|{i.shape}|{i.offset}|{i.nbytes};" for n, i in sorted(ck.tensors.items()))
-        for f in _files_of(ck):
-            st = os.stat(f)
-            text += f"{os.path.realpath(f)}|{st.st_size}|{st.st_mtime_ns};"
-        parts[f"input:{label}"] = digest(text)
+        parts[f"input:{label}"] = input_digest(ck)
     jobs = "".join(f"{j.name}|{j.out_dtype}|{j.shape}|{j.sources}|{j.base}|{j.params!r}|{j.model_params!r};"
                    for j in plan.jobs)
     parts["layout"] = digest(jobs + layout)
