@@ -14,7 +14,7 @@ A merge-lora recipe (``alloykit search lorahub`` writes one) is YAML::
       knots_merge: ties        # with method knots: the method that merges the aligned blocks
     lorahub: {...}             # optional: what the search recorded (not read)
 
-It is read by the project's guarded YAML loader (``alloykit.config.read_yaml``: duplicate
+It is read by the project's guarded YAML loader (``alloykit.config.load_yaml``: duplicate
 keys and alias bombs refused), validated strictly (unknown keys refused with the allowed
 set), and relative paths are looked up from the working directory, then from the
 recipe's folder, as in a merge recipe.
@@ -28,7 +28,7 @@ from typing import Any
 
 from pydantic import Field, ValidationError, model_validator
 
-from alloykit.config import ParamDict, _Strict, explain, read_yaml
+from alloykit.config import ParamDict, _Strict, explain, load_yaml
 from alloykit.errors import RecipeError
 
 EXACT_METHODS = ("cat", "lorahub")
@@ -78,7 +78,7 @@ def merge_lora_request(data: dict[str, Any], subject: str = "merge-lora") -> Mer
 def load_merge_lora_recipe(path: str | os.PathLike) -> tuple[MergeLoraRecipe, Path]:
     """A merge-lora recipe file -> (the validated request, the folder its relative paths start from)."""
     path = Path(path)
-    data = read_yaml(path, "merge-lora recipe")
+    data = load_yaml(path, what="merge-lora recipe")
     subject = f"--recipe {path}"
     if not isinstance(data, dict) or "merge_lora" not in data:
         raise RecipeError(f"{subject}: needs a 'merge_lora' mapping with 'base' and 'adapters'")
