@@ -16,7 +16,8 @@ from alloykit.errors import AlloyError, RecipeError
 NO_OP_FLAGS = ("--lazy-unpickle", "--no-lazy-unpickle", "--allow-crimes", "--no-allow-crimes", "--low-cpu-memory",
                "--no-low-cpu-memory", "--read-to-gpu", "--no-read-to-gpu", "--multi-gpu", "--no-multi-gpu", "--gpu-rich",
                "--async-write", "--no-async-write", "--copy-tokenizer", "--no-copy-tokenizer", "--clone-tensors",
-               "--no-clone-tensors", "--write-model-card", "--safe-serialization", "--no-cuda")
+               "--no-clone-tensors", "--write-model-card", "--no-write-model-card", "--safe-serialization", "--no-cuda",
+               "--no-quiet")
 NO_OP_VALUE_FLAGS = ("--transformers-cache", "--lora-merge-cache", "--lora-merge-dtype", "--write-threads", "--out-shard-size")
 DEFAULT_RANK = 128  # mergekit-extract-lora's --max-rank default
 
