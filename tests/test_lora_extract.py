@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from alloykit.testing.fixtures import LlamaShape, write_llama
+from alloykit.testing.helpers import run_cli as cli
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -47,15 +48,6 @@ def test_extract_errors(tmp_path):
 
 
 MERGEKIT_EXTRACT = Path(sys.executable).parent / "mergekit-extract-lora"
-
-
-def cli(capsys, *args):
-    from alloykit.cli.main import main
-
-    capsys.readouterr()
-    code = main([str(a) for a in args])
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from alloykit.cli.main import main
 from alloykit.testing.fixtures import LlamaShape, write_family
+from alloykit.testing.helpers import run_cli as cli
 
 CLI = [sys.executable, "-m", "alloykit.cli.main"]
 SHARD = ["--max-shard-size", "20KB"]
@@ -30,12 +31,6 @@ def setup(tmp_path_factory):
     ref = root / "ref"
     assert main(["merge", str(recipe), str(ref), "-q", *SHARD]) == 0
     return root, recipe, ref, base, tunes
-
-
-def cli(capsys, *args):
-    code = main([str(a) for a in args])
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def subprocess_cli(*args, **env):
@@ -70,7 +65,7 @@ def test_resume_of_a_finished_merge_that_differs_says_what_in_one_line(setup, tm
     changed.write_text(recipe.read_text().replace("weight: 0.5", "weight: 0.7").replace("model: ", f"model: {root}/")
                        .replace("base_model: base", f"base_model: {root}/base"))
     code, out, err = cli(capsys, "merge", changed, ref, *SHARD, "--resume")
-    assert code == 2 and err.count("\n") == 1 and "the recipe changed" in err and "--overwrite" in err, err
+    assert code == 2 and "\n" not in err and "the recipe changed" in err and "--overwrite" in err, err
     code, out, err = cli(capsys, "merge", recipe, ref, *SHARD, "--resume", "--seed", "6")
     assert code == 2 and "the seed changed (5 then, 6 now)" in err, err
     code, out, err = cli(capsys, "merge", recipe, ref, "--max-shard-size", "30KB", "--resume")
@@ -205,7 +200,7 @@ def test_extraction_into_a_target_another_run_holds_is_refused(lora_pair, tmp_pa
     fcntl.flock(fd, fcntl.LOCK_EX)
     try:
         code, out, err = cli(capsys, "extract-lora", ft, tmp_path / "adapter", "--base", base, "--rank", "4")
-        assert code == 2 and "another alloykit merge or extraction" in err and err.count("\n") == 1
+        assert code == 2 and "another alloykit merge or extraction" in err and "\n" not in err
     finally:
         os.close(fd)
     code, out, err = cli(capsys, "extract-lora", ft, tmp_path / "adapter", "--base", base, "--rank", "4", "-q")

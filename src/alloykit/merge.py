@@ -25,7 +25,6 @@ from alloykit.output.model import DEFAULT_SHARD_SIZE, WriteOptions, Written, def
 from alloykit.plan.executor import DEFAULT_BUDGET, run_jobs
 from alloykit.plan.planner import Plan
 from alloykit.request import MergeRequest
-from alloykit.stats.store import Stats, memory_stats
 
 __all__ = ["DEFAULT_SHARD_SIZE", "WriteOptions", "default_threads", "merge", "merge_state_dicts", "plan_recipe", "run_merge",
            "temp_dir_for"]
@@ -148,10 +147,8 @@ def merge_state_dicts(
     if stats is not None and len(stats) != len(sds):
         raise PlanError(f"stats has {len(stats)} entries for {len(sds)} models")
     preloaded = {f"model{i}": StateDictCheckpoint(sd, f"model{i}") for i, sd in enumerate(sds)}
-    preloaded_stats = {}
-    if stats is not None:
-        preloaded_stats = {f"model{i}.stats": s if isinstance(s, Stats) else memory_stats(f"model{i}.stats", dict(s))
-                           for i, s in enumerate(stats)}
+    # Stats objects or plain dicts: the statistics planning step (alloykit.stats.attach) reads both
+    preloaded_stats = {f"model{i}.stats": s for i, s in enumerate(stats)} if stats is not None else {}
     recipe: dict[str, Any] = {
         "merge_method": method,
         "models": [

@@ -12,7 +12,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from alloykit.plan.planner import Plan, TensorJob, layer_of
+from alloykit.plan.planner import Plan, TensorJob
+from alloykit.roles import role_of
 
 #: above this many distinct parameter sets, parameters are shown as ranges
 MAX_GROUPS = 8
@@ -74,9 +75,9 @@ class _Group:
         self.count += 1
         self.out_bytes += job.out_bytes
         self.params.append(params)
-        lo = layer_of(job.name)
-        if lo is not None:
-            self.layers.append(lo[1])
+        layer = (job.role or role_of(job.name)).layer
+        if layer is not None:
+            self.layers.append(layer)
         else:
             self.others.append(job.name)
 

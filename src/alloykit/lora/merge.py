@@ -48,7 +48,8 @@ from alloykit.output.folder import OutputFolder
 from alloykit.output.journal import digest
 from alloykit.output.model import Written, input_digest
 from alloykit.plan.params import ParamResolver, check_names
-from alloykit.plan.planner import layer_of, tensor_seed
+from alloykit.plan.planner import tensor_seed
+from alloykit.roles import role_of
 
 #: where a merge-lora user sets a method's parameters
 _WHERE_TO_SET = "merge-lora's options (--weights, --density) or the recipe's 'weights' / 'parameters'"
@@ -152,12 +153,12 @@ def _dense(request: MergeLoraRecipe, cks: list[LoraCheckpoint], modules: list[st
     weights = request.weights or ([1.0] * len(cks) if has_weight else None)
     model_levels = [[{"weight": w} if weights else None, shared_level] for w in (weights or [None] * len(cks))]
     labels = [ck.label for ck in cks]
-    layers = max((lo[1] for m in modules if (lo := layer_of(m))), default=0) + 1
+    layers = max((role_of(m).layer or 0 for m in modules), default=0) + 1
     errors: dict[str, float] = {}
     for name in modules:
         shape = cks[0].info(name).shape
-        lo = layer_of(name)
-        t = lo[1] / (layers - 1) if lo and layers > 1 else 0.0
+        layer = role_of(name).layer
+        t = layer / (layers - 1) if layer is not None and layers > 1 else 0.0
         shared, per = resolver.job([shared_level], name, model_levels, [name] * len(cks), t, labels)
         gen = torch.Generator().manual_seed(tensor_seed(request.seed, name)) if spec.randomized else None
 

@@ -40,8 +40,8 @@ from alloykit.output.folder import OutputFolder
 from alloykit.output.model import Written, default_threads, input_digest, plan_fingerprint
 from alloykit.plan.executor import run_jobs
 from alloykit.plan.planner import Plan, tensor_seed
+from alloykit.roles import role_of
 
-EMBEDDING_HINTS = ("embed", "wte", "wpe", "word_embeddings", "position_embeddings")
 REPORT = "alloykit_extract_report.json"
 
 
@@ -88,7 +88,10 @@ class AdapterOptions:
 
 
 def is_embedding(name: str) -> bool:
-    return any(h in name for h in EMBEDDING_HINTS)
+    """Embedding tables (token, position, token-type) are saved whole unless ``embed_lora``: PEFT
+    adapts them with another layout, and a fine-tune moves the rows of the tokens it saw, which a
+    low rank fits badly. The output head is a linear map that PEFT adapts like any other."""
+    return role_of(name).is_embedding
 
 
 def store_factors(tensors: dict[str, torch.Tensor], name: str, left: torch.Tensor, right: torch.Tensor,

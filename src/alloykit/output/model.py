@@ -8,8 +8,8 @@ by ``alloykit.card``; the folder is published by ``OutputFolder``.
 
 from __future__ import annotations
 
+import logging
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,8 @@ from alloykit.output.folder import OutputFolder
 from alloykit.output.journal import Fingerprint, Journal, digest
 from alloykit.plan.executor import DEFAULT_BUDGET, run_jobs
 from alloykit.plan.planner import Plan
+
+_log = logging.getLogger(__name__)
 
 DEFAULT_SHARD_SIZE = 5_000_000_000
 
@@ -106,7 +108,7 @@ def write_model(plan: Plan, out: str | os.PathLike, options: WriteOptions = Writ
     folder.total_shards = len(shards)
     with folder.writing(fingerprint, resume=o.resume, space=plan.out_bytes) as journal:
         if o.resume and o.progress:
-            print(f"alloykit: resuming: {len(journal.shards)} of {len(shards)} shards already complete", file=sys.stderr)
+            _log.info(f"resuming: {len(journal.shards)} of {len(shards)} shards already complete")
         reused = len(journal.shards)
         _write(plan, folder.tmp, shards, journal, o)
         fault_point("tensors-written")
