@@ -6,7 +6,7 @@ coordinate by 0.5, about 3 standard deviations of it (the more of it, the worse)
 the head). A task file (JSONL + the fine-tunes' heads) makes the task readable by Ray
 actors in other processes. A search must find a small weight for ``e1x4``, be repeatable for
 its seed, resume after a kill to the same evaluations, and write a recipe whose merge is the
-candidate it scored, bit for bit.
+candidate it scored, bit for bit. (On Ray workers: ``test_distributed.py``, on its cluster.)
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def config(root, **extra) -> str:
 
 def rows(path) -> list[dict]:
     with open(path) as f:
-        return [{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader(f)]
+        return [{k: v for k, v in r.items() if k not in ("seconds", "cpu_seconds")} for r in csv.DictReader(f)]
 
 
 def test_search_finds_the_harmless_merge_and_is_repeatable(toy, tmp_path, capsys):
@@ -128,18 +128,6 @@ def test_killed_search_resumes_to_the_same_evaluations(toy, tmp_path):
     assert main(["search", "evolve", cfg, "--out", str(tmp_path / "k.yaml"), "-q", "--resume"]) == 0
     assert rows(tmp_path / "k.evaluations.csv") == rows(tmp_path / "ref.evaluations.csv")
     assert (tmp_path / "k.yaml").read_text() == (tmp_path / "ref.yaml").read_text()
-
-
-def test_ray_workers_give_the_serial_search(toy, tmp_path):
-    ray = pytest.importorskip("ray")
-    cfg = config(toy)
-    assert main(["search", "evolve", cfg, "--out", str(tmp_path / "serial.yaml"), "-q"]) == 0
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    try:
-        assert main(["search", "evolve", cfg, "--out", str(tmp_path / "ray.yaml"), "-q", "--workers", "2"]) == 0
-    finally:
-        ray.shutdown()
-    assert rows(tmp_path / "ray.evaluations.csv") == rows(tmp_path / "serial.evaluations.csv")
 
 
 def test_bad_config_one_line(toy, tmp_path, capsys):

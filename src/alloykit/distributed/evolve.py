@@ -78,9 +78,20 @@ def load_config(path: str | os.PathLike) -> tuple[EvolveConfig, str]:
         q = Path(ref).expanduser()
         return str((p.parent / q).resolve()) if not q.is_absolute() and (p.parent / q).exists() else ref
 
-    config = config.model_copy(update={"base_model": here(config.base_model), "models": [here(m) for m in config.models],
+    base = here(config.base_model) if config.base_model is not None else None
+    config = config.model_copy(update={"base_model": base, "models": [here(m) for m in config.models],
                                        "tasks": [here(t) for t in config.tasks]})
     return config, p.read_text(encoding="utf-8")
+
+
+def merge_in_memory(body: dict, preloaded: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """A recipe's merge into a state dict, its models found in ``preloaded`` (ref -> checkpoint,
+    e.g. ``StateDictCheckpoint``) under the names the recipe gives them: the planner and executor
+    ``alloykit merge`` runs, so the result is the bytes ``alloykit merge`` of the recipe writes."""
+    plan = MergeRequest.of(body).plan(preloaded=dict(preloaded))
+    out: dict[str, torch.Tensor] = {}
+    run_jobs(plan, out.__setitem__, threads=1, progress=False)
+    return out
 
 
 class Fitness:
@@ -100,14 +111,10 @@ class Fitness:
                                max_len=c.max_len, causal_max_len=128, heads_from=folders, head_option=False)
 
     def merged(self, body: dict) -> dict[str, torch.Tensor]:
-        """The recipe's merge, in memory: the planner and executor ``alloykit merge`` runs."""
-        plan = MergeRequest.of(body).plan(preloaded=dict(self.preloaded))
-        out: dict[str, torch.Tensor] = {}
-        run_jobs(plan, out.__setitem__, threads=1, progress=False)
-        return out
+        return merge_in_memory(body, self.preloaded)
 
     def evaluate(self, body: dict) -> dict[str, Any]:
-        t0 = time.monotonic()
+        t0, c0 = time.monotonic(), time.process_time()
         previous = torch.get_num_threads()
         torch.set_num_threads(1)  # the same arithmetic in every worker: the score is the candidate's, not the worker's
         try:
@@ -115,7 +122,7 @@ class Fitness:
         finally:
             torch.set_num_threads(previous)
         return {"score": summary_score(res), "tasks": {n: r["value"] for n, r in res.items()},
-                "seconds": time.monotonic() - t0, "pid": os.getpid()}
+                "seconds": time.monotonic() - t0, "cpu_seconds": time.process_time() - c0, "pid": os.getpid()}
 
     def records(self) -> list[dict]:
         return self.suite.record("validation", self.config.samples)
@@ -181,13 +188,56 @@ def output_paths(out: str | os.PathLike) -> dict[str, Path]:
             "state": Path(f"{stem}.evolve-state.json")}
 
 
+def cma_search(genome: Genome, score: Callable[[list[dict]], list[dict]], body_of: Callable[[Any], dict], *,
+               max_evals: int, population: int, sigma: float, seed: int, evaluations: list[dict] | None = None,
+               after_generation: Callable[[list[dict]], None] | None = None,
+               progress: Progress | None = None) -> list[dict]:
+    """CMA-ES (seeded) over ``genome``'s unit cube until ``max_evals`` evaluations: each generation's
+    vectors become recipe bodies (``body_of``), ``score(bodies)`` returns one result per body (a dict
+    with ``score``, higher is better), in order. ``evaluations``: those of an interrupted run, replayed
+    (the sampler must propose the same vectors); ``after_generation(evaluations)`` saves the state.
+    Returns every evaluation: its number, generation, vector, method, normalize and result."""
+    cmaes = _import_cmaes()
+    import numpy as np
+
+    evaluations = list(evaluations or [])
+    cma = cmaes.CMA(mean=np.full(genome.dim, 0.5), sigma=sigma, bounds=np.array([[0.0, 1.0]] * genome.dim),
+                    seed=seed, population_size=population)
+    done_generations = len(evaluations) // population
+    for g in range(done_generations):  # replay: the seeded sampler proposes the recorded vectors again
+        recorded = evaluations[g * population:(g + 1) * population]
+        xs = [cma.ask() for _ in range(population)]
+        if not all(np.allclose(x, r["x"], rtol=0, atol=1e-12) for x, r in zip(xs, recorded)):
+            raise EvolveError("cannot resume: CMA-ES proposes other candidates than it recorded (another cmaes "
+                              "version?); delete the state file to start over")
+        cma.tell([(x, -r["score"]) for x, r in zip(xs, recorded)])
+    del evaluations[done_generations * population:]  # a partly recorded last generation is redone
+    if progress is not None:
+        progress.update(len(evaluations))
+    while len(evaluations) < max_evals:
+        generation = len(evaluations) // population
+        xs = [cma.ask() for _ in range(population)][:max_evals - len(evaluations)]
+        results = score([body_of(x) for x in xs])
+        for x, r in zip(xs, results):
+            cand = genome.decode(x)
+            evaluations.append({"eval": len(evaluations), "generation": generation, "x": [float(v) for v in x],
+                                "method": cand.method, "normalize": cand.normalize, **r})
+        if len(xs) == population:  # a last, partial generation ends the search: nothing to tell
+            cma.tell([(x, -r["score"]) for x, r in zip(xs, results)])
+        if after_generation is not None:
+            after_generation(evaluations)
+        if progress is not None:
+            best = max(evaluations, key=lambda e: e["score"])
+            progress.what = f"evolve (best {best['score']:.4f}, generation {generation})"
+            progress.update(len(xs))
+    return evaluations
+
+
 def evolve(config_path: str | os.PathLike, out: str | os.PathLike, *, workers: int = 1, ray_address: str | None = None,
            resume: bool = False, progress: bool = True, log: Callable[[str], None] | None = None) -> EvolveResult:
     """CMA-ES over recipes of ``config_path``'s models; writes the best recipe to ``out`` and, beside
     it, ``*.evaluations.csv``, ``*.fitness.png`` and the search state ``*.evolve-state.json``."""
-    cmaes = _import_cmaes()
-    import numpy as np
-
+    _import_cmaes()
     config, text = load_config(config_path)
     paths = output_paths(out)
     if not paths["recipe"].parent.is_dir():
@@ -196,59 +246,32 @@ def evolve(config_path: str | os.PathLike, out: str | os.PathLike, *, workers: i
     base_folder, folders, base_ck, _ = inputs.checked_pair(config.base_model, config.models, config.model_class)
     names = list(base_ck.tensors)
     n_layers = num_layers(base_ck.config(), names)
-    base_ref, refs = str(base_folder.path), [str(f.path) for f in folders]
+    base_ref = str(base_folder.path) if config.base_model is not None else None
+    refs = [str(f.path) for f in folders]
     population = config.population or 4 + int(3 * math.log(genome.dim))
     key = hashlib.sha256(text.encode()).hexdigest()[:16]
-    evaluations = _load_state(paths["state"], key, resume)
-
-    cma = cmaes.CMA(mean=np.full(genome.dim, 0.5), sigma=config.sigma, bounds=np.array([[0.0, 1.0]] * genome.dim),
-                    seed=config.seed, population_size=population)
-    done_generations = len(evaluations) // population
-    for g in range(done_generations):  # replay: the seeded sampler proposes the recorded vectors again
-        recorded = evaluations[g * population:(g + 1) * population]
-        xs = [cma.ask() for _ in range(population)]
-        if not all(np.allclose(x, r["x"], rtol=0, atol=1e-12) for x, r in zip(xs, recorded)):
-            raise EvolveError(f"cannot resume from '{paths['state']}': CMA-ES proposes other candidates than it recorded "
-                              "(another cmaes version?); delete the state file to start over")
-        cma.tell([(x, -r["score"]) for x, r in zip(xs, recorded)])
-    evaluations = evaluations[:done_generations * population]  # a partly recorded last generation is redone
-    if resume and evaluations:
-        _log.info(f"resuming: {len(evaluations)} evaluations in {done_generations} generation(s) already done")
+    previous = _load_state(paths["state"], key, resume)
+    if previous:
+        _log.info(f"resuming: {len(previous) // population * population} evaluations already done")
 
     def body_of(x) -> dict:
         return genome.recipe(genome.decode(x), base_ref, refs, names, n_layers)
 
-    pool = _Workers(config, workers, ray_address)
-    try:
-        return _search(config, cma, genome, population, evaluations, pool, body_of, key, paths, progress, log)
-    finally:
-        pool.close()
-
-
-def _search(config, cma, genome, population, evaluations, pool, body_of, key, paths, progress, log) -> EvolveResult:
-    prog = Progress("evolve", config.max_evals, log, unit="evaluations", enabled=progress)
-    prog.update(len(evaluations))
-    while len(evaluations) < config.max_evals:
-        generation = len(evaluations) // population
-        xs = [cma.ask() for _ in range(population)][:config.max_evals - len(evaluations)]
-        results = pool([body_of(x) for x in xs])
-        for x, r in zip(xs, results):
-            cand = genome.decode(x)
-            evaluations.append({"eval": len(evaluations), "generation": generation, "x": [float(v) for v in x],
-                                "method": cand.method, "normalize": cand.normalize, **r})
-        if len(xs) == population:
-            cma.tell([(x, -r["score"]) for x, r in zip(xs, results)])
+    def saved(evaluations: list[dict]) -> None:
         _save_state(paths["state"], key, config, population, evaluations)
         write_csv(paths["csv"], evaluations)
-        best = max(evaluations, key=lambda e: e["score"])
-        prog.what = f"evolve (best {best['score']:.4f}, generation {generation})"
-        prog.update(len(xs))
         fault_point("evolve-generation-saved")
 
-    best = max(evaluations, key=lambda e: e["score"])  # the first of equal scores
-    body = body_of(best["x"])
-    header = _header(config, population, pool, best, len(evaluations))
-    recipe = recipe_text(body, header)
+    pool = _Workers(config, workers, ray_address)
+    try:
+        evaluations = cma_search(genome, pool, body_of, max_evals=config.max_evals, population=population,
+                                 sigma=config.sigma, seed=config.seed, evaluations=previous, after_generation=saved,
+                                 progress=Progress("evolve", config.max_evals, log, unit="evaluations", enabled=progress))
+        best = max(evaluations, key=lambda e: e["score"])  # the first of equal scores
+        body = body_of(best["x"])
+        recipe = recipe_text(body, _header(config, population, pool, best, len(evaluations)))
+    finally:
+        pool.close()
     write_text_durably(paths["recipe"], recipe)
     write_csv(paths["csv"], evaluations)
     plot_fitness(paths["plot"], evaluations)
@@ -283,10 +306,11 @@ def write_csv(path: Path, evaluations: list[dict]) -> None:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["eval", "generation", "score", *[f"task:{t}" for t in tasks], "method", "normalize",
-                *[f"gene{i}" for i in range(genes)], "seconds"])
+                *[f"gene{i}" for i in range(genes)], "seconds", "cpu_seconds"])
     for e in evaluations:
         w.writerow([e["eval"], e["generation"], repr(e["score"]), *[repr(e["tasks"].get(t)) for t in tasks], e["method"],
-                    e["normalize"], *[repr(v) for v in e["x"]], f"{e['seconds']:.3f}"])
+                    e["normalize"], *[repr(v) for v in e["x"]], f"{e['seconds']:.3f}",
+                    f"{e.get('cpu_seconds', 0.0):.3f}"])
     write_text_durably(path, buf.getvalue())
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from alloykit.methods.registry import all_methods, get_method
 from alloykit.roles import split_layer
@@ -27,7 +27,8 @@ class EvolveConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    base_model: str
+    #: the fine-tunes' common base; without one, only methods that ignore a base (linear...) apply
+    base_model: str | None = None
     models: list[str] = Field(min_length=1)
     #: fitness: the mean validation metric over these tasks (built-in names or task files)
     tasks: list[str] = Field(min_length=1)
@@ -61,6 +62,15 @@ class EvolveConfig(BaseModel):
                 raise ValueError(f"method '{m}' cannot be searched here (it needs statistics, writes side outputs or "
                                  "takes no per-model weight); choose e.g. task_arithmetic, ties, dare_ties, linear")
         return v
+
+    @model_validator(mode="after")
+    def _base(self) -> "EvolveConfig":
+        if self.base_model is None:
+            needs = [m for m in self.methods if get_method(m).base != "ignored"]
+            if needs:
+                raise ValueError(f"method '{needs[0]}' merges task vectors from a base: add base_model, or search "
+                                 "methods that need none (linear)")
+        return self
 
     @field_validator("weight_range", "density_range")
     @classmethod
@@ -106,7 +116,7 @@ class Genome:
         normalize = x[self.normalize_gene] >= 0.5 if self.normalize_gene is not None else bool(self.c.normalize)
         return Candidate(method, normalize, weights, densities)
 
-    def recipe(self, cand: Candidate, base_ref: str, model_refs: list[str], tensor_names: list[str],
+    def recipe(self, cand: Candidate, base_ref: str | None, model_refs: list[str], tensor_names: list[str],
                n_layers: int) -> dict[str, Any]:
         """The recipe body (mergekit schema) of a candidate; ``tensor_names``/``n_layers``: the base's,
         for layer groups (each tensor's value is its group's, by a per-tensor filter)."""
@@ -118,7 +128,7 @@ class Genome:
                 params["density"] = self._value(cand.densities[m], tensor_names, n_layers)
             models.append({"model": ref, "parameters": params})
         body: dict[str, Any] = {"merge_method": cand.method}
-        if spec.base != "ignored":
+        if spec.base != "ignored" and base_ref is not None:
             body["base_model"] = base_ref
         body["models"] = models
         if "normalize" in spec.params.model_fields:

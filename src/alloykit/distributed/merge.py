@@ -67,6 +67,13 @@ class RayOptions:
     num_cpus: int | None = None
 
 
+@dataclass
+class RayWritten(Written):
+    """What a distributed merge wrote, with each shard's task result (host, pid, seconds, CPU seconds)."""
+
+    shards: list[dict[str, Any]] | None = None
+
+
 @dataclass(frozen=True)
 class InputFile:
     path: str
@@ -159,7 +166,7 @@ def _kill_once_halfway(sink, marker: str, n_jobs: int):
 
 
 def merge_on_ray(request: MergeRequest, out: str | os.PathLike, options: WriteOptions = WriteOptions(),
-                 ray_options: RayOptions = RayOptions()) -> Written:
+                 ray_options: RayOptions = RayOptions()) -> RayWritten:
     """Plan ``request`` here (once) and write it with the shards computed on Ray."""
     plan = request.plan()
     try:
@@ -169,7 +176,7 @@ def merge_on_ray(request: MergeRequest, out: str | os.PathLike, options: WriteOp
 
 
 def write_model_on_ray(plan: Plan, out: str | os.PathLike, options: WriteOptions = WriteOptions(),
-                       ray_options: RayOptions = RayOptions(), *, names_dir: Path | None = None) -> Written:
+                       ray_options: RayOptions = RayOptions(), *, names_dir: Path | None = None) -> RayWritten:
     """``write_model`` with each shard computed by a Ray task: the same folder, bytes and
     journal as the local merge, so ``--resume`` works across the two."""
     o = options
@@ -184,7 +191,7 @@ def write_model_on_ray(plan: Plan, out: str | os.PathLike, options: WriteOptions
     shards = plan_shards([(j.name, j.out_dtype, j.shape) for j in plan.jobs], o.max_shard_size)
     fingerprint = plan_fingerprint(plan, "".join(f"{s.filename}|{s.size};" for s in shards))
     if folder.already_done(fingerprint, o.resume):
-        return Written(folder.target, already_done=True)
+        return RayWritten(folder.target, already_done=True)
     files = input_files(plan)  # before connecting: a missing input is the driver's error first
     ray = connect(ray_options.address, num_cpus=ray_options.num_cpus)
     folder.total_shards = len(shards)
@@ -192,7 +199,7 @@ def write_model_on_ray(plan: Plan, out: str | os.PathLike, options: WriteOptions
         reused = len(journal.shards)
         if o.resume and o.progress:
             _log.info(f"resuming: {reused} of {len(shards)} shards already complete")
-        _run_tasks(ray, plan, [s for s in shards if s.filename not in journal.shards], folder, journal, files, o)
+        reports = _run_tasks(ray, plan, [s for s in shards if s.filename not in journal.shards], folder, journal, files, o)
         for stray in folder.tmp.glob("*.part-*"):  # what a killed worker was writing when it died
             stray.unlink()
         ShardedWriter(folder.tmp, shards, {}, {}).write_index()
@@ -200,13 +207,14 @@ def write_model_on_ray(plan: Plan, out: str | os.PathLike, options: WriteOptions
         write_metadata(plan, folder.tmp, copy_tokenizer=o.copy_tokenizer, fingerprint=fingerprint, names_dir=names_dir)
         fault_point("metadata-written")
         folder.commit()
-    return Written(folder.target, reused_shards=reused)
+    return RayWritten(folder.target, reused_shards=reused, shards=reports)
 
 
 def _run_tasks(ray: Any, plan: Plan, todo: list[ShardLayout], folder: OutputFolder, journal: Any,
-               files: list[InputFile], o: WriteOptions) -> None:
+               files: list[InputFile], o: WriteOptions) -> list[dict[str, Any]]:
+    """Each shard's task result (name, size, SHA-256, host, pid, seconds, CPU seconds), as they came."""
     if not todo:
-        return
+        return []
     task = ray.remote(num_cpus=1, max_retries=MAX_RETRIES, retry_exceptions=False)(merge_shard)
     plan_ref = ray.put(plan)  # once: every task gets it by reference
     files_ref = ray.put(files)
@@ -215,6 +223,7 @@ def _run_tasks(ray: Any, plan: Plan, todo: list[ShardLayout], folder: OutputFold
     todo = sorted(todo, key=lambda s: -s.size)
     pending = {task.remote(plan_ref, s, str(folder.tmp), files_ref, __version__, marker): s for s in todo}
     workers: set[tuple[str, int]] = set()
+    reports: list[dict[str, Any]] = []
     progress = Progress("merge on ray", len(todo), unit="shards", total_bytes=sum(s.size for s in todo),
                         enabled=o.progress)
     try:
@@ -232,6 +241,7 @@ def _run_tasks(ray: Any, plan: Plan, todo: list[ShardLayout], folder: OutputFold
                 journal.complete(result["filename"], result["size"], result["sha256"])
                 fault_point("shard-journaled")
                 workers.add((result["host"], result["pid"]))
+                reports.append(result)
                 progress.what = f"merge on ray ({len(workers)} worker(s))"
                 progress.update(1, result["size"])
                 _log.debug(f"{result['filename']}: {result['host']} pid {result['pid']}, {result['seconds']:.1f}s "
@@ -242,3 +252,4 @@ def _run_tasks(ray: Any, plan: Plan, todo: list[ShardLayout], folder: OutputFold
         raise
     finally:
         progress.close()
+    return reports

@@ -1,5 +1,6 @@
-"""``alloykit merge --ray``: the shards computed by Ray tasks give the local merge's bytes, a
-killed worker's shard is retried, and a killed driver's merge resumes from its journal.
+"""On a local Ray cluster: ``alloykit merge --ray`` (the shards computed by Ray tasks give the
+local merge's bytes, a killed worker's shard is retried, a killed driver's merge resumes from
+its journal) and ``alloykit search evolve --workers 2`` (the serial search's evaluations).
 
 One local Ray cluster for the module (2 CPUs, no dashboard); the published recipes of
 ``test_recipes_compat.py`` on its tiny Llama-shaped models, written in many small shards so
@@ -19,6 +20,7 @@ ray = pytest.importorskip("ray")
 
 from alloykit.cli.main import main  # noqa: E402
 from alloykit.testing.fixtures import write_family  # noqa: E402
+from test_evolve import config, rows, toy  # noqa: E402,F401  (toy: the evolve tests' fixture)
 from test_recipes_compat import RECIPES, SHAPE  # noqa: E402
 
 CLI = [sys.executable, "-m", "alloykit.cli.main"]
@@ -74,7 +76,7 @@ def test_killed_worker_is_retried(cluster, refs, tmp_path, monkeypatch):
     assert not list(tmp_path.glob(".*alloykit-tmp"))
 
 
-def test_killed_driver_resumes_from_journal(cluster, refs, tmp_path):
+def test_killed_driver_resumes_from_journal(cluster, refs, tmp_path, capsys):
     path = recipe_file(refs, "della")
     local, distributed = tmp_path / "local", tmp_path / "ray"
     assert main(["merge", str(path), str(local), "-q", *SHARD]) == 0
@@ -87,10 +89,9 @@ def test_killed_driver_resumes_from_journal(cluster, refs, tmp_path):
     tmp = tmp_path / ".ray.alloykit-tmp"
     journal = (tmp / "alloykit_journal.json").read_text()
     assert '"sha256"' in journal
-    r = subprocess.run(CLI + ["merge", str(path), str(distributed), "-v", *SHARD, "--ray", cluster, "--resume"],
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    assert "resuming: " in r.stderr and "resuming: 0 of" not in r.stderr
+    assert main(["merge", str(path), str(distributed), "-v", *SHARD, "--ray", cluster, "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "resuming: " in err and "resuming: 0 of" not in err
     assert folder_bytes(distributed) == folder_bytes(local)
 
 
@@ -113,3 +114,12 @@ def test_without_ray_one_line(refs, tmp_path, capsys, monkeypatch):
     assert main(["merge", str(recipe_file(refs, "linear")), str(tmp_path / "o"), "--ray"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "pip install 'alloykit[ray]'" in err[0]
+
+
+def test_evolve_on_ray_workers_gives_the_serial_search(cluster, toy, tmp_path):
+    pytest.importorskip("cmaes")
+    cfg = config(toy)
+    assert main(["search", "evolve", cfg, "--out", str(tmp_path / "serial.yaml"), "-q"]) == 0
+    assert main(["search", "evolve", cfg, "--out", str(tmp_path / "ray.yaml"), "-q", "--workers", "2"]) == 0
+    assert rows(tmp_path / "ray.evaluations.csv") == rows(tmp_path / "serial.evaluations.csv")
+    assert (tmp_path / "ray.yaml").read_text().replace("2 worker(s)", "1 worker(s)") == (tmp_path / "serial.yaml").read_text()
