@@ -466,3 +466,24 @@ def test_a_stopped_pretraining_resumes_to_the_same_weights(tmp_path, monkeypatch
         run(ckpt=ckpt, stop_at=7)  # in the second epoch, after the checkpoint of step 4
     got = run(ckpt=ckpt)
     assert all(torch.equal(got[n], want[n]) for n in want)
+
+
+def test_finetunes_skip_the_one_another_process_is_training(tmp_path, monkeypatch):
+    """Two processes share the cache: the fine-tune another one holds the lock of is done last."""
+    import fcntl
+    import threading
+    import types
+
+    bench = Bench.__new__(Bench)
+    bench.track = types.SimpleNamespace(cache=tmp_path, cfg=types.SimpleNamespace(recipe=types.SimpleNamespace(steps=1)))
+    bench.tasks, bench._ft, bench.log = ["a", "b", "c"], {}, (lambda m: None)
+    bench._key = lambda tasks, steps, seed: "k"
+    order = []
+    bench._trained = lambda tasks, steps, seed, folder: order.append(tasks[0]) or ({}, {tasks[0]: tasks[0]}, {"cached": True})
+    (tmp_path / "finetunes").mkdir()
+    held = open(tmp_path / "finetunes" / "b-s0-k.lock", "w")
+    fcntl.flock(held, fcntl.LOCK_EX)  # "another process" is training b
+    threading.Timer(0.5, held.close).start()
+    monkeypatch.setattr("quality_bench.bench.time.sleep", lambda s: None)
+    ft = bench.finetunes(0)
+    assert order == ["a", "c", "b"] and list(ft.heads) == ["a", "b", "c"]

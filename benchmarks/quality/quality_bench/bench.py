@@ -101,12 +101,16 @@ class Bench:
                 "data": [fp["tasks"][t] for t in tasks], "v": 2}
         return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
-    def trained(self, tasks: list[str], steps: int, seed: int, folder: Path) -> tuple[dict, dict[str, nn.Linear], dict]:
+    def trained(self, tasks: list[str], steps: int, seed: int, folder: Path, wait: bool = True):
         """Encoder state dict, heads and metadata of a fine-tune on ``tasks``; trained once, then read back.
-        A lock file lets two processes share the cache: one trains, the other waits and reads."""
+        A lock file lets processes share the cache: one trains, another reads it afterwards; with
+        ``wait`` False, None when another process is training it now."""
         folder.parent.mkdir(parents=True, exist_ok=True)
         with open(folder.with_name(folder.name + ".lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                return None
             return self._trained(tasks, steps, seed, folder)
 
     def _trained(self, tasks: list[str], steps: int, seed: int, folder: Path) -> tuple[dict, dict[str, nn.Linear], dict]:
@@ -143,15 +147,28 @@ class Bench:
         return sd, heads, {**meta, "cached": False, "folder": str(folder)}
 
     def finetunes(self, seed: int) -> FineTunes:
+        """The seed's fine-tune of every task. Tasks another process is training are skipped and
+        come back to, so two processes sharing the cache train different ones at once."""
         if seed not in self._ft:
             ft = FineTunes(seed)
-            for t in self.tasks:
-                steps = self.track.cfg.recipe.steps
-                folder = self.track.cache / "finetunes" / f"{t}-s{seed}-{self._key([t], steps, seed)}"
-                sd, heads, meta = self.trained([t], steps, seed, folder)
-                ft.sd[t], ft.heads[t], ft.meta[t] = sd, heads[t], meta
-                if not meta["cached"]:
-                    self.log(f"  fine-tune {t} seed {seed}: {meta['seconds']}s")
+            steps = self.track.cfg.recipe.steps
+            pending = list(self.tasks)
+            while pending:
+                for t in list(pending):
+                    folder = self.track.cache / "finetunes" / f"{t}-s{seed}-{self._key([t], steps, seed)}"
+                    got = self.trained([t], steps, seed, folder, wait=len(pending) == 1)
+                    if got is None:
+                        continue
+                    sd, heads, meta = got
+                    ft.sd[t], ft.heads[t], ft.meta[t] = sd, heads[t], meta
+                    pending.remove(t)
+                    if not meta["cached"]:
+                        self.log(f"  fine-tune {t} seed {seed}: {meta['seconds']}s")
+                if pending:
+                    time.sleep(5)  # every pending one is being trained by another process
+            ft.sd = {t: ft.sd[t] for t in self.tasks}  # task order, whatever order they came in
+            ft.heads = {t: ft.heads[t] for t in self.tasks}
+            ft.meta = {t: ft.meta[t] for t in self.tasks}
             self._ft[seed] = ft
         return self._ft[seed]
 
