@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     from alloykit.cli.search_command import add_parser as add_search  # alloykit search ... (sets func)
 
     add_search(sub)
+    from alloykit.cli.eval_command import add_parser as add_eval  # alloykit eval MODEL --task ...
+
+    add_eval(sub)
     return ap
 
 
