@@ -108,9 +108,14 @@ def command_line(args, track: str | None = None) -> str:
 def write_page(args) -> None:
     sections, summaries, results_all = [], {}, {}
     tracks = [t for t in PRESETS[args.preset].tracks if json_path(args.json_dir, args.preset, t).is_file()]
+    if not tracks:
+        raise SystemExit(f"no results-{args.preset}-TRACK.json in {args.json_dir}: run the benchmark first")
     plots_dir = args.plots or args.md.parent
+    run_info = json.loads(args.run_info.read_text()) if args.run_info and args.run_info.is_file() else {}
     for track in tracks:
         results = load_results(args.json_dir, args.preset, track)
+        if "--no-page" in results.get("command", "") and run_info.get("command"):
+            results["command"] = run_info["command"]  # a track run by --jobs: the command that started them
         results_all[track] = results
         prefix = "quality" + ("" if args.preset == "full" else f"-{args.preset}") + f"-{track}"
         files = plot_track(results, plots_dir, prefix)
@@ -120,9 +125,9 @@ def write_page(args) -> None:
         summaries[track] = summary
     wall = sum(r.get("wall_s", 0) for r in results_all.values())
     cpu = sum(r.get("total_cpu_s", 0) for r in results_all.values())
-    run_info = json.loads(args.run_info.read_text()) if args.run_info and args.run_info.is_file() else {}
+    resumed = f", in {run_info['resumed'] + 1} runs (continued with --resume)" if run_info.get("resumed") else ""
     timing = (f"Measured: the whole run took {run_info['wall_s'] / 60:.0f} min wall clock ({run_info.get('jobs', 1)} "
-              f"process(es)) and {cpu / 60:.0f} CPU-min (user + system) on a 2-core machine shared with other jobs; "
+              f"process(es){resumed}) and {cpu / 60:.0f} CPU-min (user + system) on a 2-core machine shared with other jobs; "
               if run_info.get("wall_s") else
               f"Measured: the tracks took {wall / 60:.0f} min wall clock in all and {cpu / 60:.0f} CPU-min (user + system) "
               "on a 2-core machine shared with other jobs; ")
@@ -196,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{time.monotonic() - t0:7.0f}s] {msg}", flush=True)
 
     if args.from_json:
+        args.run_info = args.run_info or args.json_dir / f".run-{args.preset}.json"
         write_page(args)
         log(f"wrote {args.md}")
         return 0

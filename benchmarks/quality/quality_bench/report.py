@@ -22,7 +22,7 @@ FUSIONBENCH = {"fine-tuned": 90.3, "multi-task": 88.6, "pretrained": 48.2, "line
 FUSIONBENCH_NAMES = {"linear": "simple average", "task_arithmetic": "task arithmetic", "ties": "TIES", "fisher": "Fisher",
                      "regmean": "RegMean", "regmean_plus_plus": "RegMean++", "adamerging_task": "AdaMerging task-wise",
                      "adamerging_layer": "AdaMerging layer-wise", "iso_c": "ISO-C", "iso_cts": "ISO-CTS", "wudi": "WUDI"}
-TITLES = {"text": "Text track: MiniLM on eight text tasks", "image": "Image track: a small ViT pre-trained here, eight image tasks"}
+TITLES = {"text": "Text track: MiniLM, {n} text tasks", "image": "Image track: a small ViT pre-trained here, {n} image tasks"}
 
 
 def pct(x: float | None, digits: int = 1) -> str:
@@ -201,7 +201,7 @@ def track_section(results: dict, plots: dict[str, str], n_boot: int = 2000) -> t
     st = TrackStats(results, n_boot=n_boot)
     head, summary = headroom_table(results, st)
     cos = results.get("task_vectors", {}).get("mean_pairwise_cosine", [])
-    out = [f"## {TITLES.get(results['track'], results['track'])}", "",
+    out = [f"## {TITLES.get(results['track'], results['track']).format(n=len(results['tasks']))}", "",
            f"Made by `{results.get('command', '')}`" + (f", then {len(results.get('updates', []))} `--update` run(s) (listed below)"
                                                         if results.get("updates") else "") + ".", "",
            "### Headroom: how far fine-tuning moved", "", *head, "",
@@ -209,7 +209,7 @@ def track_section(results: dict, plots: dict[str, str], n_boot: int = 2000) -> t
            "### Results (test accuracy, %, 95% intervals)", "",
            "Accuracy: mean over tasks. Normalized: merged / fine-tuned per task, averaged. Gain kept: (merged - probe) / "
            "(fine-tuned - probe) per task, averaged: 0 is a linear probe on the frozen base, 100 is the fine-tunes. "
-           "Rows with 3 seeds ran on each seed's fine-tunes (the interval resamples seeds and test examples); rows with 1 "
+           "Rows with several seeds ran on each seed's fine-tunes (the interval resamples seeds and test examples); rows with 1 "
            "seed ran on seed 0's (test examples only).", "", *main_table(results, st), ""]
     na = {n: r for n, r in results["rows"].items() if n not in st.correct}
     if na:
@@ -305,7 +305,7 @@ def plot_track(results: dict, out_dir: Path, prefix: str, n_boot: int = 2000) ->
         ax.grid(alpha=0.3, axis="x")
     axes[1].axvline(0, color="red", lw=0.8, ls="--")
     axes[1].axvline(100, color="green", lw=0.8, ls="--")
-    fig.suptitle(f"{results['track']} track: 95% intervals (blue: 3 seeds, cyan: seed 0, gray: baselines)")
+    fig.suptitle(f"{results['track']} track: 95% intervals (blue: every seed, cyan: seed 0, gray: baselines)")
     fig.tight_layout()
     name = f"{prefix}-intervals.png"
     fig.savefig(out_dir / name, dpi=90)
