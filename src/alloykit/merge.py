@@ -28,6 +28,9 @@ from alloykit.plan.planner import Plan, make_plan
 
 DEFAULT_SHARD_SIZE = 5_000_000_000
 TMP_MARK = ".alloykit-tmp"
+#: steps a recipe may ask for around the merge, registered by the features that run them
+#: (``align``: alloykit.align.step, imported with the package), so this module imports no feature
+RECIPE_STEPS: dict[str, Any] = {}
 
 
 def temp_dir_for(out_dir: Path) -> Path:
@@ -41,16 +44,18 @@ def plan_recipe(
     allow_pickle: bool = False,
     seed: int | None = None,
     recipe_dir: str | os.PathLike | None = None,
+    preloaded: dict[str, Any] | None = None,
 ) -> Plan:
     """Recipe (object, dict, or YAML path) -> validated plan, reading headers only.
 
     Relative model paths are looked up from the working directory, then from
-    ``recipe_dir`` (the YAML file's folder when a path is given).
+    ``recipe_dir`` (the YAML file's folder when a path is given). ``preloaded`` maps model
+    references to open checkpoints that stand in for them (e.g. aligned copies).
     """
     if isinstance(recipe, (str, os.PathLike)):
         path = Path(recipe)
-        return make_plan(load_recipe(path), recipe_dir=path.parent, allow_pickle=allow_pickle, seed=seed)
-    return make_plan(parse_recipe(recipe), recipe_dir=recipe_dir, allow_pickle=allow_pickle, seed=seed)
+        return make_plan(load_recipe(path), recipe_dir=path.parent, allow_pickle=allow_pickle, seed=seed, preloaded=preloaded)
+    return make_plan(parse_recipe(recipe), recipe_dir=recipe_dir, allow_pickle=allow_pickle, seed=seed, preloaded=preloaded)
 
 
 def merge(
@@ -70,6 +75,7 @@ def merge(
     copy_tokenizer: bool = True,
     recipe_dir: str | os.PathLike | None = None,
     output_lora: int | None = None,
+    preloaded: dict[str, Any] | None = None,
 ) -> Path:
     """Merge the models a recipe names into ``out_dir`` (a Hugging Face model folder).
 
@@ -89,7 +95,13 @@ def merge(
                       allow_pickle=allow_pickle, progress=progress)
         return Path(out_dir).absolute()
     out = Path(out_dir).absolute()
-    plan = plan_recipe(recipe, allow_pickle=allow_pickle, seed=seed, recipe_dir=recipe_dir)
+    plan = plan_recipe(recipe, allow_pickle=allow_pickle, seed=seed, recipe_dir=recipe_dir, preloaded=preloaded)
+    if preloaded is None and plan.recipe.wants_alignment:  # the recipe's 'align:' step runs first, then merges here
+        plan.close()
+        return RECIPE_STEPS["align"](recipe, out, recipe_dir=recipe_dir, device=device, threads=threads, seed=seed,
+                             max_shard_size=max_shard_size, allow_pickle=allow_pickle, overwrite=overwrite,
+                             progress=progress, fail_on_nonfinite=fail_on_nonfinite, budget_bytes=budget_bytes,
+                             copy_tokenizer=copy_tokenizer, resume=resume)
     tmp = temp_dir_for(out)
     lock_fd = None
     try:

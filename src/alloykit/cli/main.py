@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     from alloykit.cli.search_command import add_parser as add_search  # alloykit search ... (sets func)
 
     add_search(sub)
+    from alloykit.cli.align_command import add_parser as add_align  # alloykit align (sets func)
+
+    add_align(sub)
     return ap
 
 

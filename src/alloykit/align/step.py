@@ -1,0 +1,149 @@
+"""The recipe step ``align:``: align the inputs to base_model, merge, optionally REPAIR.
+
+::
+
+    merge_method: linear
+    base_model: ./run-a
+    models:
+      - {model: ./run-a, parameters: {weight: 0.5}}
+      - {model: ./run-b, parameters: {weight: 0.5}}
+    align: {method: weight_matching}             # or activation_matching with data: calib.txt
+    #      repair: true, data: calib.txt         # REPAIR the merged model afterwards
+
+Each model other than base_model gets an aligned copy in a working folder beside the
+output (``.OUT.alloykit-align``, removed afterwards); the merge reads those copies under
+the recipe's own names, so the recorded recipe and model card are the user's. The output
+also holds ``alloykit_alignment.json`` (per input: method, share of units moved).
+
+REPAIR's endpoints are the models under ``models:`` (aligned), weighted by their scalar
+``weight`` parameters (equal when absent), on the first ``samples`` texts of ``data``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from alloykit.align.api import ALIGNMENT_FILE, align, load_hf_module
+from alloykit.align.data import text_batches, token_limit
+from alloykit.align.families import hf_spec
+from alloykit.align.output import check_target, write_model_folder
+from alloykit.align.repair import repair
+from alloykit.config import AlignStep, Recipe, load_recipe, parse_recipe
+from alloykit.errors import OutputError, RecipeError
+from alloykit.io.checkpoint import Checkpoint
+from alloykit.merge import RECIPE_STEPS, _replace, merge
+
+
+def _resolve(ref: str, recipe_dir: Path | None) -> Path:
+    p = Path(ref).expanduser()
+    if not p.exists() and recipe_dir is not None and not p.is_absolute() and (recipe_dir / p).exists():
+        return recipe_dir / p
+    return p
+
+
+def steps(recipe: Recipe) -> dict[str, AlignStep]:
+    """model reference -> its alignment step (base_model and opted-out models excluded)."""
+    out = {}
+    for m in recipe.models or []:
+        if m.model == recipe.base_model or m.align is False:
+            continue
+        step = m.align if isinstance(m.align, AlignStep) else (AlignStep() if m.align is True else recipe.align)
+        if step is not None:
+            out[m.model] = step
+    return out
+
+
+def _weight(m) -> float:
+    w = (m.parameters or {}).get("weight", 1.0)
+    return float(w) if isinstance(w, (int, float)) and not isinstance(w, bool) else 1.0
+
+
+def merge_aligned(recipe_arg: Any, out: Path, *, recipe_dir: str | os.PathLike | None, seed: int | None,
+                  overwrite: bool, progress: bool, allow_pickle: bool, resume: bool = False, **merge_kwargs) -> Path:
+    """Run the recipe's ``align:`` step, merge the aligned inputs, REPAIR if asked; publish ``out`` atomically."""
+    if isinstance(recipe_arg, (str, os.PathLike)):
+        recipe, rdir = load_recipe(recipe_arg), Path(recipe_arg).parent
+    else:
+        recipe, rdir = parse_recipe(recipe_arg), (Path(recipe_dir) if recipe_dir else None)
+    if resume:
+        raise OutputError("--resume is not available for recipes with an 'align' step (the aligned inputs are "
+                          "recomputed); rerun without --resume")
+    out = Path(out).absolute()
+    check_target(out, overwrite)
+    base = _resolve(recipe.base_model, rdir)
+    todo = steps(recipe)
+    top = recipe.align
+    if top is not None and top.repair:
+        spec = hf_spec(json.loads((base / "config.json").read_text()), {n: i.shape for n, i in Checkpoint(base).tensors.items()},
+                       permute_outputs=True)
+        if not any(g.producers for g in spec.groups):
+            raise RecipeError(f"'align.repair': the {spec.family} family has no layer REPAIR can rescale")
+    work = out.parent / f".{out.name}.alloykit-align"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    say = (lambda s: print(f"alloykit: {s}", flush=True, file=sys.stderr)) if progress else (lambda s: None)
+    final_seed = seed if seed is not None else (recipe.seed or 0)
+    try:
+        preloaded, records = {}, {}
+        for i, (ref, step) in enumerate(todo.items()):
+            say(f"align: '{ref}' to '{recipe.base_model}' ({step.method})")
+            data = str(_resolve(step.data, rdir)) if step.data else None
+            res = align(_resolve(ref, rdir), base, work / f"input{i}", method=step.method, data=data, samples=step.samples,
+                        max_iter=step.max_iter, seed=final_seed, allow_pickle=allow_pickle, progress=say if progress else False)
+            preloaded[ref] = Checkpoint(res.path, label=ref)
+            records[ref] = {"reference": recipe.base_model, "method": step.method, "data": step.data,
+                            "moved_fraction_mean": res.report["moved_fraction_mean"],
+                            "groups": res.report["groups"]}
+        merged = merge(recipe, work / "merged", recipe_dir=rdir, seed=seed, allow_pickle=allow_pickle,
+                       progress=progress, preloaded=preloaded, **merge_kwargs)
+        _record(merged, records, {ref: str(_resolve(ref, rdir)) for ref in records})
+        if top is not None and top.repair:
+            say(f"repair: rescaling the merged units to the inputs' statistics on {top.data}")
+            _repair(merged, recipe, preloaded, base, rdir, top, out, overwrite)
+        else:
+            _replace(merged, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def _record(folder: Path, records: dict, originals: dict[str, str]) -> None:
+    (folder / ALIGNMENT_FILE).write_text(json.dumps({"inputs": records}, indent=1) + "\n")
+    manifest_path = folder / "alloykit_manifest.json"
+    if manifest_path.is_file():  # the merge read the aligned copies: record the user's paths
+        manifest = json.loads(manifest_path.read_text())
+        for entry in manifest.get("inputs", []):
+            if entry.get("ref") in originals:
+                entry["path"] = originals[entry["ref"]]
+                entry["aligned_to_base"] = True
+        manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def _repair(merged: Path, recipe: Recipe, preloaded: dict, base: Path, rdir: Path | None, step: AlignStep,
+            out: Path, overwrite: bool) -> None:
+    config = json.loads((merged / "config.json").read_text())
+    module = load_hf_module(merged, config)
+    endpoints, weights = [], []
+    for m in recipe.models:
+        path = preloaded[m.model].path if m.model in preloaded else _resolve(m.model, rdir)
+        endpoints.append(load_hf_module(path, config))
+        weights.append(_weight(m))
+    batches, _ = text_batches(base, _resolve(step.data, rdir), samples=step.samples, max_len=token_limit(config, 128),
+                              vocab=config.get("vocab_size", 256), batch_size=16)
+    sd = module.state_dict()
+    spec = hf_spec(config, {k: tuple(v.shape) for k, v in sd.items()}, permute_outputs=True,  # every layer REPAIR may rescale
+                   float_names={k for k, v in sd.items() if v.is_floating_point()})
+    repair(module, endpoints, spec, batches, weights=weights)
+    saved = Checkpoint(merged).tensors
+    tensors = {k: v.detach().to(saved[k].dtype).contiguous() for k, v in module.state_dict().items() if k in saved}
+    keep = [p.name for p in merged.iterdir() if p.is_file() and not p.name.endswith(".safetensors")
+            and p.name != "model.safetensors.index.json"]
+    write_model_folder(out, tensors, source=merged, json_files={}, overwrite=overwrite, copy_names=keep)
+
+
+RECIPE_STEPS["align"] = merge_aligned
