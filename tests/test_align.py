@@ -157,6 +157,19 @@ def test_random_permutation_is_same_function_and_is_recovered(name, images):
         assert res.report["moved_fraction_mean"] > 0.5
 
 
+def test_activation_matching_reads_an_image_file(images, tmp_path):
+    """Calibration images from a .npy file (read without pickle) recover a CNN's permutation."""
+    np = pytest.importorskip("numpy")
+    model = seeded(CNN)
+    permuted, _ = permuted_copy(model, A.module_spec(model, images[:2]), seed=4)
+    np.save(tmp_path / "calib.npy", images.numpy())
+    res = A.align(permuted, model, method="activation_matching", data=tmp_path / "calib.npy")
+    assert all(torch.equal(res.state_dict[k], v) for k, v in model.state_dict().items())
+    (tmp_path / "calib.txt").write_text("not images\n")
+    with pytest.raises(AlloyError, match="give a .npy or .safetensors file"):
+        A.align(permuted, model, method="activation_matching", data=tmp_path / "calib.txt")
+
+
 def test_spec_shapes_of_the_families():
     llama = A.spec_for_module(tiny_llama())
     names = [g.name for g in llama.groups]
@@ -169,6 +182,19 @@ def test_spec_shapes_of_the_families():
     assert any("residual stream stays in place" in n for n in bare.notes)
     tied = A.spec_for_module(tiny_llama(tie=True))
     assert "residual" in [g.name for g in tied.groups]  # the tied lm_head reads the stream
+
+
+def test_head_permutation_indices_hand_computed():
+    """4 query heads over 2 key/value heads, head_dim 2: slot a holds kv head kv[a] with its query
+    heads (in the order q gives), q/k dims and v dims permuted per kv head."""
+    h = A.Heads(n_heads=4, n_kv=2, head_dim=2, qk_dims=True)
+    p = HeadPerm(kv=torch.tensor([1, 0]), q=torch.tensor([3, 2, 0, 1]), qk=torch.tensor([[1, 0], [0, 1]]),
+                 v=torch.tensor([[0, 1], [1, 0]]))
+    assert p.index("q", h).tolist() == [7, 6, 5, 4, 0, 1, 2, 3]
+    assert p.index("k", h).tolist() == [3, 2, 0, 1]
+    assert p.index("v", h).tolist() == [2, 3, 1, 0]
+    assert p.index("o", h).tolist() == [6, 7, 4, 5, 1, 0, 3, 2]
+    assert not p.is_identity() and HeadPerm.identity(h).is_identity()
 
 
 def test_rope_pins_query_key_dimensions_but_bert_may_move_them():
@@ -198,6 +224,7 @@ def test_fine_tunes_of_one_base_are_already_aligned(family, tmp_path):
                for p in res.perms.values())
 
 
+@pytest.mark.slow
 def test_real_minilm_permuted_then_aligned(tmp_path):
     """The real all-MiniLM-L6-v2: permute heads, head dimensions and MLP units (and, with
     permute_outputs, the residual stream); same hidden states on real sentences; alignment

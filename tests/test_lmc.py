@@ -200,3 +200,35 @@ def test_analyze_lmc_with_repair_and_mistakes(classifiers, tmp_path, capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert text in err and len(err.splitlines()) == 1, err
+
+
+def test_analyze_lmc_of_causal_lms(tmp_path, capsys):
+    """Causal LMs on plain text (no tokenizer: UTF-8 bytes): a permuted copy is flat once aligned."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    torch.manual_seed(0)
+    a = transformers.LlamaForCausalLM(cfg).eval()
+    spec = A.spec_for_module(a)
+    b = transformers.LlamaForCausalLM(cfg)
+    b.load_state_dict(A.apply_permutations(a.state_dict(), spec, spec.random(1)))
+    a.save_pretrained(tmp_path / "a")
+    b.save_pretrained(tmp_path / "b")
+    text = tmp_path / "text.txt"
+    text.write_text("the cat sat on the mat\nmerging models needs aligned units\na path between two minima\n")
+    assert main(["analyze", "--lmc", str(tmp_path / "a"), str(tmp_path / "b"), "--data", str(text), "--steps", "3",
+                 "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["kind"] == "causal_lm" and report["examples"] == sum(len(t) for t in text.read_text().split("\n") if t)
+    ids = torch.tensor([list(b"the cat sat on the mat")])
+    with torch.no_grad():
+        ref = torch.nn.functional.cross_entropy(a(input_ids=ids).logits[0, :-1], ids[0, 1:], reduction="sum")
+    aligned = report["paths"]["weight_matching"]["loss"]
+    assert aligned == pytest.approx([aligned[0]] * 3, rel=1e-5)
+    assert report["paths"]["naive"]["loss"][0] == pytest.approx(aligned[0], rel=1e-6)
+    one = tmp_path / "one.txt"  # one text: the mean next-token loss is the reference's sum over its 21 predictions
+    one.write_text("the cat sat on the mat\n")
+    assert main(["analyze", "--lmc", str(tmp_path / "a"), str(tmp_path / "b"), "--data", str(one), "--steps", "2",
+                 "--align", "none", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["paths"]["naive"]["loss"][0] == pytest.approx(float(ref) / 21, rel=1e-5)

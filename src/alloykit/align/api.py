@@ -20,7 +20,7 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -53,7 +53,6 @@ class Alignment:
     report: dict
     module: torch.nn.Module | None = None  # the aligned copy, when modules were given
     path: Path | None = None  # the output folder, when folders were given
-    extra: dict = field(default_factory=dict)
 
     def moved(self) -> dict[str, float]:
         """Per group, the share of units the alignment moved (0 = already aligned)."""
@@ -210,7 +209,9 @@ def _report(spec: Spec, perms: dict[str, Perm], extra: dict, method: str, seed: 
     }
 
 
-def _config(folder: Path, label: str) -> dict:
+def read_config(folder: Path, label: str) -> dict:
+    if not folder.is_dir():
+        raise CheckpointError(f"model '{label}': '{folder}' is not a model folder")
     try:
         return json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -234,9 +235,7 @@ def load_hf_module(folder: Path, config: dict) -> torch.nn.Module:
 
 def read_folder(folder: Path, label: str, allow_pickle: bool = False) -> tuple[dict, dict[str, torch.Tensor]]:
     """(config.json, every tensor) of a model folder."""
-    if not folder.is_dir():
-        raise CheckpointError(f"model '{label}': '{folder}' is not a model folder")
-    config = _config(folder, label)
+    config = read_config(folder, label)
     ck = Checkpoint(folder, allow_pickle=allow_pickle, label=label)
     try:
         return config, {n: ck.read(n) for n in ck.tensors}

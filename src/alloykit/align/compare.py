@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 
 from alloykit.align import lmc
-from alloykit.align.api import align, load_hf_module, read_folder
+from alloykit.align.api import align, load_hf_module, read_config
 from alloykit.align.data import labelled_texts, text_batches, token_limit
 from alloykit.align.families import hf_spec
 from alloykit.align.repair import endpoint_targets, producers, repair
@@ -59,8 +59,7 @@ def lmc_report(a: str | Path, b: str | Path, data: str | Path, *, methods: tuple
                say: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     """Loss/accuracy along the naive path and along each aligned path (plus REPAIR when asked)."""
     a, b, data = Path(a), Path(b), Path(data)
-    cfg_a, _ = read_folder(a, str(a))
-    cfg_b, _ = read_folder(b, str(b))
+    cfg_a, cfg_b = read_config(a, str(a)), read_config(b, str(b))
     if cfg_a.get("model_type") != cfg_b.get("model_type"):
         raise CheckpointError(f"models '{a}' and '{b}' are of different types ({cfg_a.get('model_type')}, "
                               f"{cfg_b.get('model_type')}); the linear path needs one architecture")
