@@ -417,3 +417,19 @@ def test_recipe_align_mistakes(bad, text):
 def test_recipe_without_alignment_is_unchanged():
     r = alloykit.parse_recipe({"merge_method": "linear", "models": [{"model": "a"}, {"model": "b"}]})
     assert not r.wants_alignment and "align" not in r.to_yaml()
+
+
+def test_recipe_align_keys_per_model():
+    """Top-level 'align' applies to every model but the base; per model it is overridden or switched off."""
+    from alloykit.align.step import steps
+
+    r = alloykit.parse_recipe({
+        "merge_method": "linear", "base_model": "a", "align": {"method": "weight_matching"},
+        "models": [{"model": "a"}, {"model": "b"}, {"model": "c", "align": False},
+                   {"model": "d", "align": {"method": "activation_matching", "data": "t.txt", "samples": 64}}]})
+    got = steps(r)
+    assert list(got) == ["b", "d"]
+    assert got["b"].method == "weight_matching" and (got["d"].method, got["d"].samples) == ("activation_matching", 64)
+    only = alloykit.parse_recipe({"merge_method": "linear", "base_model": "a",
+                                  "models": [{"model": "a"}, {"model": "b", "align": True}, {"model": "c"}]})
+    assert only.wants_alignment and list(steps(only)) == ["b"]
