@@ -5,7 +5,7 @@ For each pair: loss/accuracy along the naive linear path, along the path to the 
 aligned by weight matching and by activation matching, and along the weight-matched path
 with REPAIR at every point; then the accuracy barrier against MLP width.
 
-    nice -n 15 python benchmarks/alignment/vision.py            # everything (~1-2 h on a contended 2-core CPU)
+    nice -n 15 python benchmarks/alignment/vision.py            # everything (~2 h on a contended 2-core CPU)
     nice -n 15 python benchmarks/alignment/vision.py --only mlp  # one experiment (mlp, cnn, mnist, width)
 
 Writes docs/alignment/vision.json and docs/alignment/*.png.
@@ -91,21 +91,28 @@ def main() -> None:
     results.setdefault("pairs", {})
     results["summary"] = [r for r in results.get("summary", []) if not any(r["pair"].startswith(k) for k in _names(only))]
     fashion = fashion_mnist() if only & {"mlp", "cnn", "width"} else None
+
+    def save() -> None:  # after every experiment: a long run keeps what it measured
+        results["environment"] = environment()
+        write_json(out, results)
+
     if "mlp" in only:
         for seeds in ((0, 1), (2, 3)):
             pair_experiment("fashion-mlp512", lambda: MLP(512), fashion, seeds, 10, results)
-    if "cnn" in only:
-        pair_experiment("fashion-cnn32", lambda: CNN(32), fashion, (0, 1), 6, results)
-    if "mnist" in only:
-        pair_experiment("mnist5k-mlp512", lambda: MLP(512), mnist_subset(), (0, 1), 20, results)
+        save()
     if "width" in only:
         width_sweep(fashion, results, 5)
-    results["environment"] = environment()
-    write_json(out, results)
+        save()
+    if "mnist" in only:
+        pair_experiment("mnist5k-mlp512", lambda: MLP(512), mnist_subset(), (0, 1), 20, results)
+        save()
+    if "cnn" in only:
+        pair_experiment("fashion-cnn16", lambda: CNN(16), fashion, (0, 1), 4, results)
+        save()
 
 
 def _names(only: set[str]) -> list[str]:
-    return [{"mlp": "fashion-mlp512", "cnn": "fashion-cnn32", "mnist": "mnist5k-mlp512", "width": "~"}[k] for k in only]
+    return [{"mlp": "fashion-mlp512", "cnn": "fashion-cnn16", "mnist": "mnist5k-mlp512", "width": "~"}[k] for k in only]
 
 
 if __name__ == "__main__":

@@ -168,7 +168,7 @@ def _align_modules(model: torch.nn.Module, to: torch.nn.Module, *, method: str, 
     aligned = copy.deepcopy(model)
     aligned.load_state_dict(sd)
     report = _report(spec, perms, report, method, seed, time.monotonic() - t0)
-    return Alignment(spec, perms, sd, report, module=aligned)
+    return Alignment(spec, perms, aligned.state_dict(), report, module=aligned)
 
 
 def _hf_batches(data: Any, batch_size: int) -> list[dict[str, torch.Tensor]]:
