@@ -47,8 +47,9 @@ def vision(lines: list[str]) -> None:
         return
     data = json.loads(path.read_text())
     for name, res in data["pairs"].items():
-        lines += ["", f"**{name}** ({res['epochs']} epochs; align {', '.join(f'{k} {v}s' for k, v in res['align_seconds'].items())}; "
-                      f"{res['cpu_seconds']} CPU s for the whole measurement)", ""]
+        lines += ["", f"**{name}** ({res['epochs']} epochs; alignment wall time "
+                      f"{', '.join(f'{k.replace(chr(95), chr(32))} {v} s' for k, v in res['align_seconds'].items())} on the "
+                      f"contended machine; {res['cpu_seconds']} CPU s for all paths of the pair)", ""]
         lines += pair_table(res["paths"], res["test_examples"])
     if "width" in data:
         lines += ["", "**Barrier against width** (Fashion-MNIST MLP, 3 hidden layers, seeds 0 and 1, 5 epochs; "

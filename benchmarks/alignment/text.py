@@ -110,19 +110,22 @@ def recipes(folders: list[Path], test: Path, calib: Path, root: Path) -> dict:
     from alloykit.align.lmc import classifier_evaluator
 
     variants = {"linear": "", "linear + align": "align: {method: weight_matching}\n",
-                "linear + align + repair": f"align: {{method: weight_matching, repair: true, data: {calib}}}\n"}
+                "linear + align + repair": f"align: {{method: weight_matching, repair: true, data: {calib}}}\n",
+                "linear + align (activations) + repair":
+                    f"align: {{method: activation_matching, repair: true, data: {calib}}}\n"}
     batches, n = _classifier_batches(folders[0], test, 1000, 64, 32)
     evaluate = classifier_evaluator(batches)
     out = {}
     for name, extra in variants.items():
-        recipe = root / f"recipe-{name.replace(' + ', '-')}.yaml"
+        slug = name.replace(" + ", "-").replace(" (", "-").replace(")", "")
+        recipe = root / f"recipe-{slug}.yaml"
         recipe.write_text(RECIPE.format(a=folders[0], b=folders[1]) + extra)
-        merged = root / f"merged-{name.replace(' + ', '-')}"
+        merged = root / f"merged-{slug}"
         t0, c0 = time.monotonic(), cpu_seconds()
         alloykit(["merge", str(recipe), str(merged), "--overwrite", "-q"])
         seconds, cpu = round(time.monotonic() - t0, 1), round(cpu_seconds() - c0, 1)
         loss, acc = evaluate(load_hf_module(merged, read_config(merged, str(merged))))
-        out[name] = {"recipe": recipe.read_text().replace(str(CACHE), ".bench/alignment"), "loss": loss, "accuracy": acc,
+        out[name] = {"recipe": recipe.read_text(), "loss": loss, "accuracy": acc,
                      "stderr": math.sqrt(acc * (1 - acc) / n), "merge_seconds": seconds, "merge_cpu_seconds": cpu}
         log(f"recipe '{name}': test accuracy {100 * acc:.2f}%, loss {loss:.4f} ({seconds}s)")
     return out
@@ -154,7 +157,7 @@ def main() -> None:
     if args.recipes_only:
         report = json.loads((out / "lmc.json").read_text())
         report["recipes"] = recipes(folders, test, calib, root)
-        (out / "lmc.json").write_text(json.dumps(report, indent=1) + "\n")
+        (out / "lmc.json").write_text(json.dumps(relative(report), indent=1) + "\n")
         log(f"wrote {out / 'lmc.json'}")
         return
     argv = ["analyze", "--lmc", str(folders[0]), str(folders[1]), "--data", str(test), "--calibration", str(calib),
@@ -164,15 +167,24 @@ def main() -> None:
     alloykit(argv)
     report = json.loads((out / "lmc.json").read_text())
     report["training"] = [json.loads((f / "training.json").read_text()) for f in folders]
-    report["command"] = "alloykit " + " ".join(a.replace(str(CACHE), ".bench/alignment") for a in argv)
+    report["command"] = "alloykit " + " ".join(argv)
     report["measure_seconds"], report["measure_cpu_seconds"] = round(time.monotonic() - t0, 1), round(cpu_seconds() - c0, 1)
     report["environment"] = environment()
-    report["models"] = [str(Path(m).relative_to(CACHE.parents[1])) for m in report["models"]]
     report["stderr_midpoint"] = {k: math.sqrt(p["accuracy"][len(p["alpha"]) // 2] * (1 - p["accuracy"][len(p["alpha"]) // 2])
                                               / report["examples"]) for k, p in report["paths"].items()}
     report["recipes"] = recipes(folders, test, calib, root)
-    (out / "lmc.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out / "lmc.json").write_text(json.dumps(relative(report), indent=1) + "\n")
     log(f"wrote {out / 'lmc.json'}")
+
+
+def relative(data):
+    """Paths in the report relative to the repository (it is committed)."""
+    root = str(CACHE.parents[1]) + "/"
+    if isinstance(data, dict):
+        return {k: relative(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [relative(v) for v in data]
+    return data.replace(root, "") if isinstance(data, str) else data
 
 
 if __name__ == "__main__":

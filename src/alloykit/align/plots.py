@@ -27,7 +27,7 @@ def plot_paths(paths: dict[str, dict], out: str | Path, title: str = "") -> Path
     for ax in axes:
         ax.set_xlabel("alpha (0 = model A, 1 = model B)")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, title="path (accuracy / loss barrier)", title_fontsize=7)
+    axes[0].legend(fontsize=7, title="path (accuracy / loss barrier)", title_fontsize=7, loc="upper left")
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
