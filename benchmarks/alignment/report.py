@@ -1,4 +1,4 @@
-"""Rewrite the measured tables of docs/alignment.md from the experiments' JSON (no computation).
+"""Rewrite the measured tables of docs/alignment.md and the path plots from the experiments' JSON (no computation).
 
     python benchmarks/alignment/report.py
 
@@ -46,11 +46,16 @@ def vision(lines: list[str]) -> None:
     if not path.is_file():
         return
     data = json.loads(path.read_text())
+    from alloykit.align.plots import plot_paths
+
     for name, res in data["pairs"].items():
+        png = f"lmc-{name.split()[0]}-s{''.join(str(s) for s in res['seeds'])}.png"
+        plot_paths(res["paths"], DOCS / "alignment" / png, f"{name}: test loss / accuracy along the linear path")
         lines += ["", f"**{name}** ({res['epochs']} epochs; alignment wall time "
                       f"{', '.join(f'{k.replace(chr(95), chr(32))} {v} s' for k, v in res['align_seconds'].items())} on the "
                       f"contended machine; {res['cpu_seconds']} CPU s for all paths of the pair)", ""]
         lines += pair_table(res["paths"], res["test_examples"])
+        lines += ["", f"![{name}](alignment/{png})"]
     if "width" in data:
         lines += ["", "**Barrier against width** (Fashion-MNIST MLP, 3 hidden layers, seeds 0 and 1, 5 epochs; "
                       "accuracy barrier in points / loss barrier):", "",
@@ -68,6 +73,9 @@ def text(lines: list[str]) -> None:
     if not path.is_file():
         return
     r = json.loads(path.read_text())
+    from alloykit.align.plots import plot_paths
+
+    plot_paths(r["paths"], path.parent / "lmc.png", "BERT-shaped encoders from scratch, seeds 0 and 1: test loss / accuracy")
     t = r.get("training", [{}])[0]
     lines += ["", f"**BERT-shaped encoder from scratch** (WordNet noun supersenses, 26 classes; hidden {t.get('hidden')}, "
                   f"2 layers, 4 heads; {t.get('steps')} steps of batch {t.get('batch_size')}, seeds "
@@ -96,8 +104,12 @@ def finetunes(lines: list[str]) -> None:
             m = row[method]
             moved = " / ".join(f"{100 * m['moved_fraction'].get(k, 0):.1f}%" for k in ("residual", "attention", "mlp"))
             lines.append(f"| {row['a']} vs {row['b']} | {method.replace('_', ' ')} | {'yes' if m['identity'] else 'no'} | {moved} |")
+    from alloykit.align.plots import plot_paths
+
     for row in data["pairs"].values():
         if "paths" in row:
+            plot_paths(row["paths"], DOCS / "alignment" / "lmc-minilm-finetunes.png",
+                       f"MiniLM fine-tunes ({row['a']}, {row['b']}): test loss / accuracy")
             lines += ["", f"Linear path between {row['a']} and {row['b']} (encoder and head interpolated):", ""]
             lines += pair_table(row["paths"], row["test_examples"])
             lines += ["", "![minilm fine-tunes](alignment/lmc-minilm-finetunes.png)"]

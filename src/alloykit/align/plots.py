@@ -14,7 +14,7 @@ def plot_paths(paths: dict[str, dict], out: str | Path, title: str = "") -> Path
     plt = _pyplot()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.4))
     for name, p in paths.items():
         base = name.split("+")[0]
         color, marker = _STYLE.get(base, ("tab:gray", "."))
@@ -27,10 +27,12 @@ def plot_paths(paths: dict[str, dict], out: str | Path, title: str = "") -> Path
     for ax in axes:
         ax.set_xlabel("alpha (0 = model A, 1 = model B)")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, title="path (accuracy / loss barrier)", title_fontsize=7, loc="upper left")
+    rows = (len(paths) + 2) // 3
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=7, frameon=False,
+               title="path (accuracy barrier / loss barrier)", title_fontsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06 + 0.045 * rows, 1, 1))
     fig.savefig(out, dpi=90)
     plt.close(fig)
     return out
