@@ -309,7 +309,7 @@ def test_cli_align_mistakes_are_one_line(bert_pair, tmp_path, capsys, family):
          "needs calibration text"),
         (["align", str(root / "b"), str(root / "a"), "--to", str(root / "a")], "exists and is not empty"),
         (["align", str(root / "b"), str(tmp_path / "y"), "--to", str(family[0])], "alignment needs one architecture"),
-        (["align", str(tmp_path / "nope"), str(tmp_path / "z"), "--to", str(root / "a")], "is not a model folder"),
+        (["align", str(tmp_path / "nope"), str(tmp_path / "z"), "--to", str(root / "a")], "no such file or folder"),
     ]
     for argv, text in cases:
         assert main(argv) == 2

@@ -190,7 +190,7 @@ def test_analyze_lmc_with_repair_and_mistakes(classifiers, tmp_path, capsys):
     ends = {name: (p["loss"][0], p["loss"][-1]) for name, p in report["paths"].items()}
     assert all(v == pytest.approx(ends["naive"], rel=1e-4) for v in ends.values())  # aligned B is B's function
     for argv, text in [
-        (["analyze", "--lmc", str(root / "a"), str(root / "c")], "--lmc needs --data"),
+        (["analyze", "--lmc", str(root / "a"), str(root / "c")], "--lmc needs the evaluation data"),
         (["analyze", "--lmc", str(root / "a"), str(root / "c"), "--data", str(root / "data.jsonl"), "--align", "none",
           "--repair"], "--repair rescales aligned paths"),
         (["analyze", "--lmc", str(root / "a"), str(root / "c"), "--data", str(root / "data.jsonl"), "--align", "sinkhorn"],
@@ -219,7 +219,7 @@ def test_analyze_lmc_of_causal_lms(tmp_path, capsys):
     assert main(["analyze", "--lmc", str(tmp_path / "a"), str(tmp_path / "b"), "--data", str(text), "--steps", "3",
                  "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["kind"] == "causal_lm" and report["examples"] == sum(len(t) for t in text.read_text().split("\n") if t)
+    assert report["kind"] == "causal-lm" and report["examples"] == 3
     ids = torch.tensor([list(b"the cat sat on the mat")])
     with torch.no_grad():
         ref = torch.nn.functional.cross_entropy(a(input_ids=ids).logits[0, :-1], ids[0, 1:], reduction="sum")

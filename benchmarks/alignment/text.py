@@ -6,7 +6,7 @@ Two `BertForSequenceClassification` models (MiniLM's tokenizer, hidden 128, 2 la
 (initialisation and data order), saved as ordinary model folders, then compared with the
 user-facing command:
 
-    alloykit analyze --lmc A B --data test.jsonl --calibration calib.txt \
+    alloykit analyze --lmc A B --task wordnet_noun --calibration calib.txt \
         --align weight_matching activation_matching --repair --out docs/alignment/text-bert
 
     nice -n 15 python benchmarks/alignment/text.py [--steps 3000] [--hidden 128]
@@ -103,18 +103,17 @@ models:
 """
 
 
-def recipes(folders: list[Path], test: Path, calib: Path, root: Path) -> dict:
+def recipes(folders: list[Path], calib: Path, root: Path) -> dict:
     """The recipe step on the trained pair: plain average, aligned average, aligned average + REPAIR."""
-    from alloykit.align.compare import _classifier_batches
-    from alloykit.align.api import load_hf_module, read_config
-    from alloykit.align.lmc import classifier_evaluator
+    from alloykit.align.compare import suite_evaluator
+    from alloykit.eval.loading import load_model, model_folder
+    from alloykit.eval.suite import TaskSuite
+    from alloykit.eval.taskfile import resolve_tasks
 
     variants = {"linear": "", "linear + align": "align: {method: weight_matching}\n",
                 "linear + align + repair": f"align: {{method: weight_matching, repair: true, data: {calib}}}\n",
                 "linear + align (activations) + repair":
                     f"align: {{method: activation_matching, repair: true, data: {calib}}}\n"}
-    batches, n = _classifier_batches(folders[0], test, 1000, 64, 32)
-    evaluate = classifier_evaluator(batches)
     out = {}
     for name, extra in variants.items():
         slug = name.replace(" + ", "-").replace(" (", "-").replace(")", "")
@@ -124,7 +123,9 @@ def recipes(folders: list[Path], test: Path, calib: Path, root: Path) -> dict:
         t0, c0 = time.monotonic(), cpu_seconds()
         alloykit(["merge", str(recipe), str(merged), "--overwrite", "-q"])
         seconds, cpu = round(time.monotonic() - t0, 1), round(cpu_seconds() - c0, 1)
-        loss, acc = evaluate(load_hf_module(merged, read_config(merged, str(merged))))
+        loaded = load_model(model_folder(merged))
+        evaluate, n = suite_evaluator(TaskSuite(loaded, resolve_tasks([TASK]), head_option=False), "test", 1000, 32)
+        loss, acc = evaluate(loaded.module)
         out[name] = {"recipe": recipe.read_text(), "loss": loss, "accuracy": acc,
                      "stderr": math.sqrt(acc * (1 - acc) / n), "merge_seconds": seconds, "merge_cpu_seconds": cpu}
         log(f"recipe '{name}': test accuracy {100 * acc:.2f}%, loss {loss:.4f} ({seconds}s)")
@@ -143,8 +144,7 @@ def main() -> None:
     root.mkdir(parents=True, exist_ok=True)
     splits = get_task(TASK).splits(seed=0)
     tok = load_tokenizer(base_model_path())
-    test, calib = root / f"{TASK}-test.jsonl", root / f"{TASK}-calibration.txt"
-    test.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in zip(splits.test.texts, splits.test.labels)))
+    calib = root / f"{TASK}-calibration.txt"
     calib.write_text("".join(t.replace("\n", " ") + "\n" for t in splits.train.texts[:512]))
     folders = []
     for seed in args.seeds:
@@ -156,11 +156,11 @@ def main() -> None:
     out = DOCS / f"text-bert-h{args.hidden}"
     if args.recipes_only:
         report = json.loads((out / "lmc.json").read_text())
-        report["recipes"] = recipes(folders, test, calib, root)
+        report["recipes"] = recipes(folders, calib, root)
         (out / "lmc.json").write_text(json.dumps(relative(report), indent=1) + "\n")
         log(f"wrote {out / 'lmc.json'}")
         return
-    argv = ["analyze", "--lmc", str(folders[0]), str(folders[1]), "--data", str(test), "--calibration", str(calib),
+    argv = ["analyze", "--lmc", str(folders[0]), str(folders[1]), "--task", TASK, "--calibration", str(calib),
             "--align", "weight_matching", "activation_matching", "--repair", "--out", str(out)]
     log("alloykit " + " ".join(argv))
     t0, c0 = time.monotonic(), cpu_seconds()
@@ -172,7 +172,7 @@ def main() -> None:
     report["environment"] = environment()
     report["stderr_midpoint"] = {k: math.sqrt(p["accuracy"][len(p["alpha"]) // 2] * (1 - p["accuracy"][len(p["alpha"]) // 2])
                                               / report["examples"]) for k, p in report["paths"].items()}
-    report["recipes"] = recipes(folders, test, calib, root)
+    report["recipes"] = recipes(folders, calib, root)
     (out / "lmc.json").write_text(json.dumps(relative(report), indent=1) + "\n")
     log(f"wrote {out / 'lmc.json'}")
 

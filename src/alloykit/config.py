@@ -13,7 +13,7 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from alloykit.errors import RecipeError, did_you_mean
+from alloykit.errors import AlloyError, RecipeError, did_you_mean
 
 Scalar = Union[bool, int, float, str]
 
@@ -79,10 +79,45 @@ class Slice(_Strict):
     base_model: str | None = None
 
 
+class ZeroTokenSource(_Strict):
+    """``source: {kind: zero}``: the token's row is zero."""
+
+    kind: Literal["zero"]
+
+
+class ModelTokenSource(_Strict):
+    """``source: {kind: model_token, model: M, token: T}`` (or ``token_id``): the row of
+    token T (or row ``token_id``) of model M, in M's own vocabulary."""
+
+    kind: Literal["model_token"]
+    model: str
+    token: str | None = None
+    token_id: int | None = None
+
+    @model_validator(mode="after")
+    def _one_token(self) -> "ModelTokenSource":
+        if (self.token is None) == (self.token_id is None):
+            raise ValueError("give exactly one of 'token' or 'token_id'")
+        return self
+
+
+class TokenSetting(_Strict):
+    """One entry of ``tokenizer: tokens:`` (mergekit's per-token embedding settings).
+
+    ``source``: a model (its row of this token), ``base`` (the base model's), ``{kind: zero}``
+    or ``{kind: model_token, ...}``. ``force``: every model takes the source's row, also
+    those that have the token (else only the models missing it do).
+    """
+
+    source: Union[ZeroTokenSource, ModelTokenSource, str, None] = None
+    force: bool = False
+
+
 class TokenizerConfig(_Strict):
-    source: str = "base"
-    tokens: dict[str, Any] | None = None
-    pad_to_multiple_of: int | None = None
+    #: as in mergekit, a ``tokenizer:`` section without ``source`` builds the union
+    source: str = "union"
+    tokens: dict[str, TokenSetting] | None = None
+    pad_to_multiple_of: int | None = Field(default=None, ge=1)
 
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -184,7 +219,7 @@ def _allowed_keys_at(loc: tuple[Any, ...]) -> list[str]:
         if field is None:
             break
         ann = str(field.annotation)
-        for cand in (InputModel, SliceSource, Slice, TokenizerConfig, AlignStep, Conditional):
+        for cand in (InputModel, SliceSource, Slice, TokenizerConfig, TokenSetting, ModelTokenSource, AlignStep, Conditional):
             if cand.__name__ in ann:
                 model = cand
                 break
@@ -249,15 +284,15 @@ class _RecipeLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def _check_size(data: Any) -> None:
+def _check_size(data: Any, what: str = "recipe", error: type[AlloyError] = RecipeError) -> None:
     """Refuse documents that expand past MAX_RECIPE_NODES (counted without expanding them)."""
     stack, count = [data], 0
     while stack:
         item = stack.pop()
         count += 1
         if count > MAX_RECIPE_NODES:
-            raise RecipeError(
-                f"recipe holds more than {MAX_RECIPE_NODES} values once YAML aliases (*name) are expanded; "
+            raise error(
+                f"{what} holds more than {MAX_RECIPE_NODES} values once YAML aliases (*name) are expanded; "
                 "write it out without nested or recursive aliases"
             )
         if isinstance(item, dict):
@@ -279,20 +314,27 @@ def parse_recipe(data: Any) -> Recipe:
         raise RecipeError(_format_validation_error(err)) from None
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """Read and validate a YAML recipe (``yaml.safe_load``: tags that build objects are refused)."""
+def load_yaml(path: str | Path, *, what: str = "recipe file", error: type[AlloyError] = RecipeError) -> Any:
+    """Read one YAML document with the recipe's guards: safe tags only, no key twice in a mapping,
+    no alias bomb. Errors name ``what`` and the file, and are raised as ``error``."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise RecipeError(f"recipe file '{path}' does not exist") from None
+        raise error(f"{what} '{path}' does not exist") from None
     except (OSError, UnicodeDecodeError) as err:
-        raise RecipeError(f"recipe file '{path}' cannot be read: {err}") from None
+        raise error(f"{what} '{path}' cannot be read: {err}") from None
     try:
         data = yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise RecipeError(f"recipe file '{path}': invalid YAML{where}: {problem}") from None
-    return parse_recipe(data)
+        raise error(f"{what} '{path}': invalid YAML{where}: {problem}") from None
+    _check_size(data, f"{what} '{path}'", error)
+    return data
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a YAML recipe (``yaml.safe_load``: tags that build objects are refused)."""
+    return parse_recipe(load_yaml(path))

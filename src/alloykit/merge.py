@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import logging
 import os
 import shutil
 import signal
-import sys
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -25,12 +25,12 @@ from alloykit.io.side import SideOutputs
 from alloykit.io.writer import ShardedWriter, ShardLayout, plan_shards
 from alloykit.plan.executor import DEFAULT_BUDGET, run_jobs
 from alloykit.plan.planner import Plan, make_plan
+from alloykit.plan.steps import merge_step
+
+_log = logging.getLogger(__name__)
 
 DEFAULT_SHARD_SIZE = 5_000_000_000
 TMP_MARK = ".alloykit-tmp"
-#: steps a recipe may ask for around the merge, registered by the features that run them
-#: (``align``: alloykit.align.step, imported with the package), so this module imports no feature
-RECIPE_STEPS: dict[str, Any] = {}
 
 
 def temp_dir_for(out_dir: Path) -> Path:
@@ -49,9 +49,13 @@ def plan_recipe(
     """Recipe (object, dict, or YAML path) -> validated plan, reading headers only.
 
     Relative model paths are looked up from the working directory, then from
-    ``recipe_dir`` (the YAML file's folder when a path is given). ``preloaded`` maps model
-    references to open checkpoints that stand in for them (e.g. aligned copies).
+    ``recipe_dir`` (the YAML file's folder when a path is given). A Plan is returned as
+    is (a command that prepares its own plan, such as tokensurgeon, writes through merge).
+    ``preloaded`` maps model references to open checkpoints that stand in for them (e.g.
+    the aligned copies of a recipe's ``align:`` step).
     """
+    if isinstance(recipe, Plan):
+        return recipe
     if isinstance(recipe, (str, os.PathLike)):
         path = Path(recipe)
         return make_plan(load_recipe(path), recipe_dir=path.parent, allow_pickle=allow_pickle, seed=seed, preloaded=preloaded)
@@ -59,7 +63,7 @@ def plan_recipe(
 
 
 def merge(
-    recipe: Recipe | dict | str | os.PathLike,
+    recipe: Recipe | dict | str | os.PathLike | Plan,
     out_dir: str | os.PathLike,
     *,
     device: str = "cpu",
@@ -98,7 +102,7 @@ def merge(
     plan = plan_recipe(recipe, allow_pickle=allow_pickle, seed=seed, recipe_dir=recipe_dir, preloaded=preloaded)
     if preloaded is None and plan.recipe.wants_alignment:  # the recipe's 'align:' step runs first, then merges here
         plan.close()
-        return RECIPE_STEPS["align"](recipe, out, recipe_dir=recipe_dir, device=device, threads=threads, seed=seed,
+        return merge_step("align")(recipe, out, recipe_dir=recipe_dir, device=device, threads=threads, seed=seed,
                              max_shard_size=max_shard_size, allow_pickle=allow_pickle, overwrite=overwrite,
                              progress=progress, fail_on_nonfinite=fail_on_nonfinite, budget_bytes=budget_bytes,
                              copy_tokenizer=copy_tokenizer, resume=resume)
@@ -140,7 +144,7 @@ def merge(
             kept = f"{len(journal.shards)} finished shard(s) are kept in '{tmp}': rerun with --resume to continue, or delete it"
             if isinstance(err, KeyboardInterrupt):
                 if progress:
-                    print(f"alloykit: {kept}", file=sys.stderr)
+                    _log.warning(kept)
                 raise
             raise type(err)(f"{err}; {kept}") from None
         except BaseException:
@@ -193,7 +197,7 @@ def _start(plan: Plan, shards: list[ShardLayout], tmp: Path, resume: bool, progr
         if why and (tmp / JOURNAL).exists():
             raise OutputError(f"cannot resume from '{tmp}': {why}; rerun without --resume to start over")
         if resume and progress:
-            print(f"alloykit: resuming: {len(journal.shards)} of {len(shards)} shards already complete", file=sys.stderr)
+            _log.info(f"resuming: {len(journal.shards)} of {len(shards)} shards already complete")
         keep = set(journal.shards) | ({JOURNAL} if journal.shards else set())
         for p in tmp.iterdir():  # leftovers of an interrupted run, or all of it when not resuming
             if p.name not in keep:

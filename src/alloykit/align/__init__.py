@@ -14,7 +14,7 @@ import types
 from alloykit.align.api import Alignment, align, spec_for_module
 from alloykit.align.families import hf_spec
 from alloykit.align.spec import Group, HeadPerm, Heads, Spec, Use, apply_permutations
-from alloykit.align.step import merge_aligned  # registers the recipe step 'align:' with alloykit.merge
+from alloykit.align.step import merge_aligned  # the recipe step 'align:' (wired in alloykit/__init__.py)
 from alloykit.align.trace import module_spec
 
 __all__ = ["Alignment", "Group", "HeadPerm", "Heads", "Spec", "Use", "align", "apply_permutations", "hf_spec",

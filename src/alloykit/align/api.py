@@ -15,10 +15,8 @@ for token models, a tensor / array file / batches for plain modules.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,13 +26,14 @@ import torch
 
 from alloykit import __version__
 from alloykit.align.activations import correlations
-from alloykit.align.data import module_batches, text_batches, token_limit
+from alloykit.align.data import calibration_batches, module_batches, token_limit
 from alloykit.align.families import hf_spec
 from alloykit.align.matching import activation_matching, weight_matching
 from alloykit.align.output import check_target, write_model_folder
 from alloykit.align.spec import HeadPerm, Perm, Spec, apply_permutations
 from alloykit.align.trace import module_spec
 from alloykit.errors import AlloyError, CheckpointError
+from alloykit.eval.loading import LoadedModel, ModelFolder, load_model, load_tokenizer, model_folder
 from alloykit.io.checkpoint import Checkpoint
 
 log = logging.getLogger(__name__)
@@ -93,10 +92,6 @@ def _same_tensors(ref: dict[str, tuple], model: dict[str, tuple], ref_label: str
         raise CheckpointError(f"model '{label}': tensor '{extra[0]}' is not in the reference '{ref_label}'")
 
 
-def _stderr(msg: str) -> None:
-    print(f"alloykit: {msg}", file=sys.stderr, flush=True)
-
-
 def align(model: Any, to: Any, out: str | os.PathLike | None = None, *, method: str = "weight_matching",
           data: Any = None, example_input: Any = None, samples: int = 256, batch_size: int = 16, max_len: int = 128,
           max_iter: int = 100, seed: int = 0, permute_outputs: bool = False, overwrite: bool = False,
@@ -109,11 +104,12 @@ def align(model: Any, to: Any, out: str | os.PathLike | None = None, *, method: 
     file for token models; a tensor, ``(inputs, labels)``, batches or a .npy/.safetensors
     file for plain modules). ``example_input``: a plain module's input for tracing (default:
     the first batch of ``data``). ``permute_outputs``: a bare encoder's output features move
-    too (their order is recorded; whatever reads them must follow). ``progress``: True
-    prints to stderr, or a callable receiving each line.
+    too (their order is recorded; whatever reads them must follow; a benchmark fine-tune
+    folder's ``heads.safetensors`` is permuted with them). ``progress``: True logs each step
+    (``alloykit.align`` loggers; the CLI shows them), or a callable receiving each line.
     """
     _check_method(method)
-    say = _stderr if progress is True else (progress or (lambda s: None))
+    say = log.info if progress is True else (progress or (lambda s: None))
     if isinstance(model, torch.nn.Module) and isinstance(to, torch.nn.Module):
         return _align_modules(model, to, method=method, data=data, example_input=example_input, samples=samples,
                               batch_size=batch_size, max_iter=max_iter, seed=seed, permute_outputs=permute_outputs,
@@ -209,38 +205,26 @@ def _report(spec: Spec, perms: dict[str, Perm], extra: dict, method: str, seed: 
     }
 
 
-def read_config(folder: Path, label: str) -> dict:
-    if not folder.is_dir():
-        raise CheckpointError(f"model '{label}': '{folder}' is not a model folder")
+def read_folder(path: str | os.PathLike, what: str = "model", allow_pickle: bool = False) -> tuple[ModelFolder, dict[str, torch.Tensor]]:
+    """A model folder (or a quality-benchmark fine-tune folder holding ``encoder/``) and every tensor of it."""
+    folder = model_folder(path, what=what)
+    ck = Checkpoint(folder.path, allow_pickle=allow_pickle, label=str(path))
     try:
-        return json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"model '{label}': no config.json in '{folder}'; alignment derives the permutations "
-                              "from the architecture in config.json") from None
-    except (OSError, ValueError):
-        raise CheckpointError(f"model '{label}': config.json is not valid JSON") from None
-
-
-def load_hf_module(folder: Path, config: dict) -> torch.nn.Module:
-    """The folder's model class named in config.json (built-in transformers classes only, no remote code)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import transformers
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    arch = (config.get("architectures") or ["AutoModel"])[0]
-    cls = getattr(transformers, arch, None) or transformers.AutoModel
-    return cls.from_pretrained(str(folder), dtype=torch.float32, trust_remote_code=False).eval()
-
-
-def read_folder(folder: Path, label: str, allow_pickle: bool = False) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(config.json, every tensor) of a model folder."""
-    config = read_config(folder, label)
-    ck = Checkpoint(folder, allow_pickle=allow_pickle, label=label)
-    try:
-        return config, {n: ck.read(n) for n in ck.tensors}
+        return folder, {n: ck.read(n) for n in ck.tensors}
     finally:
         ck.close()
+
+
+def load_module(folder: ModelFolder) -> LoadedModel:
+    """The folder's model (transformers, float32, safetensors only, no remote code) whose parameter
+    names are the checkpoint's own (the spec's probes name the checkpoint's modules)."""
+    loaded = load_model(folder)
+    renamed = next((k for k, v in loaded.names.items() if k != v), None)
+    if renamed is not None:
+        raise CheckpointError(f"model '{folder.given}': loaded as {type(loaded.module).__name__}, its tensor "
+                              f"'{loaded.names[renamed]}' becomes '{renamed}'; activation matching needs the architecture "
+                              "config.json names (pass a folder whose 'architectures' matches its weights)")
+    return loaded
 
 
 def _align_folders(model: Path, to: Path, out: Path, *, method: str, data: Any, samples: int, batch_size: int,
@@ -250,8 +234,9 @@ def _align_folders(model: Path, to: Path, out: Path, *, method: str, data: Any, 
     check_target(out, overwrite)
     if method == "activation_matching" and data is None:
         raise AlloyError("activation matching needs calibration text: --data FILE.txt|FILE.jsonl")
-    ref_cfg, ref_sd = read_folder(to, str(to), allow_pickle)
-    cfg, model_sd = read_folder(model, str(model), allow_pickle)
+    ref_folder, ref_sd = read_folder(to, "reference", allow_pickle)
+    folder, model_sd = read_folder(model, "model", allow_pickle)
+    ref_cfg, cfg = ref_folder.config, folder.config
     if cfg.get("model_type") != ref_cfg.get("model_type"):
         raise CheckpointError(f"model '{model}' is a {cfg.get('model_type')} model, the reference '{to}' a "
                               f"{ref_cfg.get('model_type')}; alignment needs one architecture")
@@ -263,9 +248,10 @@ def _align_folders(model: Path, to: Path, out: Path, *, method: str, data: Any, 
     ref_module = model_module = batches = None
     source = None
     if method == "activation_matching":
-        ref_module, model_module = load_hf_module(to, ref_cfg), load_hf_module(model, cfg)
-        batches, source = text_batches(to, Path(data), samples=samples, max_len=token_limit(ref_cfg, max_len),
-                                       vocab=ref_cfg.get("vocab_size", 256), batch_size=batch_size)
+        ref_loaded, model_loaded = load_module(ref_folder), load_module(folder)
+        ref_module, model_module = ref_loaded.module, model_loaded.module
+        batches, source = calibration_batches(data, load_tokenizer(ref_loaded), samples=samples,
+                                              max_len=token_limit(ref_cfg, max_len), batch_size=batch_size)
     perms, extra = _match(spec, method, ref_sd, model_sd, ref_module, model_module, batches, max_iter, seed, say)
     sd = apply_permutations(model_sd, spec, perms)
     report = _report(spec, perms, extra, method, seed, time.monotonic() - t0)
@@ -278,5 +264,19 @@ def _align_folders(model: Path, to: Path, out: Path, *, method: str, data: Any, 
         **report,
         "permutations": {name: _perm_json(p) for name, p in perms.items()},
     }
-    path = write_model_folder(out, sd, source=model, json_files={ALIGNMENT_FILE: record}, overwrite=overwrite)
+    side = {}
+    if folder.heads_file is not None:  # the quality benchmark's layout: task heads read the encoder's output features
+        side["heads.safetensors"] = _heads(folder.heads_file, perms.get("residual"))
+    path = write_model_folder(out, sd, source=folder.path, json_files={ALIGNMENT_FILE: record}, overwrite=overwrite,
+                              side_tensors=side)
     return Alignment(spec, perms, sd, report, path=path)
+
+
+def _heads(path: Path, residual: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """A heads.safetensors (TASK.weight [classes, hidden], TASK.bias), its inputs in the aligned stream's order."""
+    from safetensors.torch import load_file
+
+    heads = load_file(str(path))
+    if residual is None:
+        return heads
+    return {k: v.index_select(1, residual).contiguous() if k.endswith(".weight") else v for k, v in heads.items()}

@@ -1,102 +1,130 @@
-"""``alloykit analyze --lmc A B --data FILE``: the linear path between two model folders,
-as they are and after aligning B to A (and with REPAIR), with barriers and a plot.
+"""``alloykit analyze --lmc A B (--task TASK | --data FILE)``: the linear path between two model
+folders, as they are and after aligning B to A (and with REPAIR), with barriers and a plot.
 
-* causal LMs (``*ForCausalLM``): ``--data`` is text (.txt / .jsonl "text"); loss is the mean
-  next-token negative log-likelihood, accuracy the next-token top-1 accuracy;
-* sequence classifiers (``*ForSequenceClassification``): ``--data`` is .jsonl with "text"
-  and an integer "label"; loss is cross-entropy, accuracy top-1.
+The data are read as every data command reads them (:mod:`alloykit.eval`: built-in tasks,
+task files, or one ``--data`` file), scored by each model's own head:
 
-Calibration (activation matching, REPAIR) reads ``--calibration`` (default: ``--data``'s texts).
+* sequence classifiers (``*ForSequenceClassification``): labelled data; loss is the mean
+  cross-entropy, accuracy top-1;
+* causal LMs (``*ForCausalLM``): text; loss is the mean next-token negative log-likelihood,
+  accuracy the next-token top-1 accuracy.
+
+An encoder whose head lives in another file (the quality benchmark's ``heads.safetensors``)
+is refused: a path between two models trained apart must interpolate their heads too.
+Calibration (activation matching, REPAIR) reads ``--calibration FILE``, else each task's
+training split (a ``--data`` file's texts).
 """
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from alloykit.align import lmc
-from alloykit.align.api import align, load_hf_module, read_config
-from alloykit.align.data import labelled_texts, text_batches, token_limit
+from alloykit.align.api import align
+from alloykit.align.data import calibration_batches, token_batches, token_limit
 from alloykit.align.families import hf_spec
 from alloykit.align.repair import endpoint_targets, producers, repair
 from alloykit.errors import AlloyError, CheckpointError
+from alloykit.eval.loading import load_model, model_folder
+from alloykit.eval.suite import TaskSuite, command_tasks
+
+log = logging.getLogger(__name__)
 
 
-def _kind(config: dict, label: str) -> str:
-    archs = config.get("architectures") or []
-    if any(a.endswith("ForCausalLM") for a in archs):
-        return "causal_lm"
-    if any(a.endswith("ForSequenceClassification") for a in archs):
-        return "classifier"
-    raise CheckpointError(f"model '{label}': --lmc evaluates causal LMs (*ForCausalLM) on text and sequence "
-                          f"classifiers (*ForSequenceClassification) on labelled .jsonl; config.json names {archs or 'no architecture'}")
+def suite_evaluator(suite: TaskSuite, split: str, samples: int | None, batch_size: int) -> tuple[lmc.Evaluate, int]:
+    """(module -> (loss, accuracy) averaged over the suite's tasks, examples scored), each task by its own head."""
+    tasks = [(b, suite.encoded(b.name, split, samples)) for b in suite.bound]
+    for b, data in tasks:
+        if not b.next_token and bool((data.labels < 0).any()):
+            raise AlloyError(f"task '{b.name}': a classifier's path needs labels; its {split} split has texts without one")
+
+    @torch.no_grad()
+    def evaluate(module: torch.nn.Module) -> tuple[float, float]:
+        losses, accs = [], []
+        for b, data in tasks:
+            total = correct = count = 0.0
+            for i in range(0, len(data), batch_size):
+                idx = torch.arange(i, min(i + batch_size, len(data)))
+                ids, mask = data.batch(idx)
+                logits = b.net.head(module(input_ids=ids, attention_mask=mask), mask).float()
+                if b.next_token:
+                    keep = (mask[:, 1:] * mask[:, :-1]).bool()
+                    target = ids[:, 1:]
+                    total += float(F.cross_entropy(logits[:, :-1][keep], target[keep], reduction="sum"))
+                    correct += float((logits[:, :-1].argmax(-1) == target)[keep].sum())
+                    count += float(keep.sum())
+                else:
+                    labels = data.labels[idx]
+                    total += float(F.cross_entropy(logits, labels, reduction="sum"))
+                    correct += float((logits.argmax(-1) == labels).sum())
+                    count += len(idx)
+            losses.append(total / max(count, 1))
+            accs.append(correct / max(count, 1))
+        return sum(losses) / len(losses), sum(accs) / len(accs)
+
+    return evaluate, sum(len(d) for _, d in tasks)
 
 
-def _classifier_batches(folder: Path, data: Path, samples: int, max_len: int, batch_size: int) -> tuple[list, int]:
-    from alloykit.eval.model import load_tokenizer
-
-    texts, labels = labelled_texts(data, samples)
-    if not texts:
-        raise AlloyError(f"--data '{data}': no labelled examples")
-    try:
-        tok = load_tokenizer(folder)
-    except (OSError, ValueError):
-        raise AlloyError(f"model '{folder}': no tokenizer files to read --data with; add the tokenizer to the folder") from None
-    out = []
-    for i in range(0, len(texts), batch_size):
-        enc = tok(texts[i:i + batch_size], truncation=True, max_length=max_len, padding=True, return_tensors="pt")
-        out.append(({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]},
-                    torch.tensor(labels[i:i + batch_size])))
-    return out, len(texts)
-
-
-def lmc_report(a: str | Path, b: str | Path, data: str | Path, *, methods: tuple[str, ...] = ("weight_matching",),
-               with_repair: bool = False, calibration: str | Path | None = None, steps: int = 11, samples: int = 1000,
-               calibration_samples: int = 256, max_len: int = 128, batch_size: int = 32, seed: int = 0,
-               say: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+def lmc_report(a: str | Path, b: str | Path, *, tasks: Sequence[str] | None = None, data: str | None = None,
+               split: str = "test", methods: tuple[str, ...] = ("weight_matching",), with_repair: bool = False,
+               calibration: str | Path | None = None, steps: int = 11, samples: int | None = 1000,
+               calibration_samples: int = 256, max_len: int | None = None, batch_size: int = 32, seed: int = 0,
+               model_class: str | None = None, say: Callable[[str], None] = log.info) -> dict[str, Any]:
     """Loss/accuracy along the naive path and along each aligned path (plus REPAIR when asked)."""
-    a, b, data = Path(a), Path(b), Path(data)
-    cfg_a, cfg_b = read_config(a, str(a)), read_config(b, str(b))
-    if cfg_a.get("model_type") != cfg_b.get("model_type"):
-        raise CheckpointError(f"models '{a}' and '{b}' are of different types ({cfg_a.get('model_type')}, "
-                              f"{cfg_b.get('model_type')}); the linear path needs one architecture")
-    kind = _kind(cfg_a, str(a))
-    max_len = token_limit(cfg_a, max_len)
+    task_list = command_tasks(tasks, data)
+    la, lb = load_model(model_folder(a, model_class)), load_model(model_folder(b, model_class))
+    for loaded in (la, lb):
+        if loaded.family not in ("sequence-classification", "causal-lm"):
+            raise CheckpointError(f"model '{loaded.folder.given}' is an encoder ({loaded.folder.architecture}) whose head "
+                                  "is not in its checkpoint; --lmc interpolates whole models: give sequence classifiers "
+                                  "(*ForSequenceClassification) or causal LMs (*ForCausalLM)")
+    if la.module.config.model_type != lb.module.config.model_type:
+        raise CheckpointError(f"models '{a}' and '{b}' are of different types ({la.module.config.model_type}, "
+                              f"{lb.module.config.model_type}); the linear path needs one architecture")
     t0 = time.monotonic()
-    model_a, model_b = load_hf_module(a, cfg_a), load_hf_module(b, cfg_b)
-    vocab = cfg_a.get("vocab_size", 256)
-    if kind == "causal_lm":
-        eval_batches, source = text_batches(a, data, samples=samples, max_len=max_len, vocab=vocab, batch_size=batch_size)
-        evaluate, n = lmc.causal_lm_evaluator(eval_batches), sum(int(x["attention_mask"].sum()) for x in eval_batches)
+    suite = TaskSuite(la, task_list, max_len=max_len, head_option=False)
+    evaluate, n = suite_evaluator(suite, split, samples, batch_size)
+    if calibration:
+        calib, calib_record = calibration_batches(calibration, suite.tokenizer, samples=calibration_samples,
+                                                  max_len=token_limit(la.folder.config, max_len or 128), batch_size=16)
     else:
-        eval_batches, n = _classifier_batches(a, data, samples, max_len, batch_size)
-        evaluate, source = lmc.classifier_evaluator(eval_batches), f"{data} (first {n} labelled texts)"
-    calib_file = Path(calibration) if calibration else data
-    calib, calib_source = text_batches(a, calib_file, samples=calibration_samples, max_len=max_len, vocab=vocab,
-                                       batch_size=16)
-    report: dict[str, Any] = {"models": [str(a), str(b)], "kind": kind, "data": source, "examples": n,
-                              "calibration": calib_source, "paths": {}, "moved_fraction": {}}
-    say(f"lmc: {kind}, {n} evaluation {'tokens' if kind == 'causal_lm' else 'examples'}, {steps} points per path")
+        calib, calib_record = _task_calibration(suite, calibration_samples)
+    report: dict[str, Any] = {"models": [str(a), str(b)], "kind": la.family, "split": split, "examples": n,
+                              "data": suite.record(split, samples), "calibration": calib_record, "paths": {},
+                              "moved_fraction": {}}
+    say(f"lmc: {la.family}, {n} evaluation examples, {steps} points per path")
     repair_spec = None
     if with_repair:
-        sd = model_a.state_dict()
-        repair_spec = hf_spec(cfg_a, {k: tuple(v.shape) for k, v in sd.items()}, permute_outputs=True,
-                              float_names={k for k, v in sd.items() if v.is_floating_point()})
-        producers(repair_spec, model_a)  # refuses families REPAIR cannot rescale, before any evaluation
-    report["paths"]["naive"] = lmc.path(model_a, model_b, evaluate, steps=steps, progress=say)
+        sd = la.module.state_dict()
+        repair_spec = hf_spec(la.folder.config, {k: tuple(v.shape) for k, v in sd.items()}, permute_outputs=True,
+                              float_names={k for k, v in sd.items() if v.is_floating_point()}, label=str(a))
+        producers(repair_spec, la.module)  # refuses families REPAIR cannot rescale, before any evaluation
+    report["paths"]["naive"] = lmc.path(la.module, lb.module, evaluate, steps=steps, progress=say)
     for method in methods:
-        res = align(model_b, model_a, method=method, data=calib, seed=seed)
+        res = align(lb.module, la.module, method=method, data=calib, seed=seed)
         report["moved_fraction"][method] = res.report["moved_fraction_mean"]
-        report["paths"][method] = lmc.path(model_a, res.module, evaluate, steps=steps, progress=say)
+        report["paths"][method] = lmc.path(la.module, res.module, evaluate, steps=steps, progress=say)
         if with_repair:
-            report["paths"][f"{method}+repair"] = lmc.path(
-                model_a, res.module, evaluate, steps=steps, progress=say,
-                adjust=_repairer(repair_spec, model_a, res.module, calib))
+            report["paths"][f"{method}+repair"] = lmc.path(la.module, res.module, evaluate, steps=steps, progress=say,
+                                                           adjust=_repairer(repair_spec, la.module, res.module, calib))
     report["seconds"] = round(time.monotonic() - t0, 1)
     return report
+
+
+def _task_calibration(suite: TaskSuite, samples: int) -> tuple[list[dict[str, torch.Tensor]], list[dict]]:
+    """The first ``samples`` texts of each task's training split (a --data file's texts)."""
+    seqs = []
+    for b in suite.bound:
+        enc = suite.encoded(b.name, "train", samples)
+        seqs += [enc.ids[i, :int(enc.lengths[i])].tolist() for i in range(len(enc))]
+    return token_batches(seqs, suite.tokenizer.pad_id, 16), suite.record("train", samples)
 
 
 def _repairer(spec, model_a, model_b, calib) -> Callable:
@@ -112,12 +140,13 @@ def _repairer(spec, model_a, model_b, calib) -> Callable:
 
 
 def summary(report: dict) -> str:
-    lines = [f"linear path {report['models'][0]} -> {report['models'][1]} ({report['kind']}, {report['data']}):"]
+    lines = [f"linear path {report['models'][0]} -> {report['models'][1]} ({report['kind']}, {report['examples']} "
+             f"{report['split']} examples):"]
     for name, p in report["paths"].items():
         mid = len(p["alpha"]) // 2
         moved = report["moved_fraction"].get(name)
         extra = f"; {100 * moved:.0f}% of units moved" if moved is not None else ""
-        lines.append(f"  {name:<24} accuracy barrier {100 * p['accuracy_barrier']:5.2f} pts, loss barrier "
+        lines.append(f"  {name:<26} accuracy barrier {100 * p['accuracy_barrier']:5.2f} pts, loss barrier "
                      f"{p['loss_barrier']:.4f}; midpoint accuracy {100 * p['accuracy'][mid]:.2f}% "
                      f"(endpoints {100 * p['accuracy'][0]:.2f}%, {100 * p['accuracy'][-1]:.2f}%){extra}")
     return "\n".join(lines)

@@ -1,9 +1,10 @@
-"""Calibration inputs for activation matching, REPAIR and linear-path evaluation.
+"""Calibration inputs for activation matching and REPAIR.
 
 * token models (Hugging Face folders): a ``.txt`` file (one text per line) or a ``.jsonl``
-  file (a "text" per line, optionally a "label"), tokenized with the model folder's
-  tokenizer (else UTF-8 bytes modulo the vocabulary, as ``alloykit stats`` does), padded
-  into batches of ``{"input_ids", "attention_mask"}``;
+  file (a "text" per line), read by :func:`alloykit.eval.textfiles.read_text_file` and
+  tokenized with the model folder's tokenizer (:func:`alloykit.eval.loading.load_tokenizer`:
+  UTF-8 bytes modulo the vocabulary without one), padded into batches of
+  ``{"input_ids", "attention_mask"}``;
 * plain modules: a tensor of inputs, an ``(inputs, labels)`` pair, an iterable of batches
   (tensors or ``(inputs, labels)`` pairs, e.g. a DataLoader), or an image/array file
   (``.npy`` read without pickle, ``.safetensors`` holding an ``inputs`` tensor).
@@ -11,7 +12,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from alloykit.errors import AlloyError
-from alloykit.stats.collect import Example, pad, read_texts, text_examples
+from alloykit.eval.loading import TextTokenizer
+from alloykit.eval.textfiles import read_text_file
 
 
 def tensor_file(path: Path, key: str = "inputs") -> torch.Tensor:
@@ -62,10 +63,17 @@ def module_batches(data: Any, batch_size: int = 256, samples: int | None = None)
     return out
 
 
-def token_batches(examples: list[Example], batch_size: int) -> list[dict[str, torch.Tensor]]:
+def token_batches(seqs: list[list[int]], pad_id: int, batch_size: int) -> list[dict[str, torch.Tensor]]:
+    """Right-padded ``{"input_ids", "attention_mask"}`` batches of token id lists."""
     out = []
-    for i in range(0, len(examples), batch_size):
-        ids, mask = pad(examples[i:i + batch_size])
+    for i in range(0, len(seqs), batch_size):
+        chunk = seqs[i:i + batch_size]
+        width = max(len(s) for s in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for r, s in enumerate(chunk):
+            ids[r, :len(s)] = torch.tensor(s, dtype=torch.long)
+            mask[r, :len(s)] = 1
         out.append({"input_ids": ids, "attention_mask": mask})
     return out
 
@@ -75,33 +83,12 @@ def token_limit(config: dict, max_len: int) -> int:
     return min(max_len, config.get("max_position_embeddings") or max_len)
 
 
-def text_batches(folder: Path, data: Path, *, samples: int, max_len: int, vocab: int, batch_size: int,
-                 log=lambda s: None) -> tuple[list[dict[str, torch.Tensor]], str]:
-    """Padded token batches of the first ``samples`` texts of ``data`` (.txt or .jsonl)."""
-    examples, source = text_examples(folder, data, samples, max_len, vocab, log)
-    if not examples:
-        raise AlloyError(f"--data '{data}': no text of at least 2 tokens")
-    return token_batches(examples, batch_size), source
-
-
-def labelled_texts(path: Path, samples: int) -> tuple[list[str], list[int]]:
-    """(texts, labels) of a .jsonl file whose lines hold "text" and an integer "label"."""
-    if path.suffix != ".jsonl":
-        raise AlloyError(f"--data '{path}': a classifier is evaluated on a .jsonl file with \"text\" and \"label\" per line")
-    texts, labels = [], []
-    with open(path, encoding="utf-8") as fh:
-        for no, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                texts.append(str(row["text"]))
-                labels.append(int(row["label"]))
-            except (ValueError, KeyError, TypeError):
-                raise AlloyError(f"--data '{path}' line {no}: expected a JSON object with \"text\" and an integer \"label\"") from None
-            if len(texts) >= samples:
-                break
-    return texts, labels
-
-
-__all__ = ["labelled_texts", "module_batches", "read_texts", "tensor_file", "text_batches", "token_batches", "token_limit"]
+def calibration_batches(path: str | os.PathLike, tokenizer: TextTokenizer, *, samples: int, max_len: int,
+                        batch_size: int) -> tuple[list[dict[str, torch.Tensor]], dict]:
+    """Token batches of the first ``samples`` texts of a .txt/.jsonl file, and what was read (path, SHA-256, counts)."""
+    f = read_text_file(path)
+    seqs = [ids for ids in (tokenizer.encode(t, max_len) for t in f.texts[:samples]) if ids]
+    if not seqs:
+        raise AlloyError(f"calibration data '{path}': no text gave a token")
+    record = {**f.record(used=len(seqs)), "tokens": tokenizer.describe, "max_len": max_len}
+    return token_batches(seqs, tokenizer.pad_id, batch_size), record

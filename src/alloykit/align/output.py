@@ -11,8 +11,9 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
-from alloykit.card import TOKENIZER_FILES
+from alloykit.vocab.files import TOKENIZER_FILES
 from alloykit.errors import OutputError
 from alloykit.io.writer import ShardedWriter, plan_shards
 from alloykit.merge import DEFAULT_SHARD_SIZE, _replace, temp_dir_for
@@ -28,9 +29,11 @@ def check_target(out: Path, overwrite: bool) -> None:
 
 def write_model_folder(out: str | Path, tensors: dict[str, torch.Tensor], *, source: Path | None,
                        json_files: dict[str, dict], overwrite: bool = False,
-                       max_shard_size: int = DEFAULT_SHARD_SIZE, copy_names: list[str] | None = None) -> Path:
+                       max_shard_size: int = DEFAULT_SHARD_SIZE, copy_names: list[str] | None = None,
+                       side_tensors: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
     """Sharded safetensors of ``tensors``, the source folder's files ``copy_names`` (default: config,
-    generation config, tokenizer), and ``json_files``."""
+    generation config, tokenizer), ``json_files``, and ``side_tensors`` (file name -> tensors, e.g.
+    a benchmark folder's heads.safetensors)."""
     out = Path(out).absolute()
     check_target(out, overwrite)
     tmp = temp_dir_for(out)
@@ -54,6 +57,8 @@ def write_model_folder(out: str | Path, tensors: dict[str, torch.Tensor], *, sou
                     shutil.copyfile(source / name, tmp / name)
         for name, data in json_files.items():
             (tmp / name).write_text(json.dumps(data, indent=1) + "\n")
+        for name, side in (side_tensors or {}).items():
+            save_file(side, str(tmp / name), metadata={"format": "pt"})
         _replace(tmp, out)
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -22,21 +22,24 @@ REPAIR's endpoints are the models under ``models:`` (aligned), weighted by their
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
-from alloykit.align.api import ALIGNMENT_FILE, align, load_hf_module
-from alloykit.align.data import text_batches, token_limit
+from alloykit.align.api import ALIGNMENT_FILE, align
+from alloykit.align.data import calibration_batches, token_limit
 from alloykit.align.families import hf_spec
 from alloykit.align.output import check_target, write_model_folder
 from alloykit.align.repair import repair
 from alloykit.config import AlignStep, Recipe, load_recipe, parse_recipe
 from alloykit.errors import OutputError, RecipeError
 from alloykit.io.checkpoint import Checkpoint
-from alloykit.merge import RECIPE_STEPS, _replace, merge
+from alloykit.eval.loading import load_model, load_tokenizer, model_folder
+from alloykit.merge import _replace, merge
+
+log = logging.getLogger(__name__)
 
 
 def _resolve(ref: str, recipe_dir: Path | None) -> Path:
@@ -86,7 +89,7 @@ def merge_aligned(recipe_arg: Any, out: Path, *, recipe_dir: str | os.PathLike |
     work = out.parent / f".{out.name}.alloykit-align"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    say = (lambda s: print(f"alloykit: {s}", flush=True, file=sys.stderr)) if progress else (lambda s: None)
+    say = log.info if progress else (lambda s: None)
     final_seed = seed if seed is not None else (recipe.seed or 0)
     try:
         preloaded, records = {}, {}
@@ -94,7 +97,7 @@ def merge_aligned(recipe_arg: Any, out: Path, *, recipe_dir: str | os.PathLike |
             say(f"align: '{ref}' to '{recipe.base_model}' ({step.method})")
             data = str(_resolve(step.data, rdir)) if step.data else None
             res = align(_resolve(ref, rdir), base, work / f"input{i}", method=step.method, data=data, samples=step.samples,
-                        max_iter=step.max_iter, seed=final_seed, allow_pickle=allow_pickle, progress=say if progress else False)
+                        max_iter=step.max_iter, seed=final_seed, allow_pickle=allow_pickle, progress=progress)
             preloaded[ref] = Checkpoint(res.path, label=ref)
             records[ref] = {"reference": recipe.base_model, "method": step.method, "data": step.data,
                             "moved_fraction_mean": res.report["moved_fraction_mean"],
@@ -126,24 +129,22 @@ def _record(folder: Path, records: dict, originals: dict[str, str]) -> None:
 
 def _repair(merged: Path, recipe: Recipe, preloaded: dict, base: Path, rdir: Path | None, step: AlignStep,
             out: Path, overwrite: bool) -> None:
-    config = json.loads((merged / "config.json").read_text())
-    module = load_hf_module(merged, config)
+    loaded = load_model(model_folder(merged))
+    module, config = loaded.module, loaded.folder.config
     endpoints, weights = [], []
     for m in recipe.models:
         path = preloaded[m.model].path if m.model in preloaded else _resolve(m.model, rdir)
-        endpoints.append(load_hf_module(path, config))
+        endpoints.append(load_model(model_folder(path)).module)
         weights.append(_weight(m))
-    batches, _ = text_batches(base, _resolve(step.data, rdir), samples=step.samples, max_len=token_limit(config, 128),
-                              vocab=config.get("vocab_size", 256), batch_size=16)
+    batches, _ = calibration_batches(_resolve(step.data, rdir), load_tokenizer(loaded), samples=step.samples,
+                                     max_len=token_limit(config, 128), batch_size=16)
     sd = module.state_dict()
     spec = hf_spec(config, {k: tuple(v.shape) for k, v in sd.items()}, permute_outputs=True,  # every layer REPAIR may rescale
                    float_names={k for k, v in sd.items() if v.is_floating_point()})
     repair(module, endpoints, spec, batches, weights=weights)
     saved = Checkpoint(merged).tensors
-    tensors = {k: v.detach().to(saved[k].dtype).contiguous() for k, v in module.state_dict().items() if k in saved}
+    names = {v: k for k, v in loaded.names.items()}  # checkpoint name -> module name
+    tensors = {k: module.state_dict()[names.get(k, k)].detach().to(info.dtype).contiguous() for k, info in saved.items()}
     keep = [p.name for p in merged.iterdir() if p.is_file() and not p.name.endswith(".safetensors")
             and p.name != "model.safetensors.index.json"]
     write_model_folder(out, tensors, source=merged, json_files={}, overwrite=overwrite, copy_names=keep)
-
-
-RECIPE_STEPS["align"] = merge_aligned

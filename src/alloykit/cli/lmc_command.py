@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from alloykit.errors import AlloyError
@@ -14,15 +13,21 @@ def add_lmc_arguments(a: argparse.ArgumentParser) -> None:
     g = a.add_argument_group("linear mode connectivity (--lmc A B)")
     g.add_argument("--lmc", nargs=2, metavar=("A", "B"),
                    help="loss and accuracy along the linear path from A to B, as they are and with B aligned to A")
-    g.add_argument("--data", help="--lmc: evaluation data: text (.txt/.jsonl) for causal LMs, .jsonl with \"text\" and "
-                                  "\"label\" for sequence classifiers")
+    g.add_argument("--task", nargs="+", dest="tasks", help="--lmc: built-in task names or task files (TASK.yaml); "
+                   "their --split is evaluated, their training split calibrates")
+    g.add_argument("--data", help="--lmc: evaluation data instead of tasks: text (.txt/.jsonl) for causal LMs, .jsonl "
+                                  "with \"text\" and \"label\" for sequence classifiers")
+    g.add_argument("--split", default="test", help="--lmc: the tasks' split to evaluate (default test)")
+    g.add_argument("--max-len", type=int, help="--lmc: tokens per text (default: the task's, else 32 for built-in tasks, "
+                   "128 for other classification data, 512 for causal LMs)")
     g.add_argument("--align", nargs="+", default=["weight_matching"], metavar="METHOD",
                    help="--lmc: alignment methods to compare with the naive path: weight_matching, "
                         "activation_matching, or none (default weight_matching)")
     g.add_argument("--repair", action="store_true", help="--lmc: also REPAIR every point of the aligned paths")
-    g.add_argument("--calibration", help="--lmc: calibration texts for activation matching and REPAIR (default --data)")
+    g.add_argument("--calibration", help="--lmc: calibration texts for activation matching and REPAIR (default: the "
+                   "tasks' training split, or --data's texts)")
     g.add_argument("--steps", type=int, default=11, help="--lmc: points on each path, ends included (default 11)")
-    g.add_argument("--samples", type=int, default=1000, help="--lmc: evaluation examples read from --data (default 1000)")
+    g.add_argument("--samples", type=int, default=1000, help="--lmc: evaluation examples per task (default 1000)")
 
 
 def cmd_lmc(args: argparse.Namespace) -> int:
@@ -30,8 +35,8 @@ def cmd_lmc(args: argparse.Namespace) -> int:
 
     if args.models or args.base:
         raise AlloyError("--lmc A B compares two models: give no other models and no --base")
-    if not args.data:
-        raise AlloyError("--lmc needs --data (evaluation texts; labelled .jsonl for classifiers)")
+    if bool(args.tasks) == bool(args.data):
+        raise AlloyError("--lmc needs the evaluation data: --task TASK... or --data FILE (labelled .jsonl for classifiers)")
     methods = tuple(m for m in args.align if m != "none")
     unknown = [m for m in methods if m not in ("weight_matching", "activation_matching")]
     if unknown:
@@ -41,12 +46,9 @@ def cmd_lmc(args: argparse.Namespace) -> int:
     if args.steps < 2:
         raise AlloyError(f"--steps {args.steps}: the path needs at least 2 points")
 
-    def say(msg: str) -> None:
-        if sys.stderr.isatty():
-            print(f"alloykit: {msg}", file=sys.stderr, flush=True)
-
-    report = lmc_report(args.lmc[0], args.lmc[1], args.data, methods=methods, with_repair=args.repair,
-                        calibration=args.calibration, steps=args.steps, samples=args.samples, say=say)
+    report = lmc_report(args.lmc[0], args.lmc[1], tasks=args.tasks, data=args.data, split=args.split, methods=methods,
+                        with_repair=args.repair, calibration=args.calibration, steps=args.steps, samples=args.samples,
+                        max_len=args.max_len)
     files = []
     if args.out:
         out = Path(args.out)
