@@ -433,3 +433,27 @@ def test_recipe_align_keys_per_model():
     only = alloykit.parse_recipe({"merge_method": "linear", "base_model": "a",
                                   "models": [{"model": "a"}, {"model": "b", "align": True}, {"model": "c"}]})
     assert only.wants_alignment and list(steps(only)) == ["b"]
+
+
+def test_benchmark_folder_heads_follow_the_permuted_stream(tmp_path):
+    """A quality-benchmark fine-tune folder (encoder/ + heads.safetensors): with --permute-outputs the
+    residual stream moves, and the heads written beside the aligned encoder read it in its new order."""
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_bert()
+    spec = A.spec_for_module(model, permute_outputs=True)
+    permuted, perms = permuted_copy(model, spec, seed=9)
+    torch.manual_seed(3)
+    head = {"task.weight": torch.randn(3, 64), "task.bias": torch.randn(3)}
+    # the permuted model's head reads the permuted stream: its columns follow the permutation too
+    permuted_head = {"task.weight": head["task.weight"].index_select(1, perms["residual"]), "task.bias": head["task.bias"]}
+    for name, m, h in (("ref", model, head), ("ft", permuted, permuted_head)):
+        m.save_pretrained(tmp_path / name / "encoder")
+        save_file(h, tmp_path / name / "heads.safetensors")
+    out = tmp_path / "aligned"
+    assert main(["align", str(tmp_path / "ft"), str(out), "--to", str(tmp_path / "ref"), "--permute-outputs", "-q"]) == 0
+    aligned_heads = load_file(out / "heads.safetensors")
+    assert torch.equal(aligned_heads["task.weight"], head["task.weight"])
+    loaded = transformers.BertModel.from_pretrained(out).eval()
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
