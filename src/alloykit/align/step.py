@@ -25,19 +25,23 @@ import json
 import logging
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
+from alloykit import __version__
 from alloykit.align.api import ALIGNMENT_FILE, align
 from alloykit.align.data import calibration_batches, token_limit
 from alloykit.align.families import hf_spec
-from alloykit.align.output import check_target, write_model_folder
+from alloykit.align.output import check_target, fill_folder
 from alloykit.align.repair import repair
-from alloykit.config import AlignStep, Recipe, load_recipe, parse_recipe
+from alloykit.config import AlignStep, Recipe
 from alloykit.errors import OutputError, RecipeError
-from alloykit.io.checkpoint import Checkpoint
 from alloykit.eval.loading import load_model, load_tokenizer, model_folder
-from alloykit.merge import _replace, merge
+from alloykit.io.checkpoint import Checkpoint
+from alloykit.merge import WriteOptions, run_merge
+from alloykit.output.journal import digest
+from alloykit.output.model import Written
+from alloykit.request import MergeRequest
 
 log = logging.getLogger(__name__)
 
@@ -66,18 +70,13 @@ def _weight(m) -> float:
     return float(w) if isinstance(w, (int, float)) and not isinstance(w, bool) else 1.0
 
 
-def merge_aligned(recipe_arg: Any, out: Path, *, recipe_dir: str | os.PathLike | None, seed: int | None,
-                  overwrite: bool, progress: bool, allow_pickle: bool, resume: bool = False, **merge_kwargs) -> Path:
-    """Run the recipe's ``align:`` step, merge the aligned inputs, REPAIR if asked; publish ``out`` atomically."""
-    if isinstance(recipe_arg, (str, os.PathLike)):
-        recipe, rdir = load_recipe(recipe_arg), Path(recipe_arg).parent
-    else:
-        recipe, rdir = parse_recipe(recipe_arg), (Path(recipe_dir) if recipe_dir else None)
-    if resume:
+def merge_aligned(request: MergeRequest, out_dir: str | os.PathLike, options: WriteOptions) -> Written:
+    """Run the recipe's ``align:`` step, merge the aligned inputs, REPAIR if asked; publish ``out_dir`` atomically."""
+    recipe, rdir = request.recipe, request.recipe_dir
+    if options.resume:
         raise OutputError("--resume is not available for recipes with an 'align' step (the aligned inputs are "
                           "recomputed); rerun without --resume")
-    out = Path(out).absolute()
-    check_target(out, overwrite)
+    folder = check_target(Path(out_dir), options.overwrite)
     base = _resolve(recipe.base_model, rdir)
     todo = steps(recipe)
     top = recipe.align
@@ -86,33 +85,40 @@ def merge_aligned(recipe_arg: Any, out: Path, *, recipe_dir: str | os.PathLike |
                        permute_outputs=True)
         if not any(g.producers for g in spec.groups):
             raise RecipeError(f"'align.repair': the {spec.family} family has no layer REPAIR can rescale")
-    work = out.parent / f".{out.name}.alloykit-align"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    progress = options.progress
     say = log.info if progress else (lambda s: None)
-    final_seed = seed if seed is not None else (recipe.seed or 0)
-    try:
-        preloaded, records = {}, {}
-        for i, (ref, step) in enumerate(todo.items()):
-            say(f"align: '{ref}' to '{recipe.base_model}' ({step.method})")
-            data = str(_resolve(step.data, rdir)) if step.data else None
-            res = align(_resolve(ref, rdir), base, work / f"input{i}", method=step.method, data=data, samples=step.samples,
-                        max_iter=step.max_iter, seed=final_seed, allow_pickle=allow_pickle, progress=progress)
-            preloaded[ref] = Checkpoint(res.path, label=ref)
-            records[ref] = {"reference": recipe.base_model, "method": step.method, "data": step.data,
-                            "moved_fraction_mean": res.report["moved_fraction_mean"],
-                            "groups": res.report["groups"]}
-        merged = merge(recipe, work / "merged", recipe_dir=rdir, seed=seed, allow_pickle=allow_pickle,
-                       progress=progress, preloaded=preloaded, **merge_kwargs)
-        _record(merged, records, {ref: str(_resolve(ref, rdir)) for ref in records})
-        if top is not None and top.repair:
-            say(f"repair: rescaling the merged units to the inputs' statistics on {top.data}")
-            _repair(merged, recipe, preloaded, base, rdir, top, out, overwrite)
-        else:
-            _replace(merged, out)
-    finally:
+    final_seed = request.seed if request.seed is not None else (recipe.seed or 0)
+    work = folder.target.parent / f".{folder.target.name}.alloykit-align"
+    fingerprint = {"recipe": digest(recipe.to_yaml()), "seed": str(final_seed), "alloykit": __version__}
+    # the output folder's lock is held from the first alignment to the publication
+    with folder.writing(fingerprint):
         shutil.rmtree(work, ignore_errors=True)
-    return out
+        work.mkdir(parents=True)
+        try:
+            preloaded, records = {}, {}
+            for i, (ref, step) in enumerate(todo.items()):
+                say(f"align: '{ref}' to '{recipe.base_model}' ({step.method})")
+                data = str(_resolve(step.data, rdir)) if step.data else None
+                res = align(_resolve(ref, rdir), base, work / f"input{i}", method=step.method, data=data,
+                            samples=step.samples, max_iter=step.max_iter, seed=final_seed,
+                            allow_pickle=request.allow_pickle, progress=progress)
+                preloaded[ref] = Checkpoint(res.path, label=ref)
+                records[ref] = {"reference": recipe.base_model, "method": step.method, "data": step.data,
+                                "moved_fraction_mean": res.report["moved_fraction_mean"],
+                                "groups": res.report["groups"]}
+            merged = run_merge(request, work / "merged", replace(options, overwrite=False, resume=False),
+                               preloaded=preloaded).path
+            _record(merged, records, {ref: str(_resolve(ref, rdir)) for ref in records})
+            if top is not None and top.repair:
+                say(f"repair: rescaling the merged units to the inputs' statistics on {top.data}")
+                _repair(merged, recipe, preloaded, rdir, top, folder.tmp)
+            else:
+                for p in merged.iterdir():
+                    os.rename(p, folder.tmp / p.name)
+            folder.commit()
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    return Written(folder.target)
 
 
 def _record(folder: Path, records: dict, originals: dict[str, str]) -> None:
@@ -127,8 +133,8 @@ def _record(folder: Path, records: dict, originals: dict[str, str]) -> None:
         manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
 
 
-def _repair(merged: Path, recipe: Recipe, preloaded: dict, base: Path, rdir: Path | None, step: AlignStep,
-            out: Path, overwrite: bool) -> None:
+def _repair(merged: Path, recipe: Recipe, preloaded: dict, rdir: Path | None, step: AlignStep, into: Path) -> None:
+    """REPAIR the merged folder's model and write it into the (empty) folder ``into``."""
     loaded = load_model(model_folder(merged))
     module, config = loaded.module, loaded.folder.config
     endpoints, weights = [], []
@@ -147,4 +153,4 @@ def _repair(merged: Path, recipe: Recipe, preloaded: dict, base: Path, rdir: Pat
     tensors = {k: module.state_dict()[names.get(k, k)].detach().to(info.dtype).contiguous() for k, info in saved.items()}
     keep = [p.name for p in merged.iterdir() if p.is_file() and not p.name.endswith(".safetensors")
             and p.name != "model.safetensors.index.json"]
-    write_model_folder(out, tensors, source=merged, json_files={}, overwrite=overwrite, copy_names=keep)
+    fill_folder(into, tensors, source=merged, json_files={}, copy_names=keep)

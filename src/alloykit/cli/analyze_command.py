@@ -17,7 +17,9 @@ def add_parser(sub) -> None:
     a.add_argument("--base", help="the base model they were fine-tuned from (required without --lmc)")
     a.add_argument("--out", help="folder for report.json and the PNG plots (default: print the summary only)")
     a.add_argument("--density", type=float, default=0.2, help="TIES density for the trim statistics (default 0.2)")
-    a.add_argument("--names", nargs="+", help="labels of the models in the report (default: folder names)")
+    a.add_argument("--names", nargs="+",
+                   help="labels of the models in the report, table and plots (default: each path's shortest distinguishing "
+                        "suffix, e.g. cola/encoder)")
     a.add_argument("--no-plots", action="store_true", help="write report.json only (no matplotlib needed)")
     a.add_argument("--json", action="store_true", help="print the whole report as JSON on stdout")
     a.add_argument("--allow-pickle", action="store_true", help="accept PyTorch .bin/.pt inputs (weights_only=True)")
@@ -31,6 +33,11 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     if not args.models or not args.base:
         raise AlloyError("analyze: give the fine-tuned models and --base (or --lmc A B --data FILE)")
     from alloykit.analysis import analyze
+
+    if args.out and not args.no_plots:  # an optional dependency missing: say so before reading any model
+        from alloykit.analysis.plots import require_matplotlib
+
+        require_matplotlib()
 
     def progress(done: int, total: int) -> None:
         if sys.stderr.isatty():

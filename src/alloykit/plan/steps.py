@@ -61,7 +61,7 @@ def plan_steps() -> list[PlanStep]:
 # -- steps around a whole merge -------------------------------------------------------------
 #: name -> a step that runs a whole merge its own way when the recipe asks for it, e.g. ``align``
 #: (align the inputs to base_model, merge the aligned copies, REPAIR: ``alloykit.align.step``);
-#: ``fn(recipe, out, **merge_options) -> Path``, called by ``alloykit.merge``
+#: ``fn(request, out_dir, options: WriteOptions) -> Written``, called by ``alloykit.merge.run_merge``
 _MERGE_STEPS: dict[str, PlanStep] = {}
 
 
