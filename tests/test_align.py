@@ -50,6 +50,14 @@ def tiny_qwen2():
     return transformers.Qwen2ForCausalLM(cfg).eval()
 
 
+def tiny_mistral():
+    cfg = transformers.MistralConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                     num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=64,
+                                     sliding_window=8)  # shorter than the inputs: the window is exercised
+    torch.manual_seed(0)
+    return transformers.MistralForCausalLM(cfg).eval()
+
+
 def bert_config(**kw):
     return transformers.BertConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                    num_attention_heads=4, max_position_embeddings=64, num_labels=3, **kw)
@@ -116,7 +124,7 @@ def outputs(module, inputs):
 
 
 HF = {"llama-gqa": tiny_llama, "llama-tied": lambda: tiny_llama(tie=True), "qwen2-bias": tiny_qwen2,
-      "bert-classifier": tiny_bert_classifier, "bert-bare": tiny_bert}
+      "mistral-window": tiny_mistral, "bert-classifier": tiny_bert_classifier, "bert-bare": tiny_bert}
 MODULES = {"mlp": MLP, "cnn": CNN}
 
 
