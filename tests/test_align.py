@@ -408,6 +408,31 @@ def test_recipe_align_step_with_repair_keeps_a_correct_merge(bert_pair, tmp_path
     assert (out / "alloykit_alignment.json").is_file() and (out / "alloykit_recipe.yaml").is_file()
 
 
+def test_cli_merge_with_the_align_step_and_its_refusals(bert_pair, tmp_path, capsys):
+    """'alloykit merge' of a recipe with 'align:': the merge is the model; an occupied target, --resume
+    and --output-lora are one line each (exit 2) and leave no output; --overwrite replaces the folder."""
+    root, model, _ = bert_pair
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"merge_method: linear\nparameters: {{weight: 0.5}}\nbase_model: {root / 'a'}\nmodels:\n  - model: {root / 'a'}\n"
+                      f"  - model: {root / 'b'}\nalign: {{method: weight_matching}}\n")
+    out = tmp_path / "out"
+    assert main(["merge", str(recipe), str(out), "-q"]) == 0
+    ids = byte_ids(128)
+    got = outputs(transformers.BertForSequenceClassification.from_pretrained(out).eval(), {"input_ids": ids})
+    assert torch.allclose(got, outputs(model, {"input_ids": ids}), atol=1e-5, rtol=0)
+    capsys.readouterr()
+    assert main(["merge", str(recipe), str(out), "-q"]) == 2
+    assert "exists and is not empty" in capsys.readouterr().err
+    for flags, text in ((["--resume"], "--resume is not available"), (["--output-lora", "4"], "--output-lora: not available")):
+        assert main(["merge", str(recipe), str(tmp_path / "other"), "-q", *flags]) == 2
+        err = capsys.readouterr().err
+        assert text in err and "Traceback" not in err
+        assert not (tmp_path / "other").exists()
+    assert main(["merge", str(recipe), str(out), "-q", "--overwrite"]) == 0
+    assert (out / "alloykit_alignment.json").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
 @pytest.mark.parametrize("bad, text", [
     ({"align": {"method": "weight_matching"}, "base_model": None}, "aligns each of 'models' to 'base_model'"),
     ({"align": {"method": "activation_matching"}}, "add 'data: FILE.txt'"),
