@@ -431,6 +431,13 @@ def test_cli_merge_with_the_align_step_and_its_refusals(bert_pair, tmp_path, cap
     assert main(["merge", str(recipe), str(out), "-q", "--overwrite"]) == 0
     assert (out / "alloykit_alignment.json").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    # a failure during the alignment (calibration file missing) leaves neither output nor working folder
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(recipe.read_text().replace("{method: weight_matching}",
+                                              f"{{method: activation_matching, data: {tmp_path / 'missing.txt'}}}"))
+    assert main(["merge", str(bad), str(tmp_path / "other"), "-q"]) == 2
+    assert "missing.txt" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
 @pytest.mark.parametrize("bad, text", [

@@ -10,8 +10,8 @@
     align: {method: weight_matching}             # or activation_matching with data: calib.txt
     #      repair: true, data: calib.txt         # REPAIR the merged model afterwards
 
-Each model other than base_model gets an aligned copy in a working folder beside the
-output (``.OUT.alloykit-align``, removed afterwards); the merge reads those copies under
+Each model other than base_model gets an aligned copy inside the output's locked working
+folder (``.OUT.alloykit-tmp``, removed before publishing); the merge reads those copies under
 the recipe's own names, so the recorded recipe and model card are the user's. The output
 also holds ``alloykit_alignment.json`` (per input: method, share of units moved).
 
@@ -88,36 +88,37 @@ def merge_aligned(request: MergeRequest, out_dir: str | os.PathLike, options: Wr
     progress = options.progress
     say = log.info if progress else (lambda s: None)
     final_seed = request.seed if request.seed is not None else (recipe.seed or 0)
-    work = folder.target.parent / f".{folder.target.name}.alloykit-align"
     fingerprint = {"recipe": digest(recipe.to_yaml()), "seed": str(final_seed), "alloykit": __version__}
-    # the output folder's lock is held from the first alignment to the publication
+    # the output folder's lock is held from the first alignment to the publication; the aligned copies
+    # live inside its working folder, so a failure removes them with it and 'alloykit clean' finds them
+    # after a kill
     with folder.writing(fingerprint):
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
-        try:
-            preloaded, records = {}, {}
-            for i, (ref, step) in enumerate(todo.items()):
-                say(f"align: '{ref}' to '{recipe.base_model}' ({step.method})")
-                data = str(_resolve(step.data, rdir)) if step.data else None
-                res = align(_resolve(ref, rdir), base, work / f"input{i}", method=step.method, data=data,
-                            samples=step.samples, max_iter=step.max_iter, seed=final_seed,
-                            allow_pickle=request.allow_pickle, progress=progress)
-                preloaded[ref] = Checkpoint(res.path, label=ref)
-                records[ref] = {"reference": recipe.base_model, "method": step.method, "data": step.data,
-                                "moved_fraction_mean": res.report["moved_fraction_mean"],
-                                "groups": res.report["groups"]}
-            merged = run_merge(request, work / "merged", replace(options, overwrite=False, resume=False),
-                               preloaded=preloaded).path
-            _record(merged, records, {ref: str(_resolve(ref, rdir)) for ref in records})
-            if top is not None and top.repair:
-                say(f"repair: rescaling the merged units to the inputs' statistics on {top.data}")
-                _repair(merged, recipe, preloaded, rdir, top, folder.tmp)
-            else:
-                for p in merged.iterdir():
-                    os.rename(p, folder.tmp / p.name)
-            folder.commit()
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+        work = folder.tmp / "alloykit-align-work"
+        work.mkdir()
+        preloaded, records = {}, {}
+        for i, (ref, step) in enumerate(todo.items()):
+            say(f"align: '{ref}' to '{recipe.base_model}' ({step.method})")
+            data = str(_resolve(step.data, rdir)) if step.data else None
+            res = align(_resolve(ref, rdir), base, work / f"input{i}", method=step.method, data=data,
+                        samples=step.samples, max_iter=step.max_iter, seed=final_seed,
+                        allow_pickle=request.allow_pickle, progress=progress)
+            preloaded[ref] = Checkpoint(res.path, label=ref)
+            records[ref] = {"reference": recipe.base_model, "method": step.method, "data": step.data,
+                            "moved_fraction_mean": res.report["moved_fraction_mean"],
+                            "groups": res.report["groups"]}
+        merged = run_merge(request, work / "merged", replace(options, overwrite=False, resume=False),
+                           preloaded=preloaded).path
+        _record(merged, records, {ref: str(_resolve(ref, rdir)) for ref in records})
+        if top is not None and top.repair:
+            say(f"repair: rescaling the merged units to the inputs' statistics on {top.data}")
+            _repair(merged, recipe, preloaded, rdir, top, folder.tmp)
+        else:
+            for p in merged.iterdir():
+                os.rename(p, folder.tmp / p.name)
+        for ck in preloaded.values():  # the aligned copies are read; their files go with the work folder
+            ck.close()
+        shutil.rmtree(work)
+        folder.commit()
     return Written(folder.target)
 
 
