@@ -137,3 +137,24 @@ def test_bad_config_one_line(toy, tmp_path, capsys):
     assert main(["search", "evolve", str(path), "--out", str(tmp_path / "o.yaml")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no_such_method" in err[0]
+
+
+def test_genome_decodes_by_hand():
+    from alloykit.distributed.genome import EvolveConfig, Genome
+
+    c = EvolveConfig(base_model="b", models=["m1", "m2"], tasks=["t"], methods=["task_arithmetic", "ties", "dare_ties"],
+                     layer_groups=2, normalize="search", weight_range=(-1.0, 1.0), density_range=(0.2, 1.0))
+    g = Genome(c)
+    assert g.dim == 2 * 2 * 2 + 1 + 1  # weights and densities per model and group, method, normalize
+    x = [0.0, 0.25, 0.5, 1.0, 0.0, 0.5, 1.0, 0.75, 0.7, 0.4]
+    cand = g.decode(x)
+    assert cand.weights == [[-1.0, -0.5], [0.0, 1.0]]
+    assert cand.densities == [[0.2, pytest.approx(0.6)], [1.0, pytest.approx(0.8)]]
+    assert cand.method == "dare_ties" and cand.normalize is False  # floor(0.7 * 3) = 2; 0.4 < 0.5
+    names = ["model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight", "model.layers.3.mlp.up_proj.weight"]
+    body = g.recipe(cand, "b", ["m1", "m2"], names, n_layers=4)
+    w = {e.get("filter"): e["value"] for e in body["models"][1]["parameters"]["weight"]}
+    # layers 0-1 are group 0, layers 2-3 group 1; tensors outside the layers take group 0 (mergekit's rule)
+    assert w == {"model.layers.0.mlp.up_proj.weight": 0.0, "model.layers.3.mlp.up_proj.weight": 1.0,
+                 "model.embed_tokens.weight": 0.0, None: 0.0}
+    assert body["merge_method"] == "dare_ties" and body["parameters"] == {"normalize": False} and body["seed"] == 0
