@@ -17,7 +17,7 @@ import sys
 import warnings
 
 from alloykit import __version__
-from alloykit.cli import analyze_command, commands, eval_command, search_command, stats_command
+from alloykit.cli import analyze_command, commands, eval_command, moe_command, search_command, stats_command
 from alloykit.errors import AlloyError
 from alloykit.progress import show_logs
 
@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=commands.cmd_inspect)
 
     # commands with their own module: each adds its parser(s), with ``func`` set the same way
-    for module in (analyze_command, stats_command, search_command, eval_command):
+    for module in (analyze_command, stats_command, search_command, eval_command, moe_command):
         module.add_parser(sub)
     return ap
 
