@@ -28,20 +28,20 @@ from typing import Any
 import torch
 
 from alloykit import __version__
-from alloykit.card import TOKENIZER_FILES
 from alloykit.config import DTYPES
 from alloykit.errors import CheckpointError, OutputError, PlanError
 from alloykit.io.checkpoint import Checkpoint, StateDictCheckpoint
 from alloykit.io.writer import ShardedWriter, plan_shards
-from alloykit.merge import DEFAULT_SHARD_SIZE, default_threads
 from alloykit.methods.registry import MergeInput, MethodSpec, NoParams
 from alloykit.moe import gates as gate_rows
 from alloykit.moe.config import PROMPT_MODES, Expert, MoEConfig, check, load_moe_config, parse_moe_config
 from alloykit.moe.kinds import PROJECTIONS, QWEN2_MOE, OutputKind, output_config, select_kind
 from alloykit.moe.publish import publish
+from alloykit.output.model import DEFAULT_SHARD_SIZE, default_threads
 from alloykit.plan.executor import run_jobs
 from alloykit.plan.planner import TORCH_DTYPES, Plan, Source, TensorJob
 from alloykit.roles import Kind, role_of
+from alloykit.vocab import TOKENIZER_FILES
 
 _log = logging.getLogger(__name__)
 

@@ -42,6 +42,7 @@ from torch import nn
 from alloykit import __version__
 from alloykit.errors import AlloyError, CheckpointError
 from alloykit.moe.publish import publish
+from alloykit.vocab import TOKENIZER_FILES
 
 FORMAT = "alloykit-routed"
 VERSION = 1
@@ -252,14 +253,12 @@ def save_routed(model: nn.Module, folder: str | os.PathLike, *, host_config: Any
         if host_config is not None:
             host_config.to_json_file(str(tmp / "config.json"))
         if tokenizer is not None:
-            from alloykit.card import TOKENIZER_FILES
-
             for name in TOKENIZER_FILES:
                 if (Path(tokenizer) / name).is_file():
                     (tmp / name).write_bytes((Path(tokenizer) / name).read_bytes())
         (tmp / "README.md").write_text(_card(record, description), encoding="utf-8")
 
-    return publish(folder, write, overwrite=overwrite)
+    return publish(folder, write, overwrite=overwrite, what="routed model")
 
 
 def _module_name(root: nn.Module, module: nn.Module) -> str:
