@@ -252,6 +252,9 @@ def test_save_and_load_a_routed_toy_with_its_skeleton(tmp_path, method):
     if method == "wemoe":
         assert loaded.layers[1].mlp["down_proj"].leader is loaded.layers[1].mlp["up_proj"]
     assert not list(tmp_path.glob(".r*"))  # no working folder left
+    assert loaded.alloykit_routing["method"] == method and loaded.alloykit_routing["experts"] == ["a", "b", "c"]
+    again = read_record(save_routed(loaded, tmp_path / "again"))  # saved again: the same record
+    assert {k: again[k] for k in ("method", "experts", "settings", "layers")} == {k: record[k] for k in ("method", "experts", "settings", "layers")}
 
 
 def test_a_transformers_host_is_rebuilt_from_the_folder_alone(tmp_path):

@@ -310,6 +310,9 @@ def load_routed_model(folder: str | os.PathLike, module: nn.Module | None = None
     if missing or unexpected:
         raise CheckpointError(f"routed model '{folder}': the weights do not fit the rebuilt model "
                               f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+    # what made it, as smile() / wemoe() record it: a reloaded model saves again with the same record
+    module.alloykit_routing = {"method": record["method"], "experts": record.get("experts", []),
+                               "settings": record.get("settings", {})}
     return module.eval()
 
 
