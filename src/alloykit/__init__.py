@@ -26,6 +26,9 @@ _API = {
     "merge_state_dicts": "alloykit.merge",
     "plan_recipe": "alloykit.merge",
     "load_task_model": "alloykit.methods.emr",
+    "build_moe": "alloykit.moe.build",
+    "load_routed_model": "alloykit.moe.routed",
+    "save_routed": "alloykit.moe.routed",
 }
 
 #: feature packages that are also callable: ``alloykit.align(...)`` runs ``alloykit.align.align``, while

@@ -125,6 +125,16 @@ DTYPES = ("float32", "float16", "bfloat16")
 _DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16", "float": "float32"}
 
 
+def dtype_name(v: str | None) -> str | None:
+    """A dtype as recipes spell it (aliases such as bf16 accepted), validated; None stays None."""
+    if v is None:
+        return v
+    v = _DTYPE_ALIASES.get(v, v)
+    if v not in DTYPES:
+        raise ValueError(f"dtype '{v}' is not one of {', '.join(DTYPES)}{did_you_mean(v, DTYPES)}")
+    return v
+
+
 class Recipe(_Strict):
     merge_method: str
     base_model: str | None = None
@@ -147,12 +157,7 @@ class Recipe(_Strict):
     @field_validator("dtype", "out_dtype")
     @classmethod
     def _dtype(cls, v: str | None) -> str | None:
-        if v is None:
-            return v
-        v = _DTYPE_ALIASES.get(v, v)
-        if v not in DTYPES:
-            raise ValueError(f"dtype '{v}' is not one of {', '.join(DTYPES)}{did_you_mean(v, DTYPES)}")
-        return v
+        return dtype_name(v)
 
     @model_validator(mode="after")
     def _one_layout(self) -> "Recipe":

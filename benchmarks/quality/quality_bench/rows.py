@@ -237,4 +237,6 @@ register_row("greedy_soup", description="greedy soup on validation accuracy")(la
 register_row("uniform_soup", description="the uniform average of every fine-tune")(lambda bench, seed: _soup(bench, seed, False))
 SEARCH_ROWS = ["adamerging_task", "adamerging_layer", "greedy_soup", "uniform_soup"]
 
+# routing rows (alloykit.moe: SMILE, WEMoE) register themselves on import
+from quality_bench import routing  # noqa: E402,F401
 from quality_bench import evolve_row  # noqa: E402,F401  (registers the "evolve" row: alloykit search evolve's CMA-ES)
