@@ -22,6 +22,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from alloykit.errors import RecipeError, did_you_mean
+from alloykit.methods.stream import Streamed
 
 BasePolicy = Literal["required", "optional", "ignored"]
 #: statistics a data-dependent method reads besides the weights (``alloykit stats collect``):
@@ -127,6 +128,9 @@ class MethodSpec:
     #: plan-time check of one tensor's resolved parameters; returns an error message or None
     #: (e.g. "weights sum to 0" for a method that divides by their sum)
     check: Callable[[Any, list[Any]], str | None] | None = None
+    #: the method's fast path, streamed over blocks of rows (``alloykit.methods.stream``); the
+    #: function stays the specification it is tested against
+    streamed: Streamed | None = None
 
     @property
     def summary(self) -> str:
