@@ -549,6 +549,7 @@ def della_linear(x: MergeInput) -> torch.Tensor:
 
 @register(
     "sce",
+    streamed=Streamed(sparse_fast.sce),
     params=SceParams,
     model_params=NoParams,
     reproduces="mergekit sce",

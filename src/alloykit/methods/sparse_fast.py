@@ -14,7 +14,9 @@ the inputs as the trim allows:
   pass for the norms (masks drawn), one to merge (the same masks drawn again: cheaper
   than storing them);
 * DELLA: the same, the keep probability of an entry set by its magnitude rank in its
-  row (rows sorted by numpy); the masks of the first pass are kept as bits for the second.
+  row (rows sorted by numpy); the masks of the first pass are kept as bits for the second;
+* SCE: the variance threshold by radix select, a pass for the selected task vectors'
+  energies, then the reference's election and disjoint mean on each block.
 
 Per entry the arithmetic is the reference's, so the bytes are the reference's; only the
 L1 norms of rescaling are sums over the whole tensor, taken here in float64 in another
@@ -30,7 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from alloykit.methods.stream import Block, StreamInput
+from alloykit.methods.stream import Block, RowSums, StreamInput
+from alloykit.ops.consensus import agreeing_weight, agreement_mask, disjoint_sum, elect_sign
 from alloykit.ops import fast_merge, fast_random, fast_select, philox, tie_order
 from alloykit.ops.fast_select import KeepRule
 from alloykit.ops.sparsify import keep_count, outlier_window
@@ -96,15 +99,23 @@ def _mode(consensus: str | None) -> int:
 # --------------------------------------------------------------------------------------
 
 
+def _l1(x: StreamInput, block: Block, values: np.ndarray) -> np.ndarray:
+    """Per row of the block: each model's sum of |values| ([rows, K] float64)."""
+    return np.abs(x.by_rows(values, block)).sum(axis=2, dtype=np.float64)
+
+
 def _locate_edges(x: StreamInput, rules: list[KeepRule | None], with_sums: bool) -> np.ndarray:
     """Two passes of histograms: every rule's edges located. Returns each model's sum of
-    |delta| (float64; zeros unless ``with_sums``)."""
+    |delta| (float64, the same at any block size; zeros unless ``with_sums``)."""
     k = x.k
     counts = np.zeros((k, fast_select.HIGH_BUCKETS), dtype=np.int64)
-    sums = np.zeros((k, fast_select.HIGH_BUCKETS) if with_sums else (k, 1), dtype=np.float64)
+    sums = RowSums()
+    unused = np.zeros((k, 1), dtype=np.float64)
     for block in x.blocks():
         d = _deltas(block)
-        fast_select.count_high(d.view(np.int32), d, counts, sums, with_sums)
+        fast_select.count_high(d.view(np.int32), d, counts, unused, False)
+        if with_sums:
+            sums.add(_l1(x, block, d))
     for i, rule in enumerate(rules):
         for edge in rule.edges if rule else ():
             edge.locate_bucket(counts[i])
@@ -121,7 +132,7 @@ def _locate_edges(x: StreamInput, rules: list[KeepRule | None], with_sums: bool)
         for i, rule in enumerate(rules):
             for e, edge in enumerate(rule.edges if rule else ()):
                 edge.locate_key(low[i, e])
-    return sums.sum(axis=1)
+    return sums.total() if with_sums else np.zeros(k)
 
 
 def _model_keys(x: StreamInput, model: int) -> np.ndarray:
@@ -209,13 +220,14 @@ def trim_merge(x: StreamInput, rule_of: RuleOf, consensus: str | None, *, mergek
     rescaled = np.zeros(x.k, dtype=np.bool_)
     trimmed = np.array([r is not None for r in rules], dtype=np.bool_)
     if rescale and trimmed.any():
-        after = np.zeros(x.k, dtype=np.float64)
+        sums = RowSums()
         ordinals = np.zeros((x.k, 2), dtype=np.int64)
         for block in x.blocks():
             d = _deltas(block)
             keep = sc.keep_of(block)
             fast_select.keep_flags(d.view(np.int32), *arrays, ordinals, keep)
-            after += np.abs(d * keep).sum(axis=1, dtype=np.float64)
+            sums.add(_l1(x, block, d * keep))
+        after = sums.total()
         for i in range(x.k):
             if trimmed[i] and before[i] >= _RESCALE_EPS and after[i] >= _RESCALE_EPS:
                 scale[i], rescaled[i] = np.float32(before[i]) / np.float32(after[i]), True
@@ -306,15 +318,15 @@ def random_merge(x: StreamInput, draw: DrawFn, consensus: str | None, store_mask
         return keep
 
     if p.rescale and any(drop):
-        before = np.zeros(x.k, dtype=np.float64)
-        after = np.zeros(x.k, dtype=np.float64)
+        sums_before, sums_after = RowSums(), RowSums()
         for block in x.blocks():
             d = _deltas(block)
             keep = masks(block, d)
             if store_masks:
                 stored.append(np.packbits(keep.astype(np.bool_), axis=1))
-            before += np.abs(d).sum(axis=1, dtype=np.float64)
-            after += np.abs(d * keep).sum(axis=1, dtype=np.float64)
+            sums_before.add(_l1(x, block, d))
+            sums_after.add(_l1(x, block, d * keep))
+        before, after = sums_before.total(), sums_after.total()
         for i in range(x.k):
             if drop[i] and before[i] >= _RESCALE_EPS and after[i] >= _RESCALE_EPS:
                 scale[i], rescaled[i] = np.float32(before[i]) / np.float32(after[i]), True
@@ -371,3 +383,70 @@ def della_linear(x: StreamInput) -> bool:
 def della_mask_bytes(numel: int, k: int) -> int:
     """The masks DELLA keeps between its passes: one bit per entry and model."""
     return k * math.ceil(numel / 8)
+
+
+# --------------------------------------------------------------------------------------
+# SCE: variance selection (radix select on the variance), energies, disjoint mean
+# --------------------------------------------------------------------------------------
+
+
+def _variance(d: np.ndarray) -> np.ndarray:
+    """Per-entry population variance across the models (torch's, as the reference takes it)."""
+    return torch.var(torch.from_numpy(d), dim=0, unbiased=False).numpy()
+
+
+def sce(x: StreamInput) -> bool:
+    """Select (variance top-k, flat tie order as ``variance_topk_mask``), calculate (energy
+    of the selected task vectors, float64 sums), erase (elected sign, disjoint mean): the
+    reference's operations on each block, with the thresholds and energies found in passes."""
+    fraction = x.params.select_topk
+    rule: KeepRule | None = None
+    if fraction <= 0:
+        rule = KeepRule(x.numel, 0, 0)
+    elif fraction < 1:
+        counts = np.zeros((1, fast_select.HIGH_BUCKETS), dtype=np.int64)
+        unused = np.zeros((1, 1), dtype=np.float64)
+        nonzero = 0
+        for block in x.blocks():
+            var = _variance(_deltas(block))[None]
+            nonzero += int(np.count_nonzero(var))
+            fast_select.count_high(var.view(np.int32), var, counts, unused, False)
+        k = int(nonzero * fraction)
+        rule = KeepRule(x.numel, x.numel - k, x.numel, descending=True)
+        for edge in rule.edges:
+            edge.locate_bucket(counts[0])
+        if rule.edges:
+            buckets = np.array([[rule.edges[0].bucket, -1]], dtype=np.int64)
+            low = np.zeros((1, 2, fast_select.LOW_BINS), dtype=np.int64)
+            for block in x.blocks():
+                var = _variance(_deltas(block))[None]
+                fast_select.count_low(var.view(np.int32), var, buckets, low, np.zeros((1, 2, 1)), False)
+            rule.edges[0].locate_key(low[0, 0])
+        rule.finish()
+    arrays = _rule_arrays([rule])
+    keep = np.empty((1, x.block_size), dtype=np.float32)
+
+    def selected(block: Block) -> torch.Tensor:
+        d = torch.from_numpy(_deltas(block))
+        if rule is not None and not (rule.start == 0 and rule.stop == x.numel):
+            var = _variance(block.stack)[None]
+            flags = keep[:, : block.size]
+            fast_select.keep_flags(var.view(np.int32), *arrays, ordinals, flags)
+            d.mul_(torch.from_numpy(flags[0]).bool())
+        return d
+
+    sums = RowSums()
+    ordinals = np.zeros((1, 2), dtype=np.int64)
+    for block in x.blocks():
+        d = selected(block).numpy()
+        sums.add(np.square(x.by_rows(d, block), dtype=np.float64).sum(axis=2))
+    energy = sums.total() / max(1, x.numel)
+    total = float(energy.sum())
+    c = torch.tensor(energy / total if total > 0 else np.full(x.k, 1.0 / x.k), dtype=torch.float32).view(-1, 1)
+    ordinals[:] = 0
+    for block in x.blocks():
+        d = selected(block)
+        agree = agreement_mask(d, elect_sign(d, "sum"))
+        merged = disjoint_sum(d.mul_(c), agree) / agreeing_weight(agree, c).clamp_(min=1e-6)
+        x.write(block, torch.from_numpy(block.base) + merged)
+    return True

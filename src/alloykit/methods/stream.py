@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from alloykit.ops.jit import available as jit_available
+
 #: entries per input in one block (rounded to whole rows; at least one row): 256 KiB of
 #: float32, so a block of 4 inputs and the kernels' scratch stay in the CPU's L2 cache
 BLOCK_ENTRIES = 1 << 16
@@ -87,6 +89,11 @@ class StreamInput:
             self._read(r0, r1, stack, base)
             yield Block(r0 * self.row_len, r0, r1, stack.numpy(), base.numpy() if base is not None else None)
 
+    def by_rows(self, values: np.ndarray, block: Block) -> np.ndarray:
+        """A [K, m] block as [rows, K, row_len] (a view where it can be): rows first, for
+        per-row sums (``RowSums``)."""
+        return values.reshape(values.shape[0], block.row1 - block.row0, self.row_len).transpose(1, 0, 2)
+
     def result_buffer(self, block: Block) -> np.ndarray:
         """A float32 buffer of the block's size for the merged values (then ``write`` it)."""
         return self._result[: block.size].numpy()
@@ -98,10 +105,35 @@ class StreamInput:
         self._out[block.start : block.start + block.size].copy_(values.reshape(-1))
 
 
+class RowSums:
+    """Sums over a whole tensor that do not depend on how it is cut into blocks: each row's
+    sum is taken alone (float64), and the rows' sums are added exactly (``math.fsum``), so
+    a fast path gives the same bytes at any block size."""
+
+    def __init__(self) -> None:
+        self.parts: list[np.ndarray] = []
+
+    def add(self, per_row: np.ndarray) -> None:
+        """``per_row``: [rows, ...] float64, one entry per row of the block."""
+        self.parts.append(np.asarray(per_row, dtype=np.float64))
+
+    def total(self) -> np.ndarray:
+        rows = np.concatenate(self.parts) if self.parts else np.zeros((0,))
+        if rows.ndim == 1:
+            return np.array(math.fsum(rows))
+        flat = rows.reshape(rows.shape[0], -1)
+        return np.array([math.fsum(flat[:, j]) for j in range(flat.shape[1])]).reshape(rows.shape[1:])
+
+
 @dataclass(frozen=True)
 class Streamed:
-    """A method's fast path and the memory it needs besides its blocks and output:
-    ``scratch_bytes(numel, k)`` (e.g. one int32 key per entry to order tied magnitudes)."""
+    """A method's fast path, the memory it needs besides its blocks and output
+    (``scratch_bytes(numel, k)``, e.g. one int32 key per entry to order tied magnitudes), and
+    whether it runs numba kernels (``jit``: then only where ``alloykit.ops.jit.available()``)."""
 
     run: Callable[[StreamInput], bool]
     scratch_bytes: Callable[[int, int], int] = lambda numel, k: 0
+    jit: bool = True
+
+    def usable(self) -> bool:
+        return not self.jit or jit_available()

@@ -43,7 +43,6 @@ from alloykit.errors import NonFiniteError
 from alloykit.io.checkpoint import Checkpoint
 from alloykit.methods.registry import MergeInput
 from alloykit.methods.stream import StreamInput
-from alloykit.ops import jit
 from alloykit.plan.planner import Plan, TensorJob, tensor_seed
 
 Sink = Callable[[str, torch.Tensor], None]
@@ -71,7 +70,7 @@ def streams(job: TensorJob, plan: Plan, device: torch.device) -> bool:
     with a fast path (numba available) or an ``elementwise`` one, unless the job needs
     its whole tensor (statistics, a vocabulary remap, side outputs)."""
     method = plan.method
-    fast = method.streamed is not None and jit.available()
+    fast = method.streamed is not None and method.streamed.usable()
     return ((fast or method.elementwise) and device.type == "cpu" and not job.copy and not job.stats
             and plan.stats_norms is None and not method.side_outputs and getattr(job, "vocab", None) is None
             and _numel(job.shape) > 0)
@@ -88,7 +87,7 @@ def job_cost(plan: Plan, job: TensorJob, device: torch.device | None = None) -> 
         srcs = job.sources + ([job.base] if job.base else [])
         whole = sum(cks[s.model].info(s.tensor).nbytes for s in srcs if not _can_read_range(cks[s.model], s.tensor))
         fast = plan.method.streamed
-        scratch = fast.scratch_bytes(n, len(job.sources)) if fast is not None and jit.available() else 0
+        scratch = fast.scratch_bytes(n, len(job.sources)) if fast is not None and fast.usable() else 0
         return job.out_bytes + whole + scratch + 4 * (2 * k + 8) * min(n, BLOCK_ELEMENTS)
     stats = sum(_numel(plan.checkpoints[s.model].info(s.tensor).shape) for s in job.stats or ())
     return n * (4 * k + 8) + 4 * stats + job.out_bytes
@@ -222,7 +221,7 @@ def _compute_streamed(plan: Plan, job: TensorJob, fail_on_nonfinite: bool) -> to
 
     x._read = read_rows
     fast = plan.method.streamed
-    if fast is not None and jit.available():
+    if fast is not None and fast.usable():
         if not fast.run(x):
             return None
     else:
