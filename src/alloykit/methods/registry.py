@@ -69,6 +69,11 @@ class MergeInput:
     stats_norms: torch.Tensor | None = None
     #: side outputs of a method declared ``side_outputs`` (group -> this tensor's entry), see ``emit``
     side: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: the dtype mergekit would merge this tensor in (the recipe's ``dtype``, else the inputs'),
+    #: or None when unknown. alloykit computes in float32 whatever it is; a method reads it only
+    #: to follow mergekit where mergekit's result can be matched (which of several equal
+    #: magnitudes a trim keeps: only in float32)
+    compute_dtype: torch.dtype | None = None
 
     @property
     def k(self) -> int:

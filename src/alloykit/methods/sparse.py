@@ -15,7 +15,9 @@ arithmetic, TIES, DARE, Model Breadcrumbs, DELLA, SCE) follow one pipeline, merg
 
 Deterministic methods reproduce mergekit 0.1.5 in float32 up to rounding, including which
 of several equal magnitudes a trim keeps where they straddle its cut (the order of torch's
-sort, as mergekit's ``argsort``: ``ops.sparsify``'s ``ties="sort"``). The randomized ones
+sort, as mergekit's ``argsort``: ``ops.sparsify``'s ``ties="sort"``; where mergekit would
+compute in bfloat16 or float16 its trim sees rounded magnitudes that no tie order can
+match, and the lower flat index is kept, without a sort). The randomized ones
 (DARE, DELLA) draw their masks from a counter-based stream keyed by the tensor's seed
 (``ops.philox``: the same bits at any thread count or block size), mergekit's draws in
 distribution. ``ties_peft``, ``magnitude_prune`` and ``ties_fusionbench`` reproduce the
@@ -56,6 +58,7 @@ from alloykit.ops.sparsify import (
     rescale_inverse_probability,
     rescale_l1_,
     stream_mask,
+    TieRule,
     threshold_mask,
     variance_topk_mask,
 )
@@ -280,24 +283,30 @@ def _masked(
     return rescale_l1_(trim_(delta), before, scratch=scratch[0])
 
 
-def _magnitude_trim(rescale: bool) -> Trim:
+def _tie_rule(x: MergeInput) -> TieRule:
+    """mergekit's order of equal magnitudes at a trim's cut where mergekit computes in
+    float32 (``sparse_fast.mergekit_tie_order``), else the lower flat index."""
+    return "sort" if sparse_fast.mergekit_tie_order(x.compute_dtype) else "flat"
+
+
+def _magnitude_trim(rescale: bool, ties: TieRule) -> Trim:
     scratch: list[torch.Tensor] = []
 
     def trim(delta: torch.Tensor, mp: Any, i: int) -> torch.Tensor:
         if mp.density >= 1:
             return delta
-        return _masked(delta, lambda d: magnitude_trim_(d, mp.density, ties="sort"), rescale, scratch)
+        return _masked(delta, lambda d: magnitude_trim_(d, mp.density, ties=ties), rescale, scratch)
 
     return trim
 
 
-def _outlier_trim(rescale: bool) -> Trim:
+def _outlier_trim(rescale: bool, ties: TieRule) -> Trim:
     scratch: list[torch.Tensor] = []
 
     def trim(delta: torch.Tensor, mp: Any, i: int) -> torch.Tensor:
         if mp.density >= 1:
             return delta
-        return _masked(delta, lambda d: outlier_trim_(d, mp.density, mp.gamma, ties="sort"), rescale, scratch)
+        return _masked(delta, lambda d: outlier_trim_(d, mp.density, mp.gamma, ties=ties), rescale, scratch)
 
     return trim
 
@@ -399,11 +408,12 @@ def ties(x: MergeInput) -> torch.Tensor:
              a divisor of 0 becomes 1)
 
     This is mergekit's TIES: weights are applied before the sign election and the mean is
-    weighted. Ties at the trim threshold keep the lower flat index (mergekit's order there
-    is the sort kernel's). For PEFT's and FusionBench's TIES see ``ties_peft`` and
-    ``ties_fusionbench``.
+    weighted. Equal magnitudes straddling the trim's cut are kept as mergekit keeps them
+    (the order of torch's sort) where mergekit computes in float32; see ``_tie_rule``. For
+    PEFT's and FusionBench's TIES see ``ties_peft`` and ``ties_fusionbench``.
     """
-    return _merge_weighted(x, _trimmed_deltas(x, _magnitude_trim(x.params.rescale)), x.params.consensus_method)
+    trim = _magnitude_trim(x.params.rescale, _tie_rule(x))
+    return _merge_weighted(x, _trimmed_deltas(x, trim), x.params.consensus_method)
 
 
 @register(
@@ -427,7 +437,7 @@ def breadcrumbs(x: MergeInput) -> torch.Tensor:
     When int(gamma * n) == 0 no outliers are dropped and the int(density * n) largest are
     kept, as in mergekit 0.1.5 (earlier mergekit zeroed the whole task vector there).
     """
-    return _merge_weighted(x, _trimmed_deltas(x, _outlier_trim(x.params.rescale)), None)
+    return _merge_weighted(x, _trimmed_deltas(x, _outlier_trim(x.params.rescale, _tie_rule(x))), None)
 
 
 @register(
@@ -447,7 +457,8 @@ def breadcrumbs_ties(x: MergeInput) -> torch.Tensor:
     merged = theta_0 + lambda * sum_i [sign(d_i) == s] d_i
              (divided per entry by the agreeing weights if normalize; off by default).
     """
-    return _merge_weighted(x, _trimmed_deltas(x, _outlier_trim(x.params.rescale)), x.params.consensus_method)
+    trim = _outlier_trim(x.params.rescale, _tie_rule(x))
+    return _merge_weighted(x, _trimmed_deltas(x, trim), x.params.consensus_method)
 
 
 @register(

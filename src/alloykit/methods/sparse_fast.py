@@ -203,8 +203,18 @@ def _rule_arrays(rules: list[KeepRule | None]) -> tuple[np.ndarray, ...]:
     return lower, upper, tie_keys, tie_lo, tie_hi, offsets, tie_flags
 
 
-def trim_merge(x: StreamInput, rule_of: RuleOf, consensus: str | None, *, mergekit_ties: bool = True) -> bool:
+def mergekit_tie_order(dtype: torch.dtype | None) -> bool:
+    """Whether a trim keeps equal magnitudes at its cut in mergekit's order (torch's sort):
+    where mergekit computes in float32 (or unknown). mergekit in bfloat16 or float16 trims
+    magnitudes rounded to that dtype, which alloykit (float32) does not compute: no tie
+    order would reproduce its choice, so the lower flat index is kept (no sort)."""
+    return dtype is None or dtype in (torch.float32, torch.float64)
+
+
+def trim_merge(x: StreamInput, rule_of: RuleOf, consensus: str | None, *, mergekit_ties: bool | None = None) -> bool:
     """Magnitude trim of each task vector (``rule_of``), then the weighted (elected) sum."""
+    if mergekit_ties is None:
+        mergekit_ties = mergekit_tie_order(x.compute_dtype)
     rules = [rule_of(x.numel, mp) for mp in x.model_params]
     rescale = bool(getattr(x.params, "rescale", False))
     if any(r is not None for r in rules):
@@ -278,9 +288,9 @@ def breadcrumbs_ties(x: StreamInput) -> bool:
     return trim_merge(x, outlier_rule, x.params.consensus_method)
 
 
-def tie_scratch(numel: int, k: int) -> int:
+def tie_scratch(numel: int, k: int, dtype: torch.dtype | None) -> int:
     """Bytes to order one model's tied magnitudes as mergekit does: an int32 key an entry."""
-    return 4 * numel
+    return 4 * numel if mergekit_tie_order(dtype) else 0
 
 
 # --------------------------------------------------------------------------------------
@@ -380,7 +390,7 @@ def della_linear(x: StreamInput) -> bool:
     return _della_streamable(x) and random_merge(x, _draw_della, None, store_masks=True)
 
 
-def della_mask_bytes(numel: int, k: int) -> int:
+def della_mask_bytes(numel: int, k: int, dtype: torch.dtype | None) -> int:
     """The masks DELLA keeps between its passes: one bit per entry and model."""
     return k * math.ceil(numel / 8)
 

@@ -56,8 +56,11 @@ class StreamInput:
     blocks of rows, and a place for the result."""
 
     def __init__(self, name: str, shape: tuple[int, ...], k: int, has_base: bool, params: Any, model_params: list[Any],
-                 seed: int | None, read_rows: RowReader, out: torch.Tensor, block_entries: int = BLOCK_ENTRIES):
+                 seed: int | None, read_rows: RowReader, out: torch.Tensor, block_entries: int = BLOCK_ENTRIES,
+                 compute_dtype: torch.dtype | None = None):
         self.name, self.shape, self.k = name, tuple(shape), k
+        #: as ``MergeInput.compute_dtype``
+        self.compute_dtype = compute_dtype
         self.params, self.model_params, self.seed = params, model_params, seed
         self.has_base = has_base
         self.numel = math.prod(self.shape)
@@ -128,11 +131,12 @@ class RowSums:
 @dataclass(frozen=True)
 class Streamed:
     """A method's fast path, the memory it needs besides its blocks and output
-    (``scratch_bytes(numel, k)``, e.g. one int32 key per entry to order tied magnitudes), and
-    whether it runs numba kernels (``jit``: then only where ``alloykit.ops.jit.available()``)."""
+    (``scratch_bytes(numel, k, compute_dtype)``, e.g. one int32 key per entry to order tied
+    magnitudes), and whether it runs numba kernels (``jit``: then only where
+    ``alloykit.ops.jit.available()``)."""
 
     run: Callable[[StreamInput], bool]
-    scratch_bytes: Callable[[int, int], int] = lambda numel, k: 0
+    scratch_bytes: Callable[[int, int, torch.dtype | None], int] = lambda numel, k, dtype: 0
     jit: bool = True
 
     def usable(self) -> bool:

@@ -46,9 +46,9 @@ def _before(x, y, tie_key, descending):  # noqa: ANN001, ANN202
     return a > b if descending else a < b
 
 
-@jit
-def _partition(a, first, last, tie_key, descending):  # noqa: ANN001, ANN202
-    """libstdc++'s __unguarded_partition_pivot on a[first:last]; returns the cut."""
+@jit(inline=True)
+def _median_to_first(a, first, last, tie_key, descending):  # noqa: ANN001, ANN202
+    """libstdc++'s __move_median_to_first(first, first + 1, mid, last - 1)."""
     mid = first + (last - first) // 2
     i1, i2, i3 = first + 1, mid, last - 1
     if _before(a[i1], a[i2], tie_key, descending):
@@ -67,8 +67,21 @@ def _partition(a, first, last, tie_key, descending):  # noqa: ANN001, ANN202
     t = a[first]
     a[first] = a[m]
     a[m] = t
+
+
+@jit
+def _partition(a, first, last, tie_key, descending):  # noqa: ANN001, ANN202
+    """libstdc++'s __unguarded_partition_pivot on a[first:last]; returns the cut (the
+    specification of ``_partition_blocks``, which the sort follower uses)."""
+    _median_to_first(a, first, last, tie_key, descending)
+    return _hoare(a, first, first + 1, last, tie_key, descending)
+
+
+@jit(inline=True)
+def _hoare(a, first, lo, hi, tie_key, descending):  # noqa: ANN001, ANN202
+    """The Hoare loop of __unguarded_partition around the pivot a[first], from scan
+    positions lo (next left) and hi (one past the next right)."""
     pivot = a[first]
-    lo, hi = first + 1, last
     while True:
         while _before(a[lo], pivot, tie_key, descending):
             lo += 1
@@ -81,6 +94,57 @@ def _partition(a, first, last, tie_key, descending):  # noqa: ANN001, ANN202
         a[lo] = a[hi]
         a[hi] = t
         lo += 1
+
+
+#: entries per side scanned at a time by ``_partition_blocks``
+_SCAN = 128
+
+
+@jit
+def _partition_blocks(a, first, last, tie_key, descending):  # noqa: ANN001, ANN202
+    """``_partition``, with the same result, scanning blocks without branches.
+
+    The Hoare loop swaps the i-th entry from the left that does not belong left of the
+    pivot with the i-th from the right that does not belong right of it, for as long as
+    the two positions do not cross, and each swap only touches positions both scans have
+    passed: so the entries to swap can be found a block at a time, on the original values,
+    by flags rather than branches (as in Edelkamp and Weiss's BlockQuicksort). Once the
+    scans are within two blocks of each other the Hoare loop finishes from the state of
+    the last swap.
+    """
+    _median_to_first(a, first, last, tie_key, descending)
+    pivot = a[first]
+    left = np.empty(_SCAN, np.int64)
+    right = np.empty(_SCAN, np.int64)
+    n_left = n_right = start_left = start_right = 0
+    scan_lo, scan_hi = first + 1, last  # next left position; one past the next right one
+    last_lo, last_hi = first, last  # the last swapped pair (none yet: as if before the first scan)
+    while scan_hi - scan_lo > 2 * _SCAN:
+        if n_left == 0:
+            start_left = 0
+            for j in range(_SCAN):
+                left[n_left] = scan_lo + j
+                n_left += 0 if _before(a[scan_lo + j], pivot, tie_key, descending) else 1
+            scan_lo += _SCAN
+        if n_right == 0:
+            start_right = 0
+            for j in range(_SCAN):
+                right[n_right] = scan_hi - 1 - j
+                n_right += 0 if _before(pivot, a[scan_hi - 1 - j], tie_key, descending) else 1
+            scan_hi -= _SCAN
+        n = min(n_left, n_right)
+        for i in range(n):
+            p, q = left[start_left + i], right[start_right + i]
+            t = a[p]
+            a[p] = a[q]
+            a[q] = t
+        if n > 0:
+            last_lo, last_hi = left[start_left + n - 1], right[start_right + n - 1]
+        n_left -= n
+        n_right -= n
+        start_left += n
+        start_right += n
+    return _hoare(a, first, last_lo + 1, last_hi, tie_key, descending)
 
 
 @jit
@@ -105,7 +169,7 @@ def _follow_cuts(a, tie_key, descending, cut0, cut1):  # noqa: ANN001, ANN202
             if d == 0:
                 return False
             d -= 1
-            cut = _partition(a, f, l, tie_key, descending)
+            cut = _partition_blocks(a, f, l, tie_key, descending)
             left = (f < cut0 < cut) or (f < cut1 < cut)
             right = (cut < cut0 < l) or (cut < cut1 < l)
             if left and right:

@@ -43,7 +43,7 @@ from alloykit.errors import NonFiniteError
 from alloykit.io.checkpoint import Checkpoint
 from alloykit.methods.registry import MergeInput
 from alloykit.methods.stream import StreamInput
-from alloykit.plan.planner import Plan, TensorJob, tensor_seed
+from alloykit.plan.planner import TORCH_DTYPES, Plan, TensorJob, tensor_seed
 
 Sink = Callable[[str, torch.Tensor], None]
 #: receives a job's side outputs (group -> tensor) for methods declared ``side_outputs``
@@ -87,10 +87,18 @@ def job_cost(plan: Plan, job: TensorJob, device: torch.device | None = None) -> 
         srcs = job.sources + ([job.base] if job.base else [])
         whole = sum(cks[s.model].info(s.tensor).nbytes for s in srcs if not _can_read_range(cks[s.model], s.tensor))
         fast = plan.method.streamed
-        scratch = fast.scratch_bytes(n, len(job.sources)) if fast is not None and fast.usable() else 0
+        scratch = fast.scratch_bytes(n, len(job.sources), mergekit_dtype(plan, job)) if fast and fast.usable() else 0
         return job.out_bytes + whole + scratch + 4 * (2 * k + 8) * min(n, BLOCK_ELEMENTS)
     stats = sum(_numel(plan.checkpoints[s.model].info(s.tensor).shape) for s in job.stats or ())
     return n * (4 * k + 8) + 4 * stats + job.out_bytes
+
+
+def mergekit_dtype(plan: Plan, job: TensorJob) -> torch.dtype | None:
+    """The dtype mergekit would merge ``job`` in: the recipe's ``dtype``, else its inputs'."""
+    if plan.recipe.dtype:
+        return TORCH_DTYPES[plan.recipe.dtype]
+    src = job.sources[0] if job.sources else job.base
+    return plan.checkpoints[src.model].info(src.tensor).dtype if src is not None else None
 
 
 def stack_numel(job: TensorJob) -> int:
@@ -139,7 +147,8 @@ def compute_job(
         stats = torch.stack([cks[s.model].read(s.tensor).to(device, torch.float32) for s in job.stats])
     if plan.stats_norms is not None:
         norms = torch.tensor(plan.stats_norms, dtype=torch.float32, device=device)
-    x = MergeInput(job.name, stack, base, job.params, job.model_params, gen, owned=True, stats=stats, stats_norms=norms)
+    x = MergeInput(job.name, stack, base, job.params, job.model_params, gen, owned=True, stats=stats, stats_norms=norms,
+                   compute_dtype=mergekit_dtype(plan, job))
     result = plan.method.fn(x)
     if tuple(result.shape) != tuple(job.shape):
         raise AssertionError(f"method {plan.method.name} returned shape {list(result.shape)} for '{job.name}' {list(job.shape)}")
@@ -199,7 +208,7 @@ def _compute_streamed(plan: Plan, job: TensorJob, fail_on_nonfinite: bool) -> to
     out = torch.empty(job.shape, dtype=job.out_dtype)
     seed = tensor_seed(plan.seed, job.name) if plan.method.randomized else None
     x = StreamInput(job.name, tuple(job.shape), len(job.sources), job.base is not None, job.params, job.model_params,
-                    seed, lambda *a: None, out, BLOCK_ELEMENTS)
+                    seed, lambda *a: None, out, BLOCK_ELEMENTS, mergekit_dtype(plan, job))
     sources = [_RowSource(cks[s.model], s.tensor, tuple(job.shape), x.block_size) for s in job.sources]
     base = _RowSource(cks[job.base.model], job.base.tensor, tuple(job.shape), x.block_size) if job.base else None
     bad: dict[str, str] = {}  # label -> which model(s), once a block holds NaN or Inf
@@ -242,7 +251,8 @@ def _rowwise(plan: Plan, job: TensorJob, x: StreamInput) -> None:
         rows = (block.row1 - block.row0, *rest) if rest or len(job.shape) >= 2 else tuple(job.shape)
         stack = torch.from_numpy(block.stack).view(x.k, *rows)
         base = torch.from_numpy(block.base).view(rows) if block.base is not None else None
-        res = plan.method.fn(MergeInput(job.name, stack, base, job.params, job.model_params, None, owned=True))
+        res = plan.method.fn(MergeInput(job.name, stack, base, job.params, job.model_params, None, owned=True,
+                                        compute_dtype=x.compute_dtype))
         if tuple(res.shape) != rows:
             raise AssertionError(f"method {plan.method.name} returned shape {list(res.shape)} for a block of "
                                  f"'{job.name}' {list(rows)}")
