@@ -81,7 +81,7 @@ def reference_on_row_blocks(x: StreamInput, method: str) -> bool:
         stack = torch.from_numpy(block.stack).view(x.k, *rows)
         base = torch.from_numpy(block.base).view(rows) if block.base is not None else None
         x.write(block, fn(MergeInput(x.name, stack, base, x.params, x.model_params, None, owned=True,
-                                     compute_dtype=x.compute_dtype)))
+                                     role=x.role, compute_dtype=x.compute_dtype)))
     return True
 
 

@@ -57,10 +57,10 @@ class StreamInput:
 
     def __init__(self, name: str, shape: tuple[int, ...], k: int, has_base: bool, params: Any, model_params: list[Any],
                  seed: int | None, read_rows: RowReader, out: torch.Tensor, block_entries: int = BLOCK_ENTRIES,
-                 compute_dtype: torch.dtype | None = None):
+                 compute_dtype: torch.dtype | None = None, role: Any = None):
         self.name, self.shape, self.k = name, tuple(shape), k
-        #: as ``MergeInput.compute_dtype``
-        self.compute_dtype = compute_dtype
+        #: as ``MergeInput.compute_dtype`` and ``MergeInput.role``
+        self.compute_dtype, self.role = compute_dtype, role
         self.params, self.model_params, self.seed = params, model_params, seed
         self.has_base = has_base
         self.numel = math.prod(self.shape)
