@@ -52,11 +52,12 @@ def _vectors(x: StreamInput, block: Block, deltas: bool, with_base: bool) -> tor
 def gram(x: StreamInput, deltas: bool, with_base: bool = False) -> np.ndarray:
     """One pass: the Gram matrix of the tensor's vectors (see ``_vectors``), float64, row by
     row and the rows' matrices added exactly (the same at any block size)."""
-    sums = RowSums()
+    n_vectors = x.k + (1 if with_base else 0)
+    sums = RowSums(x, (n_vectors, n_vectors))
     for block in x.blocks():
         v = _vectors(x, block, deltas, with_base).double()
         rows = v.view(v.shape[0], block.row1 - block.row0, x.row_len).transpose(0, 1)  # [rows, V, row_len]
-        sums.add(torch.bmm(rows, rows.transpose(1, 2)).numpy())
+        sums.add(block, torch.bmm(rows, rows.transpose(1, 2)).numpy())
     return sums.total()
 
 

@@ -109,13 +109,13 @@ def _locate_edges(x: StreamInput, rules: list[KeepRule | None], with_sums: bool)
     |delta| (float64, the same at any block size; zeros unless ``with_sums``)."""
     k = x.k
     counts = np.zeros((k, fast_select.HIGH_BUCKETS), dtype=np.int64)
-    sums = RowSums()
+    sums = RowSums(x, (k,))
     unused = np.zeros((k, 1), dtype=np.float64)
     for block in x.blocks():
         d = _deltas(block)
         fast_select.count_high(d.view(np.int32), d, counts, unused, False)
         if with_sums:
-            sums.add(_l1(x, block, d))
+            sums.add(block, _l1(x, block, d))
     for i, rule in enumerate(rules):
         for edge in rule.edges if rule else ():
             edge.locate_bucket(counts[i])
@@ -230,13 +230,13 @@ def trim_merge(x: StreamInput, rule_of: RuleOf, consensus: str | None, *, mergek
     rescaled = np.zeros(x.k, dtype=np.bool_)
     trimmed = np.array([r is not None for r in rules], dtype=np.bool_)
     if rescale and trimmed.any():
-        sums = RowSums()
+        sums = RowSums(x, (x.k,))
         ordinals = np.zeros((x.k, 2), dtype=np.int64)
         for block in x.blocks():
             d = _deltas(block)
             keep = sc.keep_of(block)
             fast_select.keep_flags(d.view(np.int32), *arrays, ordinals, keep)
-            sums.add(_l1(x, block, d * keep))
+            sums.add(block, _l1(x, block, d * keep))
         after = sums.total()
         for i in range(x.k):
             if trimmed[i] and before[i] >= _RESCALE_EPS and after[i] >= _RESCALE_EPS:
@@ -316,7 +316,8 @@ def random_merge(x: StreamInput, draw: DrawFn, consensus: str | None, store_mask
     sc = _Scratch(x)
     scale = np.ones(x.k, dtype=np.float32)
     rescaled = np.zeros(x.k, dtype=np.bool_)
-    stored: list[np.ndarray] = []
+    # DELLA's masks between its passes: bit-packed, one row of bytes per model, blocks at byte boundaries
+    stored = np.empty((x.k, x.numel // 8 + x.rows + 1), dtype=np.uint8) if store_masks and p.rescale else None
 
     def masks(block: Block, d: np.ndarray) -> np.ndarray:
         keep = sc.keep_of(block)
@@ -328,14 +329,17 @@ def random_merge(x: StreamInput, draw: DrawFn, consensus: str | None, store_mask
         return keep
 
     if p.rescale and any(drop):
-        sums_before, sums_after = RowSums(), RowSums()
+        sums_before, sums_after = RowSums(x, (x.k,)), RowSums(x, (x.k,))
+        offset = 0
         for block in x.blocks():
             d = _deltas(block)
             keep = masks(block, d)
-            if store_masks:
-                stored.append(np.packbits(keep.astype(np.bool_), axis=1))
-            sums_before.add(_l1(x, block, d))
-            sums_after.add(_l1(x, block, d * keep))
+            if stored is not None:
+                packed = np.packbits(keep > 0, axis=1)
+                stored[:, offset : offset + packed.shape[1]] = packed
+                offset += packed.shape[1]
+            sums_before.add(block, _l1(x, block, d))
+            sums_after.add(block, _l1(x, block, d * keep))
         before, after = sums_before.total(), sums_after.total()
         for i in range(x.k):
             if drop[i] and before[i] >= _RESCALE_EPS and after[i] >= _RESCALE_EPS:
@@ -343,11 +347,14 @@ def random_merge(x: StreamInput, draw: DrawFn, consensus: str | None, store_mask
     w = _weights(x)
     mode = _mode(consensus)
     divisor = _sum_divisor(x, w) if mode == fast_merge.SUM else np.float32(1.0)
-    for b, block in enumerate(x.blocks()):
+    offset = 0
+    for block in x.blocks():
         d = _deltas(block)
-        if stored:
+        if stored is not None and rescaled.any():
             keep = sc.keep_of(block)
-            keep[:] = np.unpackbits(stored[b], axis=1, count=block.size)
+            width = (block.size + 7) // 8
+            keep[:] = np.unpackbits(stored[:, offset : offset + width], axis=1, count=block.size)
+            offset += width
         else:
             keep = masks(block, d)
         _combine(x, block, sc, keep, scale, rescaled, w, mode, bool(p.normalize), divisor)
@@ -445,11 +452,11 @@ def sce(x: StreamInput) -> bool:
             d.mul_(torch.from_numpy(flags[0]).bool())
         return d
 
-    sums = RowSums()
+    sums = RowSums(x, (x.k,))
     ordinals = np.zeros((1, 2), dtype=np.int64)
     for block in x.blocks():
         d = selected(block).numpy()
-        sums.add(np.square(x.by_rows(d, block), dtype=np.float64).sum(axis=2))
+        sums.add(block, np.square(x.by_rows(d, block), dtype=np.float64).sum(axis=2))
     energy = sums.total() / max(1, x.numel)
     total = float(energy.sum())
     c = torch.tensor(energy / total if total > 0 else np.full(x.k, 1.0 / x.k), dtype=torch.float32).view(-1, 1)

@@ -111,21 +111,20 @@ class StreamInput:
 class RowSums:
     """Sums over a whole tensor that do not depend on how it is cut into blocks: each row's
     sum is taken alone (float64), and the rows' sums are added exactly (``math.fsum``), so
-    a fast path gives the same bytes at any block size."""
+    a fast path gives the same bytes at any block size. The rows' sums live in one array
+    allocated up front (small allocations kept between blocks would fragment the heap)."""
 
-    def __init__(self) -> None:
-        self.parts: list[np.ndarray] = []
+    def __init__(self, x: StreamInput, shape: tuple[int, ...] = ()):
+        self.rows = np.zeros((x.rows, *shape), dtype=np.float64)
 
-    def add(self, per_row: np.ndarray) -> None:
-        """``per_row``: [rows, ...] float64, one entry per row of the block."""
-        self.parts.append(np.asarray(per_row, dtype=np.float64))
+    def add(self, block: Block, per_row: np.ndarray) -> None:
+        """``per_row``: [rows of the block, *shape], one entry per row."""
+        self.rows[block.row0 : block.row1] = per_row
 
     def total(self) -> np.ndarray:
-        rows = np.concatenate(self.parts) if self.parts else np.zeros((0,))
-        if rows.ndim == 1:
-            return np.array(math.fsum(rows))
-        flat = rows.reshape(rows.shape[0], -1)
-        return np.array([math.fsum(flat[:, j]) for j in range(flat.shape[1])]).reshape(rows.shape[1:])
+        flat = self.rows.reshape(self.rows.shape[0], -1)
+        sums = np.array([math.fsum(flat[:, j]) for j in range(flat.shape[1])])
+        return sums.reshape(self.rows.shape[1:])
 
 
 @dataclass(frozen=True)
