@@ -8,19 +8,24 @@
   in another order (L1 rescaling, energies, inner products of the geometric methods) within
   a relative 1e-6 of the tensor's largest entry (karcher, iterated: 1e-5).
 * The seeding contract: the same bytes at any block size and thread count; without numba
-  (the reference kernels) the same bytes too.
+  (the reference kernels) the same bytes too; the stream's version in a merge's
+  fingerprint, so that ``--resume`` of a merge drawn from another stream is refused.
 """
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from alloykit.merge import plan_recipe
 from alloykit.ops import fast_random, fast_select, jit, philox, sparsify
 from alloykit.plan import executor
 from alloykit.testing.fixtures import LlamaShape, write_family
+from alloykit.testing.helpers import run_cli
 
 pytestmark = pytest.mark.skipif(not jit.available(), reason="numba is not installed")
 
@@ -243,3 +248,32 @@ def test_declined_layouts_run_the_reference(family, monkeypatch):
     r = recipe(family, "nuslerp")
     r["parameters"] = {"nuslerp_flatten": False, "nuslerp_row_wise": True}
     assert_close(run(r, threads=1), reference(r, monkeypatch), exact=True)
+
+
+# --------------------------------------------------------------------------------------
+# the stream's version in a merge's fingerprint: --resume of a merge drawn otherwise refused
+# --------------------------------------------------------------------------------------
+
+
+def test_resume_of_a_merge_from_another_random_stream_is_refused_in_one_line(family, tmp_path, capsys):
+    base, tunes = family
+    r = recipe(family, "dare_ties")
+    r["seed"] = 3
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(r))
+    out = tmp_path / "out"
+    assert run_cli(capsys, "merge", path, out, "-q").code == 0
+    manifest = out / "alloykit_manifest.json"
+    data = json.loads(manifest.read_text())
+    assert data["fingerprint"]["stream"] == philox.STREAM == "philox4x32-10/1"
+    assert run_cli(capsys, "merge", path, out, "--resume").code == 0  # same stream: nothing to do
+    del data["fingerprint"]["stream"]  # as an alloykit before the counter-based stream wrote it
+    manifest.write_text(json.dumps(data))
+    result = run_cli(capsys, "merge", path, out, "--resume")
+    assert result.code == 2 and "\n" not in result.err, result.err
+    assert "the random stream of the DARE/DELLA masks changed (torch's generator then, philox4x32-10/1 now" in result.err
+    # a deterministic method's bytes do not depend on the stream: no stream in its fingerprint
+    r = recipe(family, "ties")
+    path.write_text(yaml.safe_dump(r))
+    assert run_cli(capsys, "merge", path, tmp_path / "ties", "-q").code == 0
+    assert "stream" not in json.loads((tmp_path / "ties" / "alloykit_manifest.json").read_text())["fingerprint"]

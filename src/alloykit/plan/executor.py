@@ -72,8 +72,17 @@ def streams(job: TensorJob, plan: Plan, device: torch.device) -> bool:
     method = plan.method
     fast = method.streamed is not None and method.streamed.usable()
     return ((fast or method.elementwise) and device.type == "cpu" and not job.copy and not job.stats
-            and plan.stats_norms is None and not method.side_outputs and getattr(job, "vocab", None) is None
+            and plan.stats_norms is None and not method.side_outputs and job.vocab is None
             and _numel(job.shape) > 0)
+
+
+def block_rows(job: TensorJob, plan: Plan, device: torch.device) -> int | None:
+    """Rows per block when ``job`` is streamed in more than one block, else None."""
+    if not streams(job, plan, device):
+        return None
+    rows = job.shape[0] if len(job.shape) >= 2 else 1
+    step = max(1, BLOCK_ELEMENTS // max(1, _numel(job.shape) // rows))
+    return step if step < rows else None
 
 
 def job_cost(plan: Plan, job: TensorJob, device: torch.device | None = None) -> int:
@@ -90,7 +99,8 @@ def job_cost(plan: Plan, job: TensorJob, device: torch.device | None = None) -> 
         scratch = fast.scratch_bytes(n, len(job.sources), mergekit_dtype(plan, job)) if fast and fast.usable() else 0
         return job.out_bytes + whole + scratch + 4 * (2 * k + 8) * min(n, BLOCK_ELEMENTS)
     stats = sum(_numel(plan.checkpoints[s.model].info(s.tensor).shape) for s in job.stats or ())
-    return n * (4 * k + 8) + 4 * stats + job.out_bytes
+    remap = n * 4 * 2 * k if job.vocab is not None else 0  # the gathered rows and each model's own
+    return n * (4 * k + 8) + 4 * stats + job.out_bytes + remap
 
 
 def mergekit_dtype(plan: Plan, job: TensorJob) -> torch.dtype | None:
@@ -129,12 +139,17 @@ def compute_job(
     if workspace is None or device.type != "cpu":
         workspace = torch.empty(stack_numel(job), dtype=torch.float32, device=device)
     stack = workspace[: k * n].view(k, *job.shape)
+    remapped = None
+    if job.vocab is not None:  # token-indexed: each model's rows gathered to the output vocabulary
+        srcs = job.sources + ([job.base] if job.base is not None else [])
+        remapped = job.vocab.gather(job.name, [cks[s.model].read(s.tensor) for s in srcs])
     for i, src in enumerate(job.sources):
-        stack[i].copy_(_read(cks[src.model], src.tensor, out))
+        stack[i].copy_(remapped[i] if remapped else _read(cks[src.model], src.tensor, out))
     base = None
     if job.base is not None:
         base = workspace[k * n : (k + 1) * n].view(job.shape)
-        base.copy_(_read(cks[job.base.model], job.base.tensor, out))
+        base.copy_(remapped[-1] if remapped else _read(cks[job.base.model], job.base.tensor, out))
+    del remapped
     for label, t in (("an input", stack), ("the base", base)):
         if t is not None and not _all_finite(t):
             _nonfinite(f"tensor '{job.name}': {label} holds NaN or Inf{_culprits(plan, job, t is base, t)}", fail_on_nonfinite)
