@@ -164,24 +164,37 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--mergekit-repeats", type=int, default=1)
     ap.add_argument("--no-mergekit", action="store_true")
+    ap.add_argument("--no-alloykit", action="store_true", help="mergekit only (e.g. a second invocation after an alloykit-only one)")
+    ap.add_argument("--no-baselines", action="store_true", help="keep the baselines already in --results")
+    ap.add_argument("--warmup-root", type=Path, help="run each alloykit method once on these (smaller) inputs first, "
+                    "unmeasured, so that numba's on-disk cache holds every kernel before timing")
     ap.add_argument("--results", type=Path, default=Path("docs/benchmarks.json"))
+    ap.add_argument("--work", type=Path, help="scratch folder for recipes and outputs (default ROOT/work; "
+                    "give each concurrent invocation its own)")
     a = ap.parse_args()
     root = a.root / a.size
     from generate import generate  # noqa: E402 (benchmarks/ is on sys.path when run as a script)
 
     generate(a.size, 3, root)
-    work = a.root / "work"
+    work = a.work or a.root / "work"
     work.mkdir(parents=True, exist_ok=True)
     warm(root)
     results = json.loads(a.results.read_text()) if a.results.exists() else {}
     entry = results.setdefault(a.size, {})
     entry["hardware"] = f"{os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM"
-    print(f"== {a.size}: baselines", flush=True)
-    entry["read-sum-write"] = bench_baseline("read-sum-write", root, work, a.repeats)
-    entry["copy"] = bench_baseline("copy", root, work, a.repeats)
-    for method in a.methods.split(","):
+    methods = a.methods.split(",")
+    if a.warmup_root and not a.no_alloykit:
+        for method in methods:
+            print(f"== warm-up (not measured): {method} on {a.warmup_root}", flush=True)
+            bench_tool("alloykit", method, a.warmup_root, work, 1)
+    if not a.no_baselines:
+        print(f"== {a.size}: baselines", flush=True)
+        entry["read-sum-write"] = bench_baseline("read-sum-write", root, work, a.repeats)
+        entry["copy"] = bench_baseline("copy", root, work, a.repeats)
+    for method in methods:
         print(f"== {a.size}: {method}", flush=True)
-        entry.setdefault("alloykit", {})[method] = bench_tool("alloykit", method, root, work, a.repeats)
+        if not a.no_alloykit:
+            entry.setdefault("alloykit", {})[method] = bench_tool("alloykit", method, root, work, a.repeats)
         if not a.no_mergekit and method in MERGEKIT:
             entry.setdefault("mergekit", {})[method] = bench_tool("mergekit", method, root, work, a.mergekit_repeats)
         a.results.write_text(json.dumps(results, indent=1))
