@@ -58,10 +58,10 @@ METHODS: dict[str, tuple[int, dict | list[dict], dict, bool]] = {
     "cart": (3, {}, {}, False),
 }
 #: methods mergekit 0.1.5 has (the others run in alloykit only)
-MERGEKIT = {"linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della",
+MERGEKIT_METHODS = {"linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della",
             "della_linear", "sce", "model_stock", "slerp", "nuslerp", "multislerp", "karcher"}
 #: the mergekit family the targets are set for (issue 17)
-FAMILY = sorted(MERGEKIT - {"linear", "task_arithmetic"})
+FAMILY = sorted(MERGEKIT_METHODS - {"linear", "task_arithmetic"})
 
 
 def recipe(method: str, root: Path, n: int | None = None) -> dict:
@@ -195,7 +195,7 @@ def main() -> None:
         print(f"== {a.size}: {method}", flush=True)
         if not a.no_alloykit:
             entry.setdefault("alloykit", {})[method] = bench_tool("alloykit", method, root, work, a.repeats)
-        if not a.no_mergekit and method in MERGEKIT:
+        if not a.no_mergekit and method in MERGEKIT_METHODS:
             entry.setdefault("mergekit", {})[method] = bench_tool("mergekit", method, root, work, a.mergekit_repeats)
         a.results.write_text(json.dumps(results, indent=1))
     a.results.write_text(json.dumps(results, indent=1))
