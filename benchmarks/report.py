@@ -46,6 +46,10 @@ def table(size: str, r: dict) -> list[str]:
             target = f"<= 2.5x, >= {need}x mergekit, <= 1 GB"
             ok = ("yes" if ratio <= 2.5 and (speedup or 0) >= need and mem_ok else
                   "no" if m or ratio > 2.5 or not mem_ok else "mergekit not measured")
+            if ok == "yes" and (cpu_ratio > 2.5 or (cpu_speedup or 0) < need):
+                ok = "in wall time; not in CPU s"
+            elif ok == "no" and cpu_ratio <= 2.5 and mem_ok and not m:
+                ok = "not in wall time; in CPU s (mergekit not measured)"
         else:
             target, ok = "-", "-"
         lines.append(
