@@ -17,6 +17,7 @@ import torch
 
 from alloykit.config import Recipe, parse_recipe
 from alloykit.errors import CheckpointError, PlanError, RecipeError
+from alloykit.io import hub
 from alloykit.io.checkpoint import Checkpoint
 from alloykit.io.lora import LoraCheckpoint, adapter_base, is_adapter
 from alloykit.methods.registry import MethodSpec, get_method
@@ -123,11 +124,15 @@ class _Models:
         return self._by_ref[ref]
 
     def resolve_path(self, ref: str) -> Path:
+        """A local path (from the working directory, then the recipe's folder) or, failing that,
+        a Hub name (``org/name[@revision]``) resolved to its snapshot in the Hub cache."""
         p = Path(ref).expanduser()
         if not p.exists() and self.recipe_dir is not None and not p.is_absolute():
             alt = self.recipe_dir / p
             if alt.exists():
                 return alt
+        if not p.exists() and hub.is_hub_name(ref):
+            return hub.resolve(ref, allow_pickle=self.allow_pickle)
         return p
 
     def get(self, ref: str) -> int:
@@ -141,8 +146,8 @@ class _Models:
             base_ref = adapter_base(path)
             if not base_ref or not self.resolve_path(base_ref).exists():
                 raise RecipeError(
-                    f"model '{ref}' is a LoRA adapter whose base ({base_ref!r}) is not a local folder; "
-                    "name it as 'BASE_FOLDER+ADAPTER_FOLDER'"
+                    f"model '{ref}' is a LoRA adapter whose base ({base_ref!r}) is neither a local folder nor a Hub name; "
+                    "name it as 'BASE+ADAPTER'"
                 )
             return self._add(ref, self._lora(ref, self.resolve_path(base_ref), path))
         return self._add(ref, Checkpoint(path, allow_pickle=self.allow_pickle, label=ref))
