@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from alloykit import __version__
+from alloykit.plan.layout import set_key
 from alloykit.plan.planner import Plan
 
 TOKENIZER_FILES = (
@@ -42,6 +43,8 @@ def write_metadata(plan: Plan, out: Path, *, copy_tokenizer: bool = True) -> Non
             for key in _LAYER_KEYS:
                 if key in config:
                     config[key] = plan.num_layers_out
+        for key, value in plan.config_updates.items():  # e.g. a module's layer count after modules: slices
+            set_key(config, key, value)
         out_dtypes = {j.out_dtype for j in plan.jobs if j.out_dtype.is_floating_point}
         if len(out_dtypes) == 1 and (d := out_dtypes.pop()) in _DTYPE_NAMES:
             key = "dtype" if "dtype" in config and "torch_dtype" not in config else "torch_dtype"

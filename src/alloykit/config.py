@@ -64,6 +64,35 @@ class Slice(_Strict):
     base_model: str | None = None
 
 
+class OutputModule(_Strict):
+    """One part of a multi-part model (``modules: {text_decoder: ..., vision_tower: ...}``),
+    written like a whole recipe: its own ``models`` or ``slices``, and ``parameters`` that sit
+    between the slices' and the top level's in precedence."""
+
+    models: list[InputModel] | None = None
+    slices: list[Slice] | None = None
+    parameters: ParamDict | None = None
+
+    @model_validator(mode="after")
+    def _one_layout(self) -> "OutputModule":
+        if (self.models is None) == (self.slices is None):
+            raise ValueError("give exactly one of 'models' or 'slices' in each module")
+        if not (self.models or self.slices):
+            raise ValueError("a module's 'models' or 'slices' is empty: list at least one")
+        _check_listed_once(self.models)
+        return self
+
+
+def _check_listed_once(models: list[InputModel] | None) -> None:
+    seen: set[str] = set()
+    for m in models or []:
+        if m.model in seen:
+            raise ValueError(
+                f"model '{m.model}' is listed twice in 'models'; list it once (give it a larger weight to count it more)"
+            )
+        seen.add(m.model)
+
+
 class TokenizerConfig(_Strict):
     source: str = "base"
     tokens: dict[str, Any] | None = None
@@ -79,6 +108,8 @@ class Recipe(_Strict):
     base_model: str | None = None
     models: list[InputModel] | None = None
     slices: list[Slice] | None = None
+    #: multi-part models (a VLM's text_decoder, vision_tower...): module name -> its models or slices
+    modules: dict[str, OutputModule] | None = None
     parameters: ParamDict | None = None
     #: output dtype unless out_dtype is given. alloykit always computes in float32 and rounds once;
     #: mergekit also rounds the inputs to this dtype and computes in it (a few ulps apart in half dtypes)
@@ -103,21 +134,15 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _one_layout(self) -> "Recipe":
-        if (self.models is None) == (self.slices is None):
-            raise ValueError("give exactly one of 'models' or 'slices'")
+        if sum(x is not None for x in (self.models, self.slices, self.modules)) != 1:
+            raise ValueError("give exactly one of 'models', 'slices' or 'modules'")
         if self.models is not None and not self.models:
             raise ValueError("'models' is empty: list at least one model")
         if self.slices is not None and not self.slices:
             raise ValueError("'slices' is empty: list at least one slice")
-        if self.models:
-            seen: set[str] = set()
-            for m in self.models:
-                if m.model in seen:
-                    raise ValueError(
-                        f"model '{m.model}' is listed twice in 'models'; list it once "
-                        "(give it a larger weight to count it more)"
-                    )
-                seen.add(m.model)
+        if self.modules is not None and not self.modules:
+            raise ValueError("'modules' is empty: name at least one module (e.g. text_decoder)")
+        _check_listed_once(self.models)
         return self
 
     @property
@@ -145,14 +170,18 @@ def _loc(loc: tuple[Any, ...]) -> str:
 def _allowed_keys_at(loc: tuple[Any, ...]) -> list[str]:
     """The keys allowed in the mapping that holds the unknown key at ``loc``."""
     model: type[BaseModel] = Recipe
-    for part in loc[:-1]:
+    parts = list(loc[:-1])
+    while parts:
+        part = parts.pop(0)
         if isinstance(part, int):
             continue
         field = model.model_fields.get(str(part))
         if field is None:
             break
+        if part == "modules" and parts:
+            parts.pop(0)  # the module's name, a key of the mapping
         ann = str(field.annotation)
-        for cand in (InputModel, SliceSource, Slice, TokenizerConfig, Conditional):
+        for cand in (InputModel, SliceSource, Slice, OutputModule, TokenizerConfig, Conditional):
             if cand.__name__ in ann:
                 model = cand
                 break
@@ -170,7 +199,7 @@ def _format_validation_error(err: ValidationError) -> str:
         key = str(loc[-1])
         allowed = _allowed_keys_at(loc)
         return (
-            f"recipe: unknown key '{_loc(loc)}'{did_you_mean(key, allowed)}; "
+            f"recipe: unknown key '{_loc(loc)}'{did_you_mean(key, allowed, n=2)}; "
             f"allowed here: {', '.join(allowed)}"
         )
     if first["type"] == "missing":
