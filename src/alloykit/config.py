@@ -276,8 +276,9 @@ def parse_recipe(data: Any) -> Recipe:
         raise RecipeError(_format_validation_error(err)) from None
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """Read and validate a YAML recipe (``yaml.safe_load``: tags that build objects are refused)."""
+def load_documents(path: str | Path) -> list[dict]:
+    """Every YAML document of a recipe file (several in a multi-stage recipe, separated by
+    ``---``), read with the guarded loader; empty documents are skipped."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -286,10 +287,24 @@ def load_recipe(path: str | Path) -> Recipe:
     except (OSError, UnicodeDecodeError) as err:
         raise RecipeError(f"recipe file '{path}' cannot be read: {err}") from None
     try:
-        data = yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 (a SafeLoader subclass)
+        docs = [d for d in yaml.load_all(text, Loader=_RecipeLoader) if d is not None]  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise RecipeError(f"recipe file '{path}': invalid YAML{where}: {problem}") from None
-    return parse_recipe(data)
+    if not docs:
+        raise RecipeError(f"recipe file '{path}': expected a mapping of keys (merge_method, models...), got an empty file")
+    _check_size(docs)
+    return docs
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a YAML recipe (``yaml.safe_load``: tags that build objects are refused)."""
+    docs = load_documents(path)
+    if len(docs) > 1:
+        raise RecipeError(
+            f"recipe file '{path}' holds {len(docs)} documents (a multi-stage recipe, as mergekit-multi reads): "
+            "run it with 'alloykit merge FILE OUT' or 'alloykit multi FILE -I DIR'"
+        )
+    return parse_recipe(docs[0])

@@ -17,10 +17,15 @@ def _plan(args: Namespace):
 
 
 def cmd_merge(args: Namespace) -> int:
-    from alloykit.config import load_recipe
+    from alloykit.config import load_documents, parse_recipe
     from alloykit.merge import merge
 
-    recipe = load_recipe(args.recipe)
+    documents = load_documents(args.recipe)
+    if len(documents) > 1:  # a multi-stage recipe (mergekit-multi's format)
+        from alloykit.cli.multi_command import merge_documents
+
+        return merge_documents(args, documents)
+    recipe = parse_recipe(documents[0])
     if args.dtype:
         recipe = recipe.model_copy(update={"out_dtype": args.dtype})
     device = "cuda" if args.cuda else args.device
@@ -113,6 +118,13 @@ def _plan_json(plan) -> dict:
 
 
 def cmd_validate(args: Namespace) -> int:
+    from alloykit.config import load_documents
+
+    documents = load_documents(args.recipe)
+    if len(documents) > 1:  # a multi-stage recipe
+        from alloykit.cli.multi_command import validate_documents
+
+        return validate_documents(args, documents)
     plan = _plan(args)
     try:
         inputs = len({s.model for j in plan.jobs if not j.copy for s in j.sources})

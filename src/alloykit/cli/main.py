@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write a PEFT LoRA adapter of rank RANK (the merged model minus base_model) instead of the model")
     m.add_argument("--lora-skip-others", action="store_true",
                    help="with --output-lora: skip changed embeddings and norms instead of saving them as modules_to_save")
+    m.add_argument("--intermediate-dir", "-I", metavar="DIR",
+                   help="a multi-stage recipe (several '---' documents): folder of its named merges (default OUT-intermediates)")
     for flag in ("--lazy-unpickle", "--allow-crimes", "--low-cpu-memory", "--read-to-gpu"):
         m.add_argument(flag, action="store_true", help=argparse.SUPPRESS)  # mergekit flags: accepted, no effect here
     _add_model_args(m)
@@ -114,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     from alloykit.cli.search_command import add_parser as add_search  # alloykit search ... (sets func)
 
     add_search(sub)
+    from alloykit.cli.multi_command import add_parser as add_multi  # alloykit multi (mergekit-multi)
+
+    add_multi(sub)
     return ap
 
 

@@ -1,0 +1,112 @@
+"""``alloykit multi``: multi-stage recipes, as ``mergekit-multi`` runs them; and the path
+``alloykit merge FILE OUT`` takes when FILE holds several documents."""
+
+from __future__ import annotations
+
+import argparse
+from argparse import Namespace
+from pathlib import Path
+
+from alloykit.errors import RecipeError
+
+
+def add_parser(sub) -> None:
+    from alloykit.cli.main import parse_size
+
+    p = sub.add_parser(
+        "multi",
+        help="run a multi-stage recipe (mergekit-multi's format): named merges feed later ones",
+        description="Documents separated by '---', each a recipe; a document with a 'name' is written to "
+        "INTERMEDIATE_DIR/NAME and later documents may use it as a model; the unnamed one (at most one) is the final "
+        "merge, written to --out-path. Finished stages are skipped on a rerun, interrupted ones resumed, changed ones redone.",
+    )
+    p.add_argument("recipe", help="multi-document YAML recipe")
+    p.add_argument("--intermediate-dir", "-I", required=True, help="folder of the named (intermediate) merges")
+    p.add_argument("--out-path", "--out", dest="out", help="output folder of the unnamed (final) merge")
+    p.add_argument("--lazy", action=argparse.BooleanOptionalAction, default=True,
+                   help="skip merges whose output is up to date, resume interrupted ones (default: --lazy)")
+    p.add_argument("--device", default="cpu", help="compute device: cpu or cuda (default cpu)")
+    p.add_argument("--cuda", action="store_true", help="same as --device cuda")
+    p.add_argument("--seed", "--random-seed", type=int, dest="seed", help="seed of randomized methods, for every merge")
+    p.add_argument("--threads", "-j", "--num-threads", type=int, dest="threads", help="worker threads")
+    p.add_argument("--max-shard-size", "--out-shard-size", type=parse_size, dest="max_shard_size", default="5GB",
+                   help="largest output shard (default 5GB)")
+    p.add_argument("--overwrite", action="store_true", help="let the final merge replace an existing output folder")
+    p.add_argument("--no-copy-tokenizer", dest="copy_tokenizer", action="store_false", help="do not copy tokenizer files")
+    p.add_argument("--allow-pickle", action="store_true", help="accept PyTorch .bin inputs (loaded with weights_only=True)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+    for flag in ("--lazy-unpickle", "--allow-crimes", "--low-cpu-memory", "--copy-tokenizer"):
+        p.add_argument(flag, action="store_true", help=argparse.SUPPRESS)  # mergekit flags: accepted, no effect here
+    p.set_defaults(func=cmd_multi)
+
+
+def _options(args: Namespace) -> dict:
+    from alloykit.cli.commands import _check_device
+
+    device = "cuda" if getattr(args, "cuda", False) else args.device
+    _check_device(device)
+    opts = dict(device=device, threads=args.threads, seed=args.seed, max_shard_size=args.max_shard_size,
+                allow_pickle=args.allow_pickle, progress=not args.quiet, copy_tokenizer=args.copy_tokenizer)
+    for extra in ("fail_on_nonfinite",):
+        if hasattr(args, extra):
+            opts[extra] = getattr(args, extra)
+    if hasattr(args, "memory_budget"):
+        opts["budget_bytes"] = args.memory_budget
+    return opts
+
+
+def _summary(report) -> str:
+    return "; ".join(f"{stage.label}: {what} -> {stage.out}" for stage, what in report)
+
+
+def cmd_multi(args: Namespace) -> int:
+    from alloykit.multi import run_multi
+
+    report = run_multi(args.recipe, args.intermediate_dir, args.out, lazy=args.lazy, overwrite=args.overwrite,
+                       **_options(args))
+    if not args.quiet:
+        print(_summary(report))
+    return 0
+
+
+def merge_documents(args: Namespace, documents: list[dict]) -> int:
+    """``alloykit merge FILE OUT`` with several documents: the final merge goes to OUT, the named
+    ones to --intermediate-dir (default: OUT-intermediates beside OUT)."""
+    from alloykit.multi import load_stages, run_stages
+
+    if args.output_lora is not None:
+        raise RecipeError("--output-lora works on one recipe; this file holds several documents (a multi-stage recipe)")
+    if args.resume:
+        raise RecipeError("--resume: a multi-stage recipe resumes interrupted merges by itself; rerun without --resume")
+    out = Path(args.out)
+    inter = Path(args.intermediate_dir) if args.intermediate_dir else out.parent / f"{out.name}-intermediates"
+    stages = load_stages(documents, inter, out, sink_to_out=True)
+    if args.dtype:
+        final = next(s for s in stages if s.out == out.absolute())
+        final.recipe = final.recipe.model_copy(update={"out_dtype": args.dtype})
+    report = run_stages(stages, inter, overwrite=args.overwrite, recipe_dir=Path(args.recipe).parent, **_options(args))
+    if not args.quiet:
+        print(_summary(report))
+    return 0
+
+
+def validate_documents(args: Namespace, documents: list[dict]) -> int:
+    """``alloykit validate`` of a multi-stage recipe: every document's schema and the graph; the
+    headers of each merge whose inputs exist now (the others read merges not made yet)."""
+    import tempfile
+
+    from alloykit.merge import plan_recipe
+    from alloykit.multi import load_stages
+
+    with tempfile.TemporaryDirectory() as tmp:  # where intermediates would go: only to build the graph
+        stages = load_stages(documents, tmp, Path(tmp) / "final", sink_to_out=True)
+        checked = []
+        for stage in stages:
+            if stage.uses:
+                checked.append(f"{stage.label} (after {', '.join(stage.uses)})")
+                continue
+            plan_recipe(stage.recipe, allow_pickle=args.allow_pickle, recipe_dir=Path(args.recipe).parent).close()
+            checked.append(stage.label)
+    print(f"OK: {len(stages)} merges in this order: {' -> '.join(checked)}; "
+          "inputs checked for the merges that read no other merge")
+    return 0
