@@ -170,7 +170,8 @@ def test_interrupted_stage_is_resumed(root, tmp_path):
     assert all(torch.equal(got[k], want[k]) for k in want)
 
 
-def test_mergekit_multi_layout_with_every_merge_named(root, tmp_path, capsys):
+def test_mergekit_multi_layout_with_every_merge_named(root, tmp_path, monkeypatch):
+    monkeypatch.chdir(root)
     text = MULTI.replace("merge_method: ties", "name: third\nmerge_method: ties")
     path = write(tmp_path / "r", text)
     assert main(["multi", str(path), "-I", str(tmp_path / "inter"), "-q"]) == 0

@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_search(sub)
     from alloykit.cli.multi_command import add_parser as add_multi  # alloykit multi (mergekit-multi)
 
-    add_multi(sub)
+    add_multi(sub, parse_size)
     return ap
 
 

@@ -10,9 +10,8 @@ from pathlib import Path
 from alloykit.errors import RecipeError
 
 
-def add_parser(sub) -> None:
-    from alloykit.cli.main import parse_size
-
+def add_parser(sub, parse_size) -> None:
+    """``parse_size``: the CLI's size parser ('5GB' -> bytes), passed in to keep imports one-way."""
     p = sub.add_parser(
         "multi",
         help="run a multi-stage recipe (mergekit-multi's format): named merges feed later ones",
@@ -41,10 +40,11 @@ def add_parser(sub) -> None:
 
 
 def _options(args: Namespace) -> dict:
-    from alloykit.cli.commands import _check_device
+    import torch
 
     device = "cuda" if getattr(args, "cuda", False) else args.device
-    _check_device(device)
+    if device != "cpu" and not (device.startswith("cuda") and torch.cuda.is_available()):
+        raise RecipeError(f"--device {device}: use cpu, or cuda on a machine with a CUDA device")
     opts = dict(device=device, threads=args.threads, seed=args.seed, max_shard_size=args.max_shard_size,
                 allow_pickle=args.allow_pickle, progress=not args.quiet, copy_tokenizer=args.copy_tokenizer)
     for extra in ("fail_on_nonfinite",):
