@@ -71,9 +71,13 @@ def cache_dir() -> Path:
     return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "huggingface" / "hub"
 
 
-def offline_mode() -> bool:
-    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) set to a true value, as the Hub client reads it."""
-    return any(os.environ.get(k, "").strip().upper() in ("1", "ON", "YES", "TRUE") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+_OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+def offline_variable() -> str | None:
+    """The variable that turns downloads off (HF_HUB_OFFLINE, or transformers' TRANSFORMERS_OFFLINE)
+    when set to a true value as the Hub client reads it, else None."""
+    return next((k for k in _OFFLINE_VARS if os.environ.get(k, "").strip().upper() in ("1", "ON", "YES", "TRUE")), None)
 
 
 def download_command(repo: str, revision: str | None, allow_pickle: bool = False) -> str:
@@ -120,7 +124,7 @@ def resolve(ref: str, *, allow_pickle: bool = False, offline: bool | None = None
     if parsed is None:
         raise CheckpointError(f"model '{ref}': not a local folder and not a Hub name (org/name or org/name@revision)")
     repo, revision = parsed
-    offline = offline_mode() if offline is None else offline
+    why_offline = offline_variable() if offline is None else ("offline=True" if offline else None)
     hub = _hub()
     if hub is None:
         raise CheckpointError(
@@ -132,10 +136,11 @@ def resolve(ref: str, *, allow_pickle: bool = False, offline: bool | None = None
         log.info("model %s: cached snapshot %s", ref, folder)
         return folder
     fetch = download_command(repo, revision, allow_pickle)
-    if offline:
+    if why_offline:
         what = (f"its cached snapshot lacks {', '.join(missing_files(folder, allow_pickle)[:3])}" if folder is not None
                 else f"it is not in the Hugging Face cache ({cache})")
-        raise CheckpointError(f"model '{ref}' is not a local folder and {what}; HF_HUB_OFFLINE=1 forbids downloading it: "
+        setting = why_offline if "=" in why_offline else f"{why_offline}=1"
+        raise CheckpointError(f"model '{ref}' is not a local folder and {what}; {setting} forbids downloading it: "
                               f"fetch it with: {fetch}")
     return _download(hub, ref, repo, revision, cache, allow_pickle, fetch)
 
