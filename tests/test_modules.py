@@ -29,6 +29,7 @@ from alloykit.testing.vlm import write_qwen2_5_vl
 
 mk_merge = pytest.importorskip("mergekit.merge")
 from mergekit.config import MergeConfiguration  # noqa: E402
+from mergekit.io.tasks import LoaderCache  # noqa: E402
 from mergekit.options import MergeOptions  # noqa: E402
 
 RTOL = 1e-6
@@ -61,6 +62,7 @@ def load(folder) -> dict[str, torch.Tensor]:
 
 
 def both(recipe: dict, tmp_path: Path) -> tuple[dict, dict]:
+    LoaderCache.loaders.clear()  # mergekit keeps loaders per process, keyed by the path as written
     mk_merge.run_merge(MergeConfiguration.model_validate(recipe), str(tmp_path / "mk"),
                        MergeOptions(quiet=True, write_model_card=False))
     alloykit.merge(recipe, tmp_path / "ak", progress=False)

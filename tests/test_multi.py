@@ -110,7 +110,10 @@ def test_multi_stage_recipe_runs_in_order_and_equals_the_stages_run_by_hand(root
 def test_multi_stage_recipe_equals_mergekit_multi(root, tmp_path, monkeypatch):
     mk = pytest.importorskip("mergekit.scripts.multimerge")
     from mergekit.graph import Executor
+    from mergekit.io.tasks import LoaderCache
     from mergekit.options import MergeOptions
+
+    LoaderCache.loaders.clear()  # mergekit keeps loaders per process, keyed by the path as written ('ft2')
 
     monkeypatch.chdir(root)  # mergekit reads relative model paths from the working directory
     configs, deps = mk.load_config(MULTI, str(tmp_path / "mk-inter"))

@@ -56,6 +56,7 @@ from alloykit.testing.vlm import write_qwen2_5_vl
 
 mk_merge = pytest.importorskip("mergekit.merge")
 from mergekit.config import MergeConfiguration  # noqa: E402
+from mergekit.io.tasks import LoaderCache  # noqa: E402
 from mergekit.options import MergeOptions  # noqa: E402
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
@@ -152,6 +153,7 @@ def recipe_of(name: str, **overrides) -> dict:
 
 
 def run_mergekit(recipe: dict, out: Path, seed: int | None = None) -> dict:
+    LoaderCache.loaders.clear()  # mergekit keeps loaders per process, keyed by the path as written
     options = MergeOptions(quiet=True, write_model_card=False, random_seed=seed, lora_merge_cache=str(out.parent / "lora-cache"))
     mk_merge.run_merge(MergeConfiguration.model_validate(recipe), str(out), options)
     return load(out)
