@@ -241,3 +241,25 @@ def test_modules_schema_errors_name_the_key():
         parse_recipe({"merge_method": "linear", "modules": {"text_decoder": {"model": [{"model": "a"}]}}})
     with pytest.raises(RecipeError, match="give exactly one of 'models', 'slices' or 'modules'"):
         parse_recipe({"merge_method": "linear", "models": [{"model": "a"}], "modules": {"x": {"models": [{"model": "a"}]}}})
+
+
+def test_gradient_on_a_module_without_layers_takes_its_first_value(vl, tmp_path):
+    """By design: a projector has no numbered layers, so a gradient gives it its first value, as
+    embeddings get in any recipe. mergekit declares Qwen2.5-VL's projector as two 'layers' that
+    both hold the same four tensors, writes each tensor twice and keeps the last: the last value."""
+    recipe = vl_recipe(vl, """
+merge_method: slerp
+base_model: {base}
+modules:
+  text_decoder: {{models: [{{model: {base}}}, {{model: {ft1}}}]}}
+  vision_tower: {{models: [{{model: {base}}}, {{model: {ft1}}}]}}
+  multi_modal_projector: {{models: [{{model: {base}}}, {{model: {ft1}}}], parameters: {{t: [0.0, 1.0]}}}}
+parameters: {{t: 0.5}}
+dtype: float32
+""")
+    mk, ak = both(recipe, tmp_path)
+    base, ft1 = load(vl[0]), load(vl[1])
+    projector = [n for n in base if n.startswith("visual.merger.mlp.")]
+    assert all(torch.equal(ak[n], base[n]) for n in projector)  # t = 0
+    assert all(torch.equal(mk[n], ft1[n]) for n in projector)  # t = 1
+    assert_same({n: mk[n] for n in mk if n not in projector}, {n: ak[n] for n in ak if n not in projector})
