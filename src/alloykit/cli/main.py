@@ -119,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     from alloykit.cli.multi_command import add_parser as add_multi  # alloykit multi (mergekit-multi)
 
     add_multi(sub, parse_size)
+    from alloykit.cli.eval_command import add_parser as add_eval  # alloykit eval MODEL --task ...
+
+    add_eval(sub)
     return ap
 
 

@@ -31,9 +31,12 @@ from pathlib import Path
 import torch
 
 from alloykit.errors import AlloyError
+from alloykit.eval.loading import load_model, model_folder
+from alloykit.eval.suite import TaskSuite, command_tasks
 from alloykit.methods.registry import MergeInput, get_method
 from alloykit.methods.weighted import RegMeanParams
-from alloykit.stats.collect import Example, Progress, Target, gram
+from alloykit.stats.collect import Example, Progress, Target, gram, task_target
+from alloykit.stats.store import write_stats
 
 
 def find_blocks(module: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
@@ -99,15 +102,12 @@ def regmean_plus_plus(targets: list[Target], examples: list[list[Example]], *, a
 def collect_merged_to_folders(models: list[str], outs: list[str], *, tasks: list[str] | None = None,
                               data: list[str] | None = None, alpha: float = 0.9, samples: int = 256,
                               batch_size: int = 16, max_len: int | None = None, heads: list[str] | None = None,
-                              seed: int = 0, log: Callable[[str], None] | None = None) -> list[Path]:
+                              model_class: str | None = None, pooling: str | None = None,
+                              log: Callable[[str], None] | None = None) -> list[Path]:
     """``alloykit stats collect-merged``: RegMean++ statistics of ``models``, one folder each in ``outs``.
 
-    ``tasks`` / ``data`` / ``heads``: one per model, or one for all.
+    ``tasks`` (names or task files) / ``data`` / ``heads``: one per model, or one for all.
     """
-    from alloykit.stats.collect import (causal_target, encoder_target, is_causal_lm, task_examples,
-                                        text_examples)
-    from alloykit.stats.store import write_stats
-
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     k = len(models)
     if len(outs) != k:
@@ -115,7 +115,7 @@ def collect_merged_to_folders(models: list[str], outs: list[str], *, tasks: list
     if k < 2:
         raise AlloyError("collect-merged merges models: give at least 2")
     if (tasks is None) == (data is None):
-        raise AlloyError("give the calibration data: --task TASK... (benchmark encoders) or --data FILE... (causal LMs)")
+        raise AlloyError("give the calibration data: --task TASK... (task names or files) or --data FILE... (text files)")
 
     def per_model(values: list[str] | None, flag: str) -> list[str | None]:
         if values is None:
@@ -125,25 +125,21 @@ def collect_merged_to_folders(models: list[str], outs: list[str], *, tasks: list
         return values * k if len(values) == 1 else list(values)
 
     t0 = time.monotonic()
-    targets, examples, sources = [], [], []
+    targets, examples, records = [], [], []
     for model, task, text, head in zip(models, per_model(tasks, "--task"), per_model(data, "--data"), per_model(heads, "--head")):
-        path = Path(model)
-        if task is not None:
-            targets.append(encoder_target(path, [task], head))
-            exs, src = task_examples(path, [task], samples, max_len or 32, seed)
-        else:
-            if not is_causal_lm(path):
-                raise AlloyError(f"model '{model}': config.json names no *ForCausalLM architecture; --data needs causal LMs")
-            targets.append(causal_target(path))
-            exs, src = text_examples(path, Path(text), samples, max_len or 512, targets[-1].module.config.vocab_size, log)
+        suite = TaskSuite(load_model(model_folder(model, model_class)), command_tasks([task] if task else None, text),
+                          head=head, pooling=pooling, max_len=max_len, need_head=False)
+        target, exs, rec = task_target(suite, "train", samples)
+        targets.append(target)
         examples.append(exs)
-        sources.append(src)
+        records.append(rec)
     log(f"alloykit stats: RegMean++ Grams of {k} models (alpha {alpha}), merging block by block")
     _, grams, metas = regmean_plus_plus(targets, examples, alpha=alpha, batch_size=batch_size, log=log)
     secs = round(time.monotonic() - t0, 1)
     out = []
-    for model, folder, g, meta, src in zip(models, outs, grams, metas, sources):
-        meta.update({"model": str(model), "data": src, "kind": "gram", "merged_with": list(models), "seconds": secs})
-        out.append(write_stats(folder, {"gram": g}, meta))
+    for model, folder, g, meta, rec, target in zip(models, outs, grams, metas, records, targets):
+        meta["gram"]["tokens"] = target.rename(meta["gram"]["tokens"])
+        meta.update({"model": str(model), "data": rec, "kind": "gram", "merged_with": list(models), "seconds": secs})
+        out.append(write_stats(folder, {"gram": target.rename(g)}, meta))
     log(f"alloykit stats: wrote RegMean++ statistics to {', '.join(outs)} in {secs}s")
     return out
