@@ -19,21 +19,13 @@ from safetensors.torch import load_file, save_file
 
 from alloykit.cli.main import main
 from alloykit.config import load_recipe
-from alloykit.io.checkpoint import Checkpoint
 from alloykit.search.adamerging import SuiteEntropy, TaskVectorModel, adamerging, softmax_entropy
 from alloykit.search.soups import greedy_soup
+from alloykit.testing.helpers import read_state as _state
 
 TOY = "search_toy"
 LN_BIAS = "encoder.layer.1.output.LayerNorm.bias"  # the last LayerNorm: its output is last_hidden_state
 WORDS = "alpha beta gamma delta river stone cloud green quick slow bright dark small large open closed".split()
-
-
-def _state(path) -> dict[str, torch.Tensor]:
-    ck = Checkpoint(path)
-    try:
-        return {n: ck.read(n) for n in ck.tensors}
-    finally:
-        ck.close()
 
 
 def _tiny_bert():

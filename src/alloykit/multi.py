@@ -22,7 +22,6 @@ import hashlib
 import json
 import logging
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -284,4 +283,4 @@ def _write_stamp(path: Path, data: dict) -> None:
 
 def _say(progress: bool, text: str) -> None:
     if progress:
-        print(f"alloykit: {text}", file=sys.stderr)
+        log.info(text)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import tempfile
 from argparse import Namespace
 from pathlib import Path
 
@@ -93,8 +94,6 @@ def merge_documents(args: Namespace, documents: list[dict]) -> int:
 def validate_documents(args: Namespace, documents: list[dict]) -> int:
     """``alloykit validate`` of a multi-stage recipe: every document's schema and the graph; the
     headers of each merge whose inputs exist now (the others read merges not made yet)."""
-    import tempfile
-
     from alloykit.merge import plan_recipe
     from alloykit.multi import load_stages
 

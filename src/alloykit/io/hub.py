@@ -133,7 +133,7 @@ def resolve(ref: str, *, allow_pickle: bool = False, offline: bool | None = None
     cache = cache_dir()
     folder = _cached_snapshot(hub, repo, revision, cache)
     if folder is not None and not missing_files(folder, allow_pickle):
-        log.info("model %s: cached snapshot %s", ref, folder)
+        log.debug("model %s: cached snapshot %s", ref, folder)
         return folder
     fetch = download_command(repo, revision, allow_pickle)
     if why_offline:

@@ -14,20 +14,10 @@ gets it (a projector under ``visual.merger.`` before the vision tower's ``visual
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-# the generic layer pattern of single-module models: '<anything>.layers.<i>.<rest>' and kin
-_LAYER_RE = re.compile(r"^(?P<pre>(?:.*\.)?)(?P<kind>layers|layer|h|blocks|block)\.(?P<idx>\d+)\.(?P<rest>.+)$")
-
-
-def generic_layer_of(name: str) -> tuple[str, int, str] | None:
-    """'model.layers.3.mlp.up.weight' -> ('model.layers.', 3, 'mlp.up.weight')."""
-    m = _LAYER_RE.match(name)
-    if not m:
-        return None
-    return m["pre"] + m["kind"] + ".", int(m["idx"]), m["rest"]
+from alloykit.roles import LAYER_COUNT_KEYS, split_layer
 
 
 @dataclass(frozen=True)
@@ -35,8 +25,8 @@ class ModuleLayout:
     name: str
     #: tensor names starting with one of these belong to the module ("" owns every name)
     prefixes: tuple[str, ...] = ("",)
-    #: the prefix before each layer's index, e.g. 'visual.blocks.'; None: the generic pattern
-    #: (single-module models), "" : the module has no numbered layers
+    #: the prefix before each layer's index, e.g. 'visual.blocks.'; None: the generic pattern of
+    #: ``alloykit.roles.split_layer`` (single-module models); "": the module has no numbered layers
     layers: str | None = None
     #: config.json keys (dotted for nested configs) that hold the layer count
     count_keys: tuple[str, ...] = ()
@@ -47,14 +37,14 @@ class ModuleLayout:
     def layer_of(self, name: str) -> tuple[str, int, str] | None:
         """(prefix, index, rest) of a tensor in one of the module's numbered layers, else None."""
         if self.layers is None:
-            return generic_layer_of(name)
+            return split_layer(name)
         if not self.layers or not name.startswith(self.layers):
             return None
         idx, _, rest = name[len(self.layers):].partition(".")
         return (self.layers, int(idx), rest) if idx.isdigit() and rest else None
 
 
-DEFAULT = (ModuleLayout("default", count_keys=("num_hidden_layers", "n_layer", "num_layers", "n_layers")),)
+DEFAULT = (ModuleLayout("default", count_keys=LAYER_COUNT_KEYS),)
 
 _TEXT_KEYS = ("num_hidden_layers", "text_config.num_hidden_layers")
 

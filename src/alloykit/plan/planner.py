@@ -22,8 +22,8 @@ from alloykit.io.lora import LoraCheckpoint, adapter_base, is_adapter
 from alloykit.methods.registry import MethodSpec, get_method
 from alloykit.plan.layout import DEFAULT, ModuleLayout, get_key, model_modules, owner
 from alloykit.plan.params import ParamResolver, check_names
-
-_POST_HINTS = ("lm_head", "norm", "ln_f", "score", "classifier", "pooler", "final_layer", "head")
+from alloykit.plan.steps import plan_steps
+from alloykit.roles import TensorRole, num_layers, role_of
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -55,6 +55,8 @@ class TensorJob:
     #: data-dependent methods: each input's statistics of this tensor (aligned with sources),
     #: or None where the statistics cover no such tensor
     stats: list[Source] | None = None
+    #: what the tensor is (embedding, attention projection, norm, ...; ``alloykit.roles``)
+    role: TensorRole | None = None
 
     @property
     def out_bytes(self) -> int:
@@ -108,9 +110,9 @@ class _Models:
         self.labels: list[str] = []
         self._by_ref: dict[str, int] = {}
         for ref, ck in (preloaded or {}).items():
-            self._add(ref, ck)
+            self.add(ref, ck)
 
-    def _add(self, ref: str, ck: Any) -> int:
+    def add(self, ref: str, ck: Any) -> int:
         self.checkpoints.append(ck)
         self.labels.append(ref)
         self._by_ref[ref] = len(self.checkpoints) - 1
@@ -134,7 +136,7 @@ class _Models:
         path = self.resolve_path(ref)
         if "+" in ref and not path.exists():  # mergekit's 'base+adapter'
             base_ref, _, adapter_ref = ref.rpartition("+")
-            return self._add(ref, self._lora(ref, self.resolve_path(base_ref), self.resolve_path(adapter_ref)))
+            return self.add(ref, self._lora(ref, self.resolve_path(base_ref), self.resolve_path(adapter_ref)))
         if is_adapter(path) and not any(path.glob("model*.safetensors")):  # an adapter folder naming its base
             base_ref = adapter_base(path)
             if not base_ref or not self.resolve_path(base_ref).exists():
@@ -142,8 +144,8 @@ class _Models:
                     f"model '{ref}' is a LoRA adapter whose base ({base_ref!r}) is neither a local folder nor a Hub name; "
                     "name it as 'BASE+ADAPTER'"
                 )
-            return self._add(ref, self._lora(ref, self.resolve_path(base_ref), path))
-        return self._add(ref, Checkpoint(path, allow_pickle=self.allow_pickle, label=ref))
+            return self.add(ref, self._lora(ref, self.resolve_path(base_ref), path))
+        return self.add(ref, Checkpoint(path, allow_pickle=self.allow_pickle, label=ref))
 
     def check_distinct(self, indices: list[int]) -> None:
         """Refuse one model folder named twice under different spellings (``m``, ``m/``,
@@ -182,6 +184,8 @@ class _Part:
         return [n for n in ck.tensors if owner(self.layouts, n) is self.module]
 
     def num_layers(self, ck) -> int:
+        if self.module is DEFAULT[0]:
+            return num_layers(ck.config(), ck.tensors)
         cfg = ck.config() or {}
         for key in self.module.count_keys:
             if isinstance(value := get_key(cfg, key), int) and not isinstance(value, bool):
@@ -204,14 +208,56 @@ def _out_dtype(recipe: Recipe, in_dtype: torch.dtype) -> torch.dtype:
     return TORCH_DTYPES[name] if name else in_dtype
 
 
-class _Builder:
-    def __init__(self, recipe: Recipe, spec: MethodSpec, models: _Models):
+class PlanBuilder:
+    """A plan under construction: what planning steps (``alloykit.plan.steps``) work with.
+
+    Public: ``recipe``, ``spec`` (the method), ``jobs``, ``preloaded_stats``, ``stats_norms``
+    (a step may set it), ``labels``, ``checkpoint(i)``, ``resolve_path(ref)``,
+    ``add_checkpoint(label, ck)`` and ``merged_jobs()``. The rest is the planner's own.
+    """
+
+    def __init__(self, recipe: Recipe, spec: MethodSpec, models: _Models, preloaded_stats: dict[str, Any] | None = None):
         self.recipe = recipe
         self.spec = spec
         self.models = models
         self.resolver = ParamResolver(spec)
         self.jobs: list[TensorJob] = []
         self.names: set[str] = set()
+        #: ``stats:`` references -> statistics already open (in-memory merges)
+        self.preloaded_stats: dict[str, Any] = preloaded_stats or {}
+        #: one summary number per input's statistics (Fisher normalisation), set by the statistics step
+        self.stats_norms: list[float] | None = None
+        self._config: dict | None = None
+        self._config_read = False
+
+    # -- the public API of planning steps ---------------------------------------------
+    @property
+    def labels(self) -> list[str]:
+        """Each opened input's reference, by model index (a ``Source.model``)."""
+        return self.models.labels
+
+    def checkpoint(self, index: int) -> Any:
+        """The opened input with model index ``index`` (headers read, tensors on demand)."""
+        return self.models.checkpoints[index]
+
+    def resolve_path(self, ref: str) -> Path:
+        """A path named in the recipe: from the working directory, else from the recipe's folder."""
+        return self.models.resolve_path(ref)
+
+    def add_checkpoint(self, label: str, ck: Any) -> int:
+        """Open one more input (e.g. statistics) under ``label``; returns its model index, for ``Source``."""
+        return self.models.add(label, ck)
+
+    def merged_jobs(self) -> list[TensorJob]:
+        """The jobs the method computes (copies of integer buffers excluded)."""
+        return [j for j in self.jobs if not j.copy]
+
+    # -- the planner's own ---------------------------------------------------------
+    def role(self, name: str, ref_idx: int) -> TensorRole:
+        """Role of output tensor ``name``, read with the reference model's config.json (tied heads)."""
+        if not self._config_read:  # one config for the plan: the models share an architecture
+            self._config, self._config_read = self.models.checkpoints[ref_idx].config(), True
+        return role_of(name, self._config)
 
     def split_base(self, refs: list[str], base_ref: str | None) -> tuple[list[int], int | None]:
         """Model indices of the non-base inputs, and the base (per the method's policy)."""
@@ -237,7 +283,8 @@ class _Builder:
             raise PlanError(f"output tensor '{name}' would be written twice")
         self.names.add(name)
         info = self.models.checkpoints[model].info(name)
-        self.jobs.append(TensorJob(name, info.shape, _out_dtype(self.recipe, info.dtype), [Source(model, name)], None, copy=True))
+        self.jobs.append(TensorJob(name, info.shape, _out_dtype(self.recipe, info.dtype), [Source(model, name)], None,
+                                   copy=True, role=self.role(name, model)))
 
     def add(
         self,
@@ -264,7 +311,8 @@ class _Builder:
                                     f"'{ref_ck.label}' stores {ref.dtype}; the models must share an architecture")
             # integer buffers (e.g. BERT's position_ids, which newer transformers no longer
             # save) are copied from the reference model, never merged: other inputs may lack them
-            self.jobs.append(TensorJob(out_name, ref.shape, ref.dtype, [Source(ref_idx, ref.name)], None, copy=True))
+            self.jobs.append(TensorJob(out_name, ref.shape, ref.dtype, [Source(ref_idx, ref.name)], None, copy=True,
+                                       role=self.role(out_name, ref_idx)))
             return
         for idx in inputs + ([base] if base is not None else []):
             ck = self.models.checkpoints[idx]
@@ -286,6 +334,7 @@ class _Builder:
             out_name, ref.shape, _out_dtype(self.recipe, ref.dtype),
             [Source(i, in_names[i]) for i in inputs],
             Source(base, in_names[base]) if base is not None else None,
+            role=self.role(out_name, ref_idx),
         )
         job.params = self.resolver.shared(shared_levels, out_name, t)
         # per-model filters match each model's own tensor name (its layer index in a slice), as in
@@ -308,19 +357,21 @@ def make_plan(
     seed: int | None = None,
     preloaded: dict[str, Any] | None = None,
     preloaded_stats: dict[str, Any] | None = None,
+    method: MethodSpec | None = None,
 ) -> Plan:
     """Validate ``recipe`` against the inputs' headers and emit every tensor job.
 
     ``preloaded`` maps model references to already-open checkpoints (in-memory
     state dicts); every other reference is opened from disk, headers only.
     ``preloaded_stats`` likewise maps ``stats:`` references to open statistics.
+    ``method``: plan with this method declaration instead of the registered one named by
+    the recipe (the contract suite runs methods that are not registered through the engine).
     """
     recipe = parse_recipe(recipe)
-    spec = get_method(recipe.merge_method)
+    spec = method if method is not None else get_method(recipe.merge_method)
     models = _Models(Path(recipe_dir) if recipe_dir else None, allow_pickle, preloaded)
     check_names(spec, "recipe 'parameters'", recipe.parameters, "shared")
-    b = _Builder(recipe, spec, models)
-    stats_norms = None
+    b = PlanBuilder(recipe, spec, models, preloaded_stats)
     try:
         num_layers_out, config_updates = None, {}
         if recipe.models is not None:
@@ -334,10 +385,9 @@ def make_plan(
             config_updates = _plan_modules(recipe, spec, b)
         if not b.jobs:
             raise PlanError("the merge would produce no tensors")
-        if spec.needs_stats:
-            from alloykit.stats.attach import attach_stats
-
-            stats_norms = attach_stats(recipe, spec, b, preloaded_stats or {})
+        for step in plan_steps():  # features that complete the plan (statistics: alloykit.stats.attach)
+            if step.applies(spec):
+                step.function()(b)
         tok = recipe.tokenizer_source_resolved
         cfg_src = models.get(recipe.base_model) if recipe.base_model else b.jobs[0].sources[0].model
         if tok in (None, "base"):
@@ -355,10 +405,10 @@ def make_plan(
         raise
     final_seed = seed if seed is not None else (recipe.seed if recipe.seed is not None else 0)
     return Plan(recipe, spec, models.checkpoints, models.labels, b.jobs, final_seed, cfg_src, tok_src, num_layers_out,
-                stats_norms, config_updates)
+                b.stats_norms, config_updates)
 
 
-def _plan_models(recipe: Recipe, spec: MethodSpec, b: _Builder, models: list[InputModel],
+def _plan_models(recipe: Recipe, spec: MethodSpec, b: PlanBuilder, models: list[InputModel],
                  part: _Part = _WHOLE) -> None:
     for m in models:
         check_names(spec, f"model '{m.model}'", m.parameters, "model")
@@ -396,7 +446,7 @@ def _check_joined_base(spec: MethodSpec, base_ref: str, n_listed: int, shared: d
             )
 
 
-def _plan_slices(recipe: Recipe, spec: MethodSpec, b: _Builder, slices: list[Slice], part: _Part = _WHOLE) -> int:
+def _plan_slices(recipe: Recipe, spec: MethodSpec, b: PlanBuilder, slices: list[Slice], part: _Part = _WHOLE) -> int:
     out_layer = 0
     first_inputs = last_inputs = None
     layer_jobs: list[tuple] = []
@@ -426,9 +476,13 @@ def _plan_slices(recipe: Recipe, spec: MethodSpec, b: _Builder, slices: list[Sli
             layer_jobs.append((out_layer, off, length, inputs, base, by_idx, sl))
             out_layer += 1
     ref_ck = b.models.checkpoints[first_inputs[1] if first_inputs[1] is not None else first_inputs[0][0]]
+    # outside the blocks: the head end (final norm, output and task heads) comes from the last
+    # slice's models, everything else (embeddings, and tensors no role rule places) from the first
+    config = ref_ck.config()
     non_layer = [n for n in part.names(ref_ck) if part.module.layer_of(n) is None]
-    pre = [n for n in non_layer if not any(h in n for h in _POST_HINTS)]
-    post = [n for n in non_layer if any(h in n for h in _POST_HINTS)]
+    is_post = {n: role_of(n, config).section == "post" for n in non_layer}
+    pre = [n for n in non_layer if not is_post[n]]
+    post = [n for n in non_layer if is_post[n]]
 
     def levels(inputs, by_idx, sl):
         return [[by_idx[i].parameters if i in by_idx else None, sl.parameters, part.params, recipe.parameters] for i in inputs]
@@ -456,7 +510,7 @@ def _plan_slices(recipe: Recipe, spec: MethodSpec, b: _Builder, slices: list[Sli
     return out_layer
 
 
-def _plan_modules(recipe: Recipe, spec: MethodSpec, b: _Builder) -> dict[str, int]:
+def _plan_modules(recipe: Recipe, spec: MethodSpec, b: PlanBuilder) -> dict[str, int]:
     """Each listed module planned as its own models/slices recipe; the tensors of modules the
     recipe does not list are copied from base_model. Returns the config keys of layer counts
     that slices changed."""

@@ -39,6 +39,7 @@ import torch
 from alloykit.errors import AlloyError
 from alloykit.eval.model import mean_pool
 from alloykit.eval.suite import TaskSuite
+from alloykit.progress import Progress
 
 GRANULARITIES = ("task", "layer")
 
@@ -144,6 +145,7 @@ def adamerging(tv: TaskVectorModel, objective: Objective, *, granularity: str = 
     sizes = [objective.size(t) for t in range(len(objective.names))]
     h0 = sum(total_entropy(tv, objective, lam.detach(), batch_size))
     history = []
+    prog = Progress("adamerging", steps, log, unit="steps")  # a bar, or lines through ``log``
     for step in range(steps):
         loss = torch.zeros(())
         params = tv.params(lam)
@@ -156,6 +158,7 @@ def adamerging(tv: TaskVectorModel, objective: Objective, *, granularity: str = 
         with torch.no_grad():
             lam.clamp_(lo, hi)
         history.append(float(loss.detach()))
+        prog.update(1)
         if log and (step + 1) % max(1, steps // 5) == 0:
             log(f"  step {step + 1}/{steps}: batch entropy {history[-1]:.4f}")
     final = total_entropy(tv, objective, lam.detach(), batch_size)

@@ -27,7 +27,7 @@ in_features^2 float32 matrix per linear layer (Gram).
 
 from __future__ import annotations
 
-import sys
+import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -41,7 +41,10 @@ from alloykit.eval.loading import load_model, model_folder
 from alloykit.eval.model import forward
 from alloykit.eval.suite import TaskSuite, command_tasks
 from alloykit.eval.tasks import describe_record
+from alloykit.progress import Progress
 from alloykit.stats.store import write_stats
+
+_log = logging.getLogger(__name__)
 
 KIND_CHOICES = ("fisher", "fisher_sampled", "gram", "all")
 
@@ -138,31 +141,14 @@ def score_encoder(examples: list[Example], target: Target) -> tuple[torch.Tensor
     return logits.unsqueeze(1), labels.unsqueeze(1), torch.ones(len(examples), 1, dtype=torch.long)
 
 
-class Progress:
-    def __init__(self, what: str, total: int, log: Callable[[str], None], every: float = 2.0, unit: str = "samples"):
-        self.what, self.total, self.log, self.every, self.unit = what, total, log, every, unit
-        self.start = self.last = time.monotonic()
-        self.done = self.batches = 0
-
-    def step(self, n: int) -> None:
-        self.done += n
-        self.batches += 1
-        now = time.monotonic()
-        if now - self.last >= self.every or self.done >= self.total:
-            self.last = now
-            rate = self.done / max(now - self.start, 1e-9)
-            batches = f"{self.batches} batches, " if self.unit == "samples" else ""
-            self.log(f"  {self.what}: {batches}{self.done}/{self.total} {self.unit}, {rate:.1f} {self.unit}/s")
-
-
 def fisher(target: Target, examples: list[Example], *, sampled: bool, seed: int = 0,
-           log: Callable[[str], None] = print) -> dict[str, torch.Tensor]:
+           log: Callable[[str], None] | None = None) -> dict[str, torch.Tensor]:
     """Diagonal Fisher of every parameter, averaged over ``examples`` (one backward pass each)."""
     module = target.module
     params = {n: p for n, p in module.named_parameters() if p.requires_grad}
     acc = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
     gen = torch.Generator().manual_seed(seed)
-    prog = Progress("fisher (sampled)" if sampled else "fisher (empirical)", len(examples), log)
+    prog = Progress("fisher (sampled)" if sampled else "fisher (empirical)", len(examples), log, unit="samples")
     for ex in examples:
         module.zero_grad(set_to_none=True)
         logits, labels, mask = target.score([ex], target)
@@ -175,7 +161,7 @@ def fisher(target: Target, examples: list[Example], *, sampled: bool, seed: int 
         for n, p in params.items():
             if p.grad is not None:
                 acc[n].add_(p.grad.float().square())
-        prog.step(1)
+        prog.update(1)
     module.zero_grad(set_to_none=True)
     return {n: a / max(len(examples), 1) for n, a in acc.items()}
 
@@ -185,7 +171,7 @@ class StopForward(Exception):
 
 
 @torch.no_grad()
-def gram(target: Target, examples: list[Example], *, batch_size: int = 16, log: Callable[[str], None] = print,
+def gram(target: Target, examples: list[Example], *, batch_size: int = 16, log: Callable[[str], None] | None = None,
          linears: dict[str, torch.nn.Linear] | None = None,
          stop_after: torch.nn.Module | None = None) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     """X^T X / n of the inputs of ``linears`` (default: every linear layer of the model, by module
@@ -216,14 +202,14 @@ def gram(target: Target, examples: list[Example], *, batch_size: int = 16, log: 
     handles = [mod.register_forward_hook(hook(f"{name}.weight")) for name, mod in linears.items()]
     if stop_after is not None:
         handles.append(stop_after.register_forward_hook(stop))
-    prog = Progress("gram", len(examples), log)
+    prog = Progress("gram", len(examples), log, unit="samples")
     try:
         for batch in batches(examples, batch_size):
             try:
                 target.score(batch, target)
             except StopForward:
                 pass
-            prog.step(len(batch))
+            prog.update(len(batch))
     finally:
         for h in handles:
             h.remove()
@@ -232,8 +218,10 @@ def gram(target: Target, examples: list[Example], *, batch_size: int = 16, log: 
 
 
 def collect(target: Target, examples: list[Example], kind: str, *, batch_size: int = 16, seed: int = 0,
-            log: Callable[[str], None] = print) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
-    """kind -> {tensor name: statistic}, and the summary for ``alloykit_stats.json``."""
+            log: Callable[[str], None] | None = None) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
+    """kind -> {tensor name: statistic}, and the summary for ``alloykit_stats.json``.
+
+    ``log``: a callback for the progress lines (default: a progress bar on stderr)."""
     if kind not in KIND_CHOICES:
         raise AlloyError(f"--kind {kind}: choose one of {', '.join(KIND_CHOICES)}")
     if not examples:
@@ -294,7 +282,7 @@ def collect_to_folder(model: str, out: str, *, tasks: list[str] | None = None, d
                       pooling: str | None = None, seed: int = 0, log: Callable[[str], None] | None = None) -> Path:
     """``alloykit stats collect``: load ``model``, collect ``kind`` on the training split of ``tasks``
     (or on the ``data`` file), write the folder ``out``."""
-    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    say = log or _log.info  # messages; progress goes to ``log`` if given, else to a bar
     t0 = time.monotonic()
     task_list = command_tasks(tasks, data)
     loaded = load_model(model_folder(model, model_class))
@@ -302,13 +290,13 @@ def collect_to_folder(model: str, out: str, *, tasks: list[str] | None = None, d
                       need_head=False)  # Grams need none; _check_kind says what a Fisher needs
     _check_kind(suite, kind)
     if suite.tokenizer.tokenizer is None:
-        log(f"  no tokenizer in '{model}': token ids are the texts' UTF-8 bytes (mod the vocabulary size {suite.tokenizer.vocab})")
+        say(f"  no tokenizer in '{model}': token ids are the texts' UTF-8 bytes (mod the vocabulary size {suite.tokenizer.vocab})")
     target, examples, record = task_target(suite, "train", samples)
-    log(f"alloykit stats: {kind} of {target.describe} on {len(examples)} examples: "
+    say(f"stats: {kind} of {target.describe} on {len(examples)} examples: "
         + "; ".join(describe_record(r) for r in record))
     tensors, meta = collect(target, examples, kind, batch_size=batch_size, seed=seed, log=log)
     meta.update({"model": str(model), "family": loaded.family, "data": record, "kind": kind,
                  "seconds": round(time.monotonic() - t0, 1)})
     folder = write_stats(out, tensors, meta)
-    log(f"alloykit stats: wrote {', '.join(tensors)} statistics to {folder} in {meta['seconds']}s")
+    say(f"stats: wrote {', '.join(tensors)} statistics to {folder} in {meta['seconds']}s")
     return folder

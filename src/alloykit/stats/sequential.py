@@ -23,7 +23,7 @@ blocks 0..l per candidate: O(K L^2 / 2) block evaluations in all.
 
 from __future__ import annotations
 
-import sys
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -35,8 +35,12 @@ from alloykit.eval.loading import load_model, model_folder
 from alloykit.eval.suite import TaskSuite, command_tasks
 from alloykit.methods.registry import MergeInput, get_method
 from alloykit.methods.weighted import RegMeanParams
-from alloykit.stats.collect import Example, Progress, Target, gram, task_target
+from alloykit.progress import Progress
+from alloykit.roles import role_of
+from alloykit.stats.collect import Example, Target, gram, task_target
 from alloykit.stats.store import write_stats
+
+_log = logging.getLogger(__name__)
 
 
 def find_blocks(module: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
@@ -56,11 +60,14 @@ def stage_of(name: str, prefix: str, n_blocks: int) -> int:
     """-1 before the blocks, l inside block l, n_blocks after them (parameter or module names)."""
     if name.startswith(prefix + "."):
         return int(name[len(prefix) + 1 :].split(".", 1)[0])
-    return -1 if "embed" in name or name.split(".")[0] in ("wte", "wpe") else n_blocks
+    # outside the blocks, only what roles place before them (embeddings and their norm) goes
+    # first; the rest (final norm, heads, pooler, and tensors no rule places) goes last, where
+    # its Grams come from a pass through every merged block
+    return -1 if role_of(name).section == "pre" else n_blocks
 
 
 def regmean_plus_plus(targets: list[Target], examples: list[list[Example]], *, alpha: float = 0.9, batch_size: int = 16,
-                      log: Callable[[str], None] = print) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]], list[dict]]:
+                      log: Callable[[str], None] | None = None) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]], list[dict]]:
     """Merge ``targets`` (one model of one architecture each, with its calibration examples)
     by RegMean++; returns the merged state dict, each candidate's Grams and their summaries."""
     fn = get_method("regmean").fn
@@ -85,7 +92,7 @@ def regmean_plus_plus(targets: list[Target], examples: list[list[Example]], *, a
                             linears={k: linears[i][k] for k in stage_linears}, stop_after=stop)
                 grams[i].update(g)
                 tokens[i].update(t)
-            prog.step(1)
+            prog.update(1)
         for k in stage_names:
             stack = torch.stack([t[k].detach().float() for t in tensors])
             stats = torch.stack([g[k] for g in grams]) if k in grams[0] else None
@@ -108,7 +115,7 @@ def collect_merged_to_folders(models: list[str], outs: list[str], *, tasks: list
 
     ``tasks`` (names or task files) / ``data`` / ``heads``: one per model, or one for all.
     """
-    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    say = log or _log.info  # messages; progress goes to ``log`` if given, else to a bar
     k = len(models)
     if len(outs) != k:
         raise AlloyError(f"--out: give one statistics folder per model ({k}), got {len(outs)}")
@@ -133,7 +140,7 @@ def collect_merged_to_folders(models: list[str], outs: list[str], *, tasks: list
         targets.append(target)
         examples.append(exs)
         records.append(rec)
-    log(f"alloykit stats: RegMean++ Grams of {k} models (alpha {alpha}), merging block by block")
+    say(f"stats: RegMean++ Grams of {k} models (alpha {alpha}), merging block by block")
     _, grams, metas = regmean_plus_plus(targets, examples, alpha=alpha, batch_size=batch_size, log=log)
     secs = round(time.monotonic() - t0, 1)
     out = []
@@ -141,5 +148,5 @@ def collect_merged_to_folders(models: list[str], outs: list[str], *, tasks: list
         meta["gram"]["tokens"] = target.rename(meta["gram"]["tokens"])
         meta.update({"model": str(model), "data": rec, "kind": "gram", "merged_with": list(models), "seconds": secs})
         out.append(write_stats(folder, {"gram": target.rename(g)}, meta))
-    log(f"alloykit stats: wrote RegMean++ statistics to {', '.join(outs)} in {secs}s")
+    say(f"stats: wrote RegMean++ statistics to {', '.join(outs)} in {secs}s")
     return out
