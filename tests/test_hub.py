@@ -21,8 +21,8 @@ import alloykit
 from alloykit.cli.main import main
 from alloykit.errors import CheckpointError
 from alloykit.io import hub
-from alloykit.io.checkpoint import Checkpoint
 from alloykit.testing.fixtures import LlamaShape, write_family
+from alloykit.testing.helpers import read_state
 from alloykit.testing.hubcache import add_snapshot, refuse_network, repo_folder
 
 huggingface_hub = pytest.importorskip("huggingface_hub")
@@ -59,13 +59,6 @@ def cache(tmp_path, local, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     return c
 
-
-def load(folder) -> dict[str, torch.Tensor]:
-    ck = Checkpoint(folder)
-    try:
-        return {n: ck.read(n) for n in ck.tensors}
-    finally:
-        ck.close()
 
 
 def assert_same_tensors(a: dict, b: dict):
@@ -133,7 +126,7 @@ def test_hub_names_merge_like_local_folders(cache, local, tmp_path):
     local_recipe = {**hub_recipe, "base_model": str(base),
                     "models": [{"model": str(m), "parameters": params} for m in (ft1, ft2, ft3)]}
     alloykit.merge(local_recipe, tmp_path / "from_disk", progress=False)
-    assert_same_tensors(load(tmp_path / "from_hub"), load(tmp_path / "from_disk"))
+    assert_same_tensors(read_state(tmp_path / "from_hub"), read_state(tmp_path / "from_disk"))
     out = tmp_path / "from_hub"
     assert json.loads((out / "tokenizer_config.json").read_text())["model_max_length"] == 77  # from the base's snapshot
     labels = [i["ref"] for i in json.loads((out / "alloykit_manifest.json").read_text())["inputs"]]
@@ -144,7 +137,7 @@ def test_revision_by_commit_hash(cache, local, tmp_path):
     base, (_, _, ft3) = local
     commit = (repo_folder(cache, "acme/tiny-ft2") / "refs" / "v1").read_text()
     recipe = {"merge_method": "linear", "models": [{"model": f"acme/tiny-ft2@{commit}", "parameters": {"weight": 1.0}}]}
-    assert_same_tensors(load(alloykit.merge(recipe, tmp_path / "o", progress=False)), load(ft3))
+    assert_same_tensors(read_state(alloykit.merge(recipe, tmp_path / "o", progress=False)), read_state(ft3))
 
 
 def test_local_folder_wins_over_hub_name(cache, local, tmp_path):
@@ -153,7 +146,7 @@ def test_local_folder_wins_over_hub_name(cache, local, tmp_path):
     recipe = {"merge_method": "linear", "models": [{"model": "acme/tiny-ft1", "parameters": {"weight": 1.0}}]}
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     out = alloykit.merge(tmp_path / "r.yaml", tmp_path / "o", progress=False)  # relative to the recipe's folder
-    assert_same_tensors(load(out), load(ft2))
+    assert_same_tensors(read_state(out), read_state(ft2))
 
 
 def test_base_plus_adapter_with_hub_names(cache, local, tmp_path):
@@ -170,11 +163,11 @@ def test_base_plus_adapter_with_hub_names(cache, local, tmp_path):
     (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(cfg))
     add_snapshot(cache, "acme/tiny-lora", tmp_path / "adapter")
     folded = {"merge_method": "linear", "models": [{"model": f"{base}+{tmp_path / 'adapter'}", "parameters": {"weight": 1.0}}]}
-    want = load(alloykit.merge(folded, tmp_path / "want", progress=False))
-    assert any(not torch.equal(want[k], v) for k, v in load(base).items())  # the adapter changed something
+    want = read_state(alloykit.merge(folded, tmp_path / "want", progress=False))
+    assert any(not torch.equal(want[k], v) for k, v in read_state(base).items())  # the adapter changed something
     for ref in ("acme/tiny-base+acme/tiny-lora", "acme/tiny-lora"):  # explicit, and the adapter naming its Hub base
         recipe = {"merge_method": "linear", "models": [{"model": ref, "parameters": {"weight": 1.0}}]}
-        assert_same_tensors(load(alloykit.merge(recipe, tmp_path / ref.replace("/", "_"), progress=False)), want)
+        assert_same_tensors(read_state(alloykit.merge(recipe, tmp_path / ref.replace("/", "_"), progress=False)), want)
 
 
 # ---- offline: one line naming the model and the command that fetches it -------------------------
@@ -256,7 +249,7 @@ def online(cache, local, monkeypatch, tmp_path):
     pickled = tmp_path / "pickled"
     pickled.mkdir()
     shutil.copy(ft1 / "config.json", pickled)
-    sd = load(ft1)
+    sd = read_state(ft1)
     torch.save(sd, pickled / "pytorch_model.bin")
     torch.save({"lr": torch.tensor(0.1)}, pickled / "training_args.bin")
     both = tmp_path / "both"
@@ -276,7 +269,7 @@ def test_download_fetches_only_what_a_merge_needs(online, local, tmp_path):
     _, (ft1, _, _) = local
     recipe = {"merge_method": "linear", "models": [{"model": "acme/online", "parameters": {"weight": 1.0}}]}
     out = alloykit.merge(recipe, tmp_path / "o", progress=False)
-    assert_same_tensors(load(out), load(ft1))
+    assert_same_tensors(read_state(out), read_state(ft1))
     [(repo, patterns)] = online.asked
     assert repo == "acme/online" and patterns == list(hub.MERGE_FILES)
     snap = hub.resolve("acme/online")  # now cached: no second download
@@ -297,7 +290,7 @@ def test_pickle_only_repository_needs_allow_pickle(online, local, tmp_path):
         alloykit.merge(recipe, tmp_path / "o", progress=False)
     assert online.asked == [] and not (tmp_path / "o").exists()
     out = alloykit.merge(recipe, tmp_path / "o", progress=False, allow_pickle=True)
-    assert_same_tensors(load(out), load(ft1))
+    assert_same_tensors(read_state(out), read_state(ft1))
     [(_, patterns)] = online.asked
     assert "pytorch_model*.bin" in patterns and "*.bin" not in patterns  # never training_args.bin
 

@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 
 import alloykit
 from alloykit.config import parse_recipe
 from alloykit.errors import RecipeError
 from alloykit.plan.layout import model_modules, owner
 from alloykit.testing.fixtures import LlamaShape, write_family
+from alloykit.testing.helpers import read_state
 from alloykit.testing.hubcache import refuse_network
 from alloykit.testing.vlm import config as vl_config
 from alloykit.testing.vlm import tensors as vl_tensors
@@ -54,19 +54,13 @@ def llama(tmp_path_factory):
     return [str(base)] + [str(t) for t in tunes]
 
 
-def load(folder) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(Path(folder).glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
-
 
 def both(recipe: dict, tmp_path: Path) -> tuple[dict, dict]:
     LoaderCache.loaders.clear()  # mergekit keeps loaders per process, keyed by the path as written
     mk_merge.run_merge(MergeConfiguration.model_validate(recipe), str(tmp_path / "mk"),
                        MergeOptions(quiet=True, write_model_card=False))
     alloykit.merge(recipe, tmp_path / "ak", progress=False)
-    return load(tmp_path / "mk"), load(tmp_path / "ak")
+    return read_state(tmp_path / "mk"), read_state(tmp_path / "ak")
 
 
 def assert_same(mk: dict, ak: dict) -> None:
@@ -132,7 +126,7 @@ def vl_recipe(vl, text=VL_RECIPE) -> dict:
 def test_vl_modules_recipe_equals_mergekit(vl, tmp_path):
     mk, ak = both(vl_recipe(vl), tmp_path)
     assert_same(mk, ak)
-    base, ft1, _ = (load(p) for p in vl)
+    base, ft1, _ = (read_state(p) for p in vl)
     # the precedence by hand: the module's filter and gradient [0, .5, 1] give t = 0 at layer 0, 1 at the last
     name = "model.layers.0.self_attn.q_proj.weight"
     assert torch.equal(ak[name], base[name])
@@ -141,7 +135,7 @@ def test_vl_modules_recipe_equals_mergekit(vl, tmp_path):
     # vision_tower's module t = 0.3 wins over the top-level 0.7: the same tensors as a plain slerp at 0.3
     plain = {"merge_method": "slerp", "base_model": vl[0], "models": [{"model": vl[0]}, {"model": vl[2]}],
              "parameters": {"t": 0.3}, "dtype": "float32"}
-    want = load(alloykit.merge(plain, tmp_path / "plain", progress=False))
+    want = read_state(alloykit.merge(plain, tmp_path / "plain", progress=False))
     assert all(torch.equal(ak[n], want[n]) for n in ak if n.startswith("visual.blocks."))
 
 
@@ -164,7 +158,7 @@ dtype: float32
     mk, ak = both(recipe, tmp_path)
     assert_same(mk, ak)
     assert "model.layers.3.mlp.up_proj.weight" in ak and "visual.blocks.1.norm1.weight" not in ak
-    ft2 = load(vl[2])
+    ft2 = read_state(vl[2])
     assert torch.equal(ak["visual.blocks.0.attn.qkv.weight"], ft2["visual.blocks.1.attn.qkv.weight"])
     assert torch.equal(ak["model.layers.2.mlp.up_proj.weight"], ft2["model.layers.1.mlp.up_proj.weight"])
     for out in ("mk", "ak"):
@@ -188,7 +182,7 @@ modules:
 dtype: float32
 """)
     mk, ak = both(recipe, tmp_path)
-    base = load(vl[0])
+    base = read_state(vl[0])
     text = {n for n in base if n.startswith(("model.", "lm_head."))}
     assert set(mk) == text  # mergekit: the vision tower and projector are missing
     assert set(ak) == set(base)
@@ -206,7 +200,7 @@ def test_llama_default_module_equals_models_and_slices_recipes(llama, tmp_path):
                "parameters": {"normalize": False}, "dtype": "float32"}
     mk, ak = both(moduled, tmp_path / "m")
     assert_same(mk, ak)
-    assert all(torch.equal(ak[k], v) for k, v in load(alloykit.merge(flat, tmp_path / "flat", progress=False)).items())
+    assert all(torch.equal(ak[k], v) for k, v in read_state(alloykit.merge(flat, tmp_path / "flat", progress=False)).items())
     sliced = {"merge_method": "passthrough", "modules": {"default": {"slices": [
         {"sources": [{"model": ft1, "layer_range": [0, 3]}]}, {"sources": [{"model": ft2, "layer_range": [2, 4]}]}]}},
         "dtype": "float32"}
@@ -258,7 +252,7 @@ parameters: {{t: 0.5}}
 dtype: float32
 """)
     mk, ak = both(recipe, tmp_path)
-    base, ft1 = load(vl[0]), load(vl[1])
+    base, ft1 = read_state(vl[0]), read_state(vl[1])
     projector = [n for n in base if n.startswith("visual.merger.mlp.")]
     assert all(torch.equal(ak[n], base[n]) for n in projector)  # t = 0
     assert all(torch.equal(mk[n], ft1[n]) for n in projector)  # t = 1

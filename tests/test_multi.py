@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 
 import alloykit
 from alloykit.cli.main import main
@@ -20,6 +19,7 @@ from alloykit.config import load_recipe
 from alloykit.errors import RecipeError
 from alloykit.multi import load_stages, run_multi
 from alloykit.testing.fixtures import LlamaShape, write_family
+from alloykit.testing.helpers import read_state
 from alloykit.testing.hubcache import refuse_network
 
 SHAPE = LlamaShape(vocab=64, hidden=32, intermediate=48, layers=3, heads=4, kv_heads=2)
@@ -72,12 +72,6 @@ def root(tmp_path_factory):
     return root
 
 
-def load(folder) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(Path(folder).glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
-
 
 def write(folder: Path, text: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
@@ -93,7 +87,7 @@ def by_hand(root: Path, text: str, work: Path) -> dict:
         name = doc.pop("name", None)
         dump = yaml.safe_dump(doc).replace("first-merge", str(work / "first-merge")).replace("second-merge", str(work / "second-merge"))
         alloykit.merge(yaml.safe_load(dump), work / (name or "final"), progress=False, recipe_dir=root)
-    return load(work / "final")
+    return read_state(work / "final")
 
 
 def test_multi_stage_recipe_runs_in_order_and_equals_the_stages_run_by_hand(root, tmp_path, monkeypatch):
@@ -103,7 +97,7 @@ def test_multi_stage_recipe_runs_in_order_and_equals_the_stages_run_by_hand(root
     inter = tmp_path / "out-intermediates"
     assert sorted(p.name for p in inter.iterdir() if not p.name.startswith(".")) == ["first-merge", "second-merge"]
     want = by_hand(root, MULTI, tmp_path / "hand")
-    got = load(tmp_path / "out")
+    got = read_state(tmp_path / "out")
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
 
 
@@ -125,7 +119,7 @@ def test_multi_stage_recipe_equals_mergekit_multi(root, tmp_path, monkeypatch):
                                                        ("final merge", "merged")]
     for mine, theirs in (("ak-inter/first-merge", "mk-inter/first-merge"), ("ak-inter/second-merge", "mk-inter/second-merge"),
                          ("ak-out", "mk-out")):
-        a, m = load(tmp_path / mine), load(tmp_path / theirs)
+        a, m = read_state(tmp_path / mine), read_state(tmp_path / theirs)
         assert a.keys() == m.keys()
         for k in a:
             assert (a[k] - m[k]).abs().max() <= 1e-6 * m[k].abs().max(), (mine, k)
@@ -169,7 +163,7 @@ def test_interrupted_stage_is_resumed(root, tmp_path):
     assert "first-merge: resuming" in r.stderr and "second-merge: merging" in r.stderr
     assert "resuming:" in r.stderr and " of " in r.stderr  # merge's own count of the shards it kept
     want = by_hand(root, MULTI, tmp_path / "hand")
-    got = load(out)
+    got = read_state(out)
     assert all(torch.equal(got[k], want[k]) for k in want)
 
 
@@ -182,7 +176,7 @@ def test_mergekit_multi_layout_with_every_merge_named(root, tmp_path, monkeypatc
         "first-merge", "second-merge", "third"]
     # alloykit merge FILE OUT: the one merge nothing else uses is the final one, written to OUT
     assert main(["merge", str(path), str(tmp_path / "final"), "-q", "-I", str(tmp_path / "inter")]) == 0
-    got, want = load(tmp_path / "final"), load(tmp_path / "inter" / "third")
+    got, want = read_state(tmp_path / "final"), read_state(tmp_path / "inter" / "third")
     assert all(torch.equal(got[k], want[k]) for k in want)
 
 

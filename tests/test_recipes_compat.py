@@ -46,11 +46,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 
 import alloykit
 from alloykit.cli.main import main
 from alloykit.testing.fixtures import LlamaShape, write_family
+from alloykit.testing.helpers import read_state
 from alloykit.testing.hubcache import refuse_network
 from alloykit.testing.vlm import write_qwen2_5_vl
 
@@ -135,12 +135,6 @@ def report():
             print(f"  {name:28s} {header(name).get('compat'):12s} " + "  ".join(f"{k} {v:.3g}" for k, v in m.items()))
 
 
-def load(folder) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(Path(folder).glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
-
 
 def recipe_of(name: str, **overrides) -> dict:
     data = yaml.safe_load((RECIPES_DIR / f"{name}.yaml").read_text())
@@ -156,12 +150,12 @@ def run_mergekit(recipe: dict, out: Path, seed: int | None = None) -> dict:
     LoaderCache.loaders.clear()  # mergekit keeps loaders per process, keyed by the path as written
     options = MergeOptions(quiet=True, write_model_card=False, random_seed=seed, lora_merge_cache=str(out.parent / "lora-cache"))
     mk_merge.run_merge(MergeConfiguration.model_validate(recipe), str(out), options)
-    return load(out)
+    return read_state(out)
 
 
 def run_alloykit(recipe: dict, out: Path, seed: int | None = None) -> dict:
     alloykit.merge(recipe, out, progress=False, seed=seed)
-    return load(out)
+    return read_state(out)
 
 
 def max_diffs(mk: dict, ak: dict) -> tuple[float, list[str]]:
@@ -219,7 +213,7 @@ def check_distribution(name, tmp_path) -> None:
     recipe = recipe_of(name)
     mk, ak = run_mergekit(recipe, tmp_path / "mk", seed=3), run_alloykit(recipe, tmp_path / "ak", seed=3)
     assert_same_layout(mk, ak)
-    base = load(Path(recipe["base_model"]))
+    base = read_state(Path(recipe["base_model"]))
     cm, ca = changed(mk, base), changed(ak, base)
     # two independent draws of a kept fraction p from n entries differ by at most 5 standard
     # deviations, sqrt(2 p (1 - p) / n) <= sqrt(0.5 / n), per tensor and over all entries
@@ -236,7 +230,7 @@ def check_distribution(name, tmp_path) -> None:
 
 def check_modules_text_only(name, tmp_path) -> None:
     mk, ak = run_mergekit(recipe_of(name), tmp_path / "mk"), run_alloykit(recipe_of(name), tmp_path / "ak")
-    base = load(Path("vl-base"))
+    base = read_state(Path("vl-base"))
     text = {n for n in base if n.startswith(("model.", "lm_head."))}
     assert set(mk) == text and set(ak) == set(base)
     worst, bad = max_diffs(mk, {n: ak[n] for n in text})
@@ -337,7 +331,7 @@ def test_recipe_end_to_end_commands(name, root, tmp_path):
     r = subprocess.run([sys.executable, "-m", "alloykit.cli.main", "merge", str(recipe), str(tmp_path / "ak"), "-q"],
                        cwd=root, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
-    mk, ak = load(tmp_path / "mk"), load(tmp_path / "ak")
+    mk, ak = read_state(tmp_path / "mk"), read_state(tmp_path / "ak")
     assert_same_layout(mk, ak)
     assert not max_diffs(mk, ak)[1]
     assert_same_config(tmp_path / "mk", tmp_path / "ak")
