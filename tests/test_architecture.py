@@ -16,11 +16,11 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "architecture.md"
 LAYERS = [
     ("foundation", ["alloykit.errors", "alloykit.roles", "alloykit.progress"]),
     ("ops", ["alloykit.ops"]),
-    ("io", ["alloykit.io", "alloykit.config"]),
+    ("io", ["alloykit.io", "alloykit.config", "alloykit.vocab"]),
     ("methods", ["alloykit.methods"]),
     ("plan", ["alloykit.plan"]),
     ("output", ["alloykit.merge", "alloykit.card", "alloykit.multi"]),
-    ("features", ["alloykit.lora", "alloykit.stats", "alloykit.search", "alloykit.analysis", "alloykit.eval"]),
+    ("features", ["alloykit.lora", "alloykit.stats", "alloykit.search", "alloykit.analysis", "alloykit.eval", "alloykit.transplant"]),
     ("entry", ["alloykit.cli", "alloykit.testing"]),
 ]
 #: the package root (``alloykit/__init__.py``) is the composition root: it may import anything

@@ -19,12 +19,7 @@ from alloykit import __version__
 from alloykit.plan.layout import set_key
 from alloykit.plan.planner import Plan
 from alloykit.roles import LAYER_COUNT_KEYS
-
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-    "tokenizer.model", "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "chat_template.jinja",
-    "chat_template.json", "preprocessor_config.json",
-)
+from alloykit.vocab.output import update_config, write_tokenizer
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
@@ -45,6 +40,8 @@ def write_metadata(plan: Plan, out: Path, *, copy_tokenizer: bool = True) -> Non
                     config[key] = plan.num_layers_out
         for key, value in plan.config_updates.items():  # e.g. a module's layer count after modules: slices
             set_key(config, key, value)
+        if plan.vocab is not None:  # rows remapped to the output vocabulary (padded)
+            update_config(config, plan.vocab)
         out_dtypes = {j.out_dtype for j in plan.jobs if j.out_dtype.is_floating_point}
         if len(out_dtypes) == 1 and (d := out_dtypes.pop()) in _DTYPE_NAMES:
             key = "dtype" if "dtype" in config and "torch_dtype" not in config else "torch_dtype"
@@ -54,13 +51,8 @@ def write_metadata(plan: Plan, out: Path, *, copy_tokenizer: bool = True) -> Non
         gen = src / "generation_config.json" if src else None
         if gen is not None and gen.is_file():
             shutil.copyfile(gen, out / gen.name)
-    if copy_tokenizer and plan.tokenizer_source is not None:
-        src = _folder(plan.checkpoints[plan.tokenizer_source])
-        if src is not None:
-            for name in TOKENIZER_FILES:
-                if (src / name).is_file():
-                    shutil.copyfile(src / name, out / name)
-    _chat_template(plan, out)
+    tok_folder = _folder(plan.checkpoints[plan.tokenizer_source]) if plan.tokenizer_source is not None else None
+    write_tokenizer(out, vocab=plan.vocab, source_folder=tok_folder, copy=copy_tokenizer, chat_template=plan.chat_template)
     recipe = plan.recipe.model_copy(update={"seed": plan.seed})
     (out / "alloykit_recipe.yaml").write_text(recipe.to_yaml())
     manifest = {
@@ -77,18 +69,6 @@ def write_metadata(plan: Plan, out: Path, *, copy_tokenizer: bool = True) -> Non
     }
     (out / "alloykit_manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     (out / "README.md").write_text(model_card(plan, recipe.to_yaml()))
-
-
-def _chat_template(plan: Plan, out: Path) -> None:
-    tmpl = plan.recipe.chat_template
-    if tmpl is None or tmpl == "auto":
-        return  # 'auto' keeps the tokenizer source's template, already copied
-    (out / "chat_template.jinja").write_text(tmpl)
-    cfg = out / "tokenizer_config.json"
-    if cfg.exists():
-        data = json.loads(cfg.read_text(encoding="utf-8"))
-        data["chat_template"] = tmpl
-        cfg.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def model_card(plan: Plan, recipe_yaml: str) -> str:

@@ -8,7 +8,7 @@ allowed set and the closest match, instead of being ignored.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -64,6 +64,40 @@ class Slice(_Strict):
     base_model: str | None = None
 
 
+class ZeroTokenSource(_Strict):
+    """``source: {kind: zero}``: the token's row is zero."""
+
+    kind: Literal["zero"]
+
+
+class ModelTokenSource(_Strict):
+    """``source: {kind: model_token, model: M, token: T}`` (or ``token_id``): the row of
+    token T (or row ``token_id``) of model M, in M's own vocabulary."""
+
+    kind: Literal["model_token"]
+    model: str
+    token: str | None = None
+    token_id: int | None = None
+
+    @model_validator(mode="after")
+    def _one_token(self) -> "ModelTokenSource":
+        if (self.token is None) == (self.token_id is None):
+            raise ValueError("give exactly one of 'token' or 'token_id'")
+        return self
+
+
+class TokenSetting(_Strict):
+    """One entry of ``tokenizer: tokens:`` (mergekit's per-token embedding settings).
+
+    ``source``: a model (its row of this token), ``base`` (the base model's), ``{kind: zero}``
+    or ``{kind: model_token, ...}``. ``force``: every model takes the source's row, also
+    those that have the token (else only the models missing it do).
+    """
+
+    source: Union[ZeroTokenSource, ModelTokenSource, str, None] = None
+    force: bool = False
+
+
 class OutputModule(_Strict):
     """One part of a multi-part model (``modules: {text_decoder: ..., vision_tower: ...}``),
     written like a whole recipe: its own ``models`` or ``slices``, and ``parameters`` that sit
@@ -94,9 +128,10 @@ def _check_listed_once(models: list[InputModel] | None) -> None:
 
 
 class TokenizerConfig(_Strict):
-    source: str = "base"
-    tokens: dict[str, Any] | None = None
-    pad_to_multiple_of: int | None = None
+    #: as in mergekit, a ``tokenizer:`` section without ``source`` builds the union
+    source: str = "union"
+    tokens: dict[str, TokenSetting] | None = None
+    pad_to_multiple_of: int | None = Field(default=None, ge=1)
 
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -178,10 +213,10 @@ def _allowed_keys_at(loc: tuple[Any, ...]) -> list[str]:
         field = model.model_fields.get(str(part))
         if field is None:
             break
-        if part == "modules" and parts:
-            parts.pop(0)  # the module's name, a key of the mapping
+        if part in ("modules", "tokens") and parts:
+            parts.pop(0)  # a module's name or a token: a key of the mapping, not a field
         ann = str(field.annotation)
-        for cand in (InputModel, SliceSource, Slice, OutputModule, TokenizerConfig, Conditional):
+        for cand in (InputModel, SliceSource, Slice, OutputModule, TokenizerConfig, TokenSetting, ModelTokenSource, Conditional):
             if cand.__name__ in ann:
                 model = cand
                 break

@@ -47,8 +47,11 @@ def plan_recipe(
     """Recipe (object, dict, or YAML path) -> validated plan, reading headers only.
 
     Relative model paths are looked up from the working directory, then from
-    ``recipe_dir`` (the YAML file's folder when a path is given).
+    ``recipe_dir`` (the YAML file's folder when a path is given). A Plan is returned as
+    is (a command that prepares its own plan, such as tokensurgeon, writes through merge).
     """
+    if isinstance(recipe, Plan):
+        return recipe
     if isinstance(recipe, (str, os.PathLike)):
         path = Path(recipe)
         return make_plan(load_recipe(path), recipe_dir=path.parent, allow_pickle=allow_pickle, seed=seed)
@@ -56,7 +59,7 @@ def plan_recipe(
 
 
 def merge(
-    recipe: Recipe | dict | str | os.PathLike,
+    recipe: Recipe | dict | str | os.PathLike | Plan,
     out_dir: str | os.PathLike,
     *,
     device: str = "cpu",

@@ -20,6 +20,7 @@ def cmd_merge(args: Namespace) -> int:
     from alloykit.config import load_documents, parse_recipe
     from alloykit.merge import merge
 
+    _merge_flags(args)
     documents = load_documents(args.recipe)
     if len(documents) > 1:  # a multi-stage recipe (mergekit-multi's format)
         from alloykit.cli.multi_command import merge_documents
@@ -51,6 +52,24 @@ def cmd_merge(args: Namespace) -> int:
     if not args.quiet:
         print(f"merged with {recipe.merge_method} in {time.monotonic() - t0:.1f}s -> {out}")
     return 0
+
+
+def _merge_flags(args: Namespace) -> None:
+    """mergekit-yaml's flags: --trust-remote-code refused, -v logging, the two shard-size spellings."""
+    import logging
+
+    if args.trust_remote_code:
+        raise RecipeError("--trust-remote-code: alloykit never runs code that comes with a checkpoint; "
+                          "remove the flag (models whose architecture needs remote code cannot be merged here)")
+    if args.verbose:
+        logging.basicConfig(level=logging.DEBUG if args.verbose > 1 else logging.INFO,
+                            format="alloykit: %(levelname)s: %(name)s: %(message)s")
+    if args.out_shard_size is not None and args.max_shard_size is not None:
+        raise RecipeError("give one of --max-shard-size (bytes, e.g. 5GB) or --out-shard-size (mergekit's, e.g. 5B)")
+    if args.max_shard_size is None:
+        from alloykit.merge import DEFAULT_SHARD_SIZE
+
+        args.max_shard_size = args.out_shard_size or DEFAULT_SHARD_SIZE
 
 
 def _check_device(device: str) -> None:

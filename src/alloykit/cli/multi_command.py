@@ -11,8 +11,10 @@ from pathlib import Path
 from alloykit.errors import RecipeError
 
 
-def add_parser(sub, parse_size) -> None:
-    """``parse_size``: the CLI's size parser ('5GB' -> bytes), passed in to keep imports one-way."""
+def add_parser(sub, parse_size, parse_count, no_ops: dict[str, str]) -> None:
+    """``parse_size``/``parse_count`` (the merge command's parsers of --max-shard-size and
+    --out-shard-size) and ``no_ops`` (mergekit flags accepted without effect, with the reason)
+    come from ``alloykit.cli.main``, passed in to keep imports one-way."""
     p = sub.add_parser(
         "multi",
         help="run a multi-stage recipe (mergekit-multi's format): named merges feed later ones",
@@ -29,24 +31,33 @@ def add_parser(sub, parse_size) -> None:
     p.add_argument("--cuda", action="store_true", help="same as --device cuda")
     p.add_argument("--seed", "--random-seed", type=int, dest="seed", help="seed of randomized methods, for every merge")
     p.add_argument("--threads", "-j", "--num-threads", type=int, dest="threads", help="worker threads")
-    p.add_argument("--max-shard-size", "--out-shard-size", type=parse_size, dest="max_shard_size", default="5GB",
-                   help="largest output shard (default 5GB)")
+    p.add_argument("--max-shard-size", type=parse_size, dest="max_shard_size", default=None,
+                   help="largest output shard in bytes, with units: 5GB, 500MB (default 5GB)")
+    p.add_argument("--out-shard-size", type=parse_count, dest="out_shard_size", metavar="N",
+                   help="mergekit's flag: a count with K/M/B (as 'alloykit merge' reads it)")
     p.add_argument("--overwrite", action="store_true", help="let the final merge replace an existing output folder")
     p.add_argument("--no-copy-tokenizer", dest="copy_tokenizer", action="store_false", help="do not copy tokenizer files")
     p.add_argument("--allow-pickle", action="store_true", help="accept PyTorch .bin inputs (loaded with weights_only=True)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress output")
-    for flag in ("--lazy-unpickle", "--allow-crimes", "--low-cpu-memory", "--copy-tokenizer"):
-        p.add_argument(flag, action="store_true", help=argparse.SUPPRESS)  # mergekit flags: accepted, no effect here
+    for flag, why in no_ops.items():
+        dest = "copy_tokenizer" if flag == "--copy-tokenizer" else None
+        p.add_argument(flag, action="store_true", help=f"accepted for mergekit compatibility, no effect: {why}",
+                       **({"dest": dest, "default": True} if dest else {}))
     p.set_defaults(func=cmd_multi)
 
 
 def _options(args: Namespace) -> dict:
     import torch
 
+    from alloykit.merge import DEFAULT_SHARD_SIZE
+
     device = "cuda" if getattr(args, "cuda", False) else args.device
     if device != "cpu" and not (device.startswith("cuda") and torch.cuda.is_available()):
         raise RecipeError(f"--device {device}: use cpu, or cuda on a machine with a CUDA device")
-    opts = dict(device=device, threads=args.threads, seed=args.seed, max_shard_size=args.max_shard_size,
+    if getattr(args, "out_shard_size", None) is not None and args.max_shard_size is not None:
+        raise RecipeError("give one of --max-shard-size (bytes, e.g. 5GB) or --out-shard-size (mergekit's, e.g. 5B)")
+    shard = args.max_shard_size or getattr(args, "out_shard_size", None) or DEFAULT_SHARD_SIZE
+    opts = dict(device=device, threads=args.threads, seed=args.seed, max_shard_size=shard,
                 allow_pickle=args.allow_pickle, progress=not args.quiet, copy_tokenizer=args.copy_tokenizer)
     for extra in ("fail_on_nonfinite",):
         if hasattr(args, extra):
