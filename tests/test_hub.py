@@ -99,9 +99,9 @@ def test_hub_name_grammar(ref, want):
 
 
 def test_merge_files_cover_every_tokenizer_file():
-    from alloykit.card import TOKENIZER_FILES
+    from alloykit.vocab.files import PROCESSOR_FILES, TOKENIZER_FILES
 
-    needed = list(TOKENIZER_FILES) + ["config.json", "generation_config.json", "model.safetensors",
+    needed = list(TOKENIZER_FILES + PROCESSOR_FILES) + ["config.json", "generation_config.json", "model.safetensors",
                                       "model-00001-of-00002.safetensors", "model.safetensors.index.json",
                                       "adapter_config.json", "adapter_model.safetensors"]
     for name in needed:

@@ -7,8 +7,9 @@ allowed set and the closest match, instead of being ignored.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -199,12 +200,24 @@ def _loc(loc: tuple[Any, ...]) -> str:
             continue  # union branch names add noise, not location
         else:
             out += ("." if out else "") + str(part)
-    return out or "recipe"
+    return out
 
 
-def _allowed_keys_at(loc: tuple[Any, ...]) -> list[str]:
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models a field's annotation can hold (through Optional, list, dict, Union)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in get_args(annotation) for m in _models_in(arg)]
+
+
+def _is_mapping(annotation: Any) -> bool:
+    """Whether a field's annotation is a mapping (through Optional): its keys are names, not fields."""
+    return get_origin(annotation) is dict or any(_is_mapping(arg) for arg in get_args(annotation))
+
+
+def _allowed_keys_at(root: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     """The keys allowed in the mapping that holds the unknown key at ``loc``."""
-    model: type[BaseModel] = Recipe
+    model = root
     parts = list(loc[:-1])
     while parts:
         part = parts.pop(0)
@@ -213,40 +226,58 @@ def _allowed_keys_at(loc: tuple[Any, ...]) -> list[str]:
         field = model.model_fields.get(str(part))
         if field is None:
             break
-        if part in ("modules", "tokens") and parts:
+        inner = _models_in(field.annotation)
+        if not inner:
+            break
+        model = inner[0]
+        if parts and _is_mapping(field.annotation):
             parts.pop(0)  # a module's name or a token: a key of the mapping, not a field
-        ann = str(field.annotation)
-        for cand in (InputModel, SliceSource, Slice, OutputModule, TokenizerConfig, TokenSetting, ModelTokenSource, Conditional):
-            if cand.__name__ in ann:
-                model = cand
-                break
+        if parts and parts[0] in {m.__name__ for m in inner}:
+            model = next(m for m in inner if m.__name__ == parts.pop(0))  # the union branch pydantic tried
     return list(model.model_fields)
 
 
-def _format_validation_error(err: ValidationError) -> str:
+@dataclass
+class Problem:
+    """The first problem pydantic found, in the terms a one-line message needs."""
+
+    kind: str  # "unknown" (a key not allowed), "missing" (a required key), "invalid" (a bad value)
+    where: str  # the location, e.g. 'models[0].parameters' ('' at the top)
+    key: str  # the last key of the location
+    value: Any  # the value given ("invalid")
+    message: str  # pydantic's message, without its "Value error, " prefix
+    allowed: list[str]  # "unknown": the keys allowed there
+
+    def line(self, subject: str, hints: dict[str, str] | None = None) -> str:
+        """The standard one-line message, e.g. ``recipe: unknown key 'x' (did you mean 'y'?); allowed here: ...``;
+        ``hints``: known slips (an unknown key -> the allowed key meant), tried before spelling."""
+        if self.kind == "unknown":
+            meant = (hints or {}).get(self.key)
+            hint = f" (did you mean '{meant}'?)" if meant in self.allowed else did_you_mean(self.key, self.allowed)
+            return f"{subject}: unknown key '{self.where}'{hint}; allowed here: {', '.join(self.allowed)}"
+        if self.kind == "missing":
+            return f"{subject}: missing required key '{self.where}'"
+        if not self.where:
+            return f"{subject}: {self.message}"
+        if isinstance(self.value, dict):
+            return f"{subject}: '{self.where}': {self.message}"
+        return f"{subject}: '{self.where}' = {_short_repr(self.value)}: {self.message}"
+
+
+def explain(err: ValidationError, root: type[BaseModel] | None = None) -> Problem:
+    """The one reading of a pydantic ``ValidationError`` (recipes, merge-lora recipes, method
+    parameters): its most specific problem (unknown keys first), located; ``root``: the model
+    validated, for the keys allowed where an unknown key stands."""
     first = err.errors()[0]
     for e in err.errors():  # prefer the most specific message: unknown keys first
         if e["type"] == "extra_forbidden":
             first = e
             break
     loc = tuple(first["loc"])
-    if first["type"] == "extra_forbidden":
-        key = str(loc[-1])
-        allowed = _allowed_keys_at(loc)
-        return (
-            f"recipe: unknown key '{_loc(loc)}'{did_you_mean(key, allowed, n=2)}; "
-            f"allowed here: {', '.join(allowed)}"
-        )
-    if first["type"] == "missing":
-        return f"recipe: missing required key '{_loc(loc)}'"
-    msg = first["msg"].removeprefix("Value error, ")
-    where = _loc(loc)
-    got = first.get("input")
-    if where == "recipe":
-        return f"recipe: {msg}"
-    if isinstance(got, dict):
-        return f"recipe: '{where}': {msg}"
-    return f"recipe: '{where}' = {_short_repr(got)}: {msg}"
+    kind = {"extra_forbidden": "unknown", "missing": "missing"}.get(first["type"], "invalid")
+    allowed = _allowed_keys_at(root, loc) if kind == "unknown" and root is not None else []
+    return Problem(kind, _loc(loc), str(loc[-1]) if loc else "", first.get("input"),
+                   first["msg"].removeprefix("Value error, "), allowed)
 
 
 def _short_repr(value: Any) -> str:
@@ -308,7 +339,7 @@ def parse_recipe(data: Any) -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as err:
-        raise RecipeError(_format_validation_error(err)) from None
+        raise RecipeError(explain(err, Recipe).line("recipe")) from None
 
 
 def load_yaml_documents(path: str | Path, *, what: str = "recipe file", error: type[AlloyError] = RecipeError) -> list[Any]:

@@ -18,7 +18,6 @@ use it (their inputs changed). ``lazy=False`` redoes every stage.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -26,10 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from alloykit import __version__
 from alloykit.config import Recipe, load_documents, parse_recipe
 from alloykit.errors import OutputError, RecipeError
-from alloykit.merge import merge, plan_recipe, temp_dir_for
+from alloykit.merge import run_merge
+from alloykit.output.folder import temp_dir_for
+from alloykit.output.journal import digest
+from alloykit.output.model import WriteOptions, plan_fingerprint
+from alloykit.request import MergeRequest
 
 log = logging.getLogger(__name__)
 
@@ -167,42 +169,21 @@ def _stamp_path(stage: Stage, intermediate_dir: Path) -> Path:
     return intermediate_dir / (f".stage-{stage.name}.json" if stage.name else ".final.json")
 
 
-#: merge() options that do not change the output's bytes (left out of the stage digest)
-_NO_EFFECT = {"device", "threads", "progress", "budget_bytes", "fail_on_nonfinite"}
+#: write options that do not change the output's bytes (left out of the stage digest)
+_NO_EFFECT = {"device", "threads", "progress", "budget_bytes", "fail_on_nonfinite", "overwrite", "resume"}
 
 
-def stage_digest(stage: Stage, seed: int | None, allow_pickle: bool, recipe_dir: Path | None = None,
-                 options: dict | None = None) -> str:
-    """What decides a stage's output: recipe (intermediates' paths filled in), seed, version, output
-    options, and every input file's path, size and modification time (headers are read, not tensors)."""
-    h = hashlib.sha256()
-    h.update(stage.recipe.to_yaml().encode())
-    kept = {k: v for k, v in sorted((options or {}).items()) if k not in _NO_EFFECT}
-    h.update(f"seed={seed};version={__version__};options={kept!r}".encode())
-    plan = plan_recipe(stage.recipe, allow_pickle=allow_pickle, seed=seed, recipe_dir=recipe_dir)
+def stage_digest(request: MergeRequest, options: WriteOptions) -> str:
+    """What decides a stage's output: the fingerprint a merge's output folder records (recipe with the
+    intermediates' paths filled in, seed, version, every input's headers, files, sizes and dates, the
+    tensor layout) and the write options that change bytes. Reads headers only."""
+    kept = {k: v for k, v in sorted(vars(options).items()) if k not in _NO_EFFECT}
+    plan = request.plan()
     try:
-        h.update(f"final_seed={plan.seed}".encode())
-        for label, ck in zip(plan.labels, plan.checkpoints):
-            h.update(f"[{label}]".encode())
-            for f in sorted(_files(ck)):
-                st = os.stat(f)
-                h.update(f"{os.path.realpath(f)}|{st.st_size}|{st.st_mtime_ns};".encode())
+        parts = plan_fingerprint(plan, "", options=repr(kept))
     finally:
         plan.close()
-    return h.hexdigest()
-
-
-def _files(ck) -> set[str]:
-    """The files a checkpoint reads: its own, and a LoRA fold's base and adapter files."""
-    files = set(getattr(ck, "files", None) or [])
-    for inner in ("base", "adapter"):
-        if hasattr(ck, inner):
-            files |= _files(getattr(ck, inner))
-    for name in ("config.json", "adapter_config.json"):
-        folder = getattr(ck, "adapter_dir", None) or getattr(ck, "folder", None)
-        if folder is not None and (Path(folder) / name).is_file():
-            files.add(str(Path(folder) / name))
-    return files
+    return digest(json.dumps(parts, sort_keys=True))
 
 
 def run_stages(
@@ -213,25 +194,29 @@ def run_stages(
     overwrite: bool = False,
     seed: int | None = None,
     allow_pickle: bool = False,
-    progress: bool = True,
     recipe_dir: str | os.PathLike | None = None,
-    **merge_options: Any,
+    **write_options: Any,
 ) -> list[tuple[Stage, str]]:
     """Run every stage in order; returns (stage, what happened: merged / resumed / up to date).
 
     ``overwrite`` lets the final merge replace an output folder that no run of this recipe
     made; intermediates in ``intermediate_dir`` are always replaced when out of date.
     Relative model paths are looked up from the working directory, then ``recipe_dir``.
+    ``write_options``: ``alloykit.merge.WriteOptions`` fields (device, threads, max_shard_size, ...),
+    the same for every stage. Each stage is one ``MergeRequest`` written by ``run_merge``, as
+    ``alloykit merge`` writes a single recipe.
     """
     inter = Path(intermediate_dir).absolute()
     inter.mkdir(parents=True, exist_ok=True)
     rdir = Path(recipe_dir) if recipe_dir is not None else None
+    progress = write_options.get("progress", True)
     report = []
     for i, stage in enumerate(stages):
+        request = MergeRequest(stage.recipe, rdir, seed, allow_pickle)
         stamp = _stamp_path(stage, inter)
-        digest = stage_digest(stage, seed, allow_pickle, rdir, merge_options)
+        digest_now = stage_digest(request, WriteOptions(**write_options))
         previous = _read_stamp(stamp)
-        same = previous.get("digest") == digest
+        same = previous.get("digest") == digest_now
         if lazy and same and previous.get("complete") and stage.out.is_dir():
             report.append((stage, "up to date"))
             _say(progress, f"[{i + 1}/{len(stages)}] {stage.label}: up to date in {stage.out}")
@@ -243,10 +228,9 @@ def run_stages(
                               "or pass --overwrite")
         _say(progress, f"[{i + 1}/{len(stages)}] {stage.label}: {'resuming' if resume else 'merging'} "
                        f"({stage.recipe.merge_method}) -> {stage.out}")
-        _write_stamp(stamp, {"digest": digest, "complete": False, "out": str(stage.out)})
-        merge(stage.recipe, stage.out, seed=seed, allow_pickle=allow_pickle, progress=progress, resume=resume,
-              overwrite=True, recipe_dir=rdir, **merge_options)
-        _write_stamp(stamp, {"digest": digest, "complete": True, "out": str(stage.out)})
+        _write_stamp(stamp, {"digest": digest_now, "complete": False, "out": str(stage.out)})
+        run_merge(request, stage.out, WriteOptions(**write_options, resume=resume, overwrite=True))
+        _write_stamp(stamp, {"digest": digest_now, "complete": True, "out": str(stage.out)})
         report.append((stage, "resumed" if resume else "merged"))
     return report
 

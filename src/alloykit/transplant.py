@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from alloykit.io.checkpoint import Checkpoint
-from alloykit.merge import merge
+from alloykit.output.model import WriteOptions, write_model
 from alloykit.plan.planner import make_plan
 from alloykit.vocab.surgeon import attach_surgery
 
@@ -34,7 +34,6 @@ def tokensurgeon(model: str | os.PathLike, donor: str | os.PathLike, out: str | 
         plan.checkpoints.append(donor_ck)
         plan.labels.append(f"{donor} (tokenizer donor)")
         attach_surgery(plan, donor_ck, str(donor), method=method, k=k)
-    except BaseException:
+        return write_model(plan, out, WriteOptions(overwrite=overwrite, progress=progress)).path
+    finally:
         plan.close()
-        raise
-    return merge(plan, out, overwrite=overwrite, progress=progress)

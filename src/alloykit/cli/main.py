@@ -17,8 +17,8 @@ import sys
 import warnings
 
 from alloykit import __version__
-from alloykit.cli import (analyze_command, commands, eval_command, multi_command, search_command, stats_command,
-                          tokensurgeon_command)
+from alloykit.cli import (analyze_command, clean_command, commands, eval_command, lora_command, multi_command,
+                          search_command, stats_command, tokensurgeon_command)
 from alloykit.errors import AlloyError
 from alloykit.progress import show_logs
 
@@ -109,10 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(m)
     m.set_defaults(func=commands.cmd_merge)
 
-    p = sub.add_parser("plan", help="dry run: list every tensor job; reads headers only")
+    p = sub.add_parser("plan", help="dry run: the jobs grouped by method and parameters, with layer ranges and bytes; reads headers only")
     p.add_argument("recipe")
     p.add_argument("--seed", type=int)
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--all", action="store_true", help="one line per tensor")
+    p.add_argument("--json", action="store_true", help="machine-readable output (every tensor)")
     _add_model_args(p)
     p.set_defaults(func=commands.cmd_plan)
 
@@ -126,31 +127,6 @@ def build_parser() -> argparse.ArgumentParser:
     me.add_argument("--markdown", action="store_true", help="print the full reference of every method as Markdown")
     me.set_defaults(func=commands.cmd_methods)
 
-    x = sub.add_parser("extract-lora", help="approximate a fine-tune's delta from its base as a PEFT LoRA adapter")
-    x.add_argument("finetuned")
-    x.add_argument("out")
-    x.add_argument("--base", required=True, help="the model it was fine-tuned from")
-    x.add_argument("--rank", type=int, required=True, help="LoRA rank r")
-    x.add_argument("--skip-others", action="store_true", help="skip changed embeddings and norms instead of saving them whole")
-    x.add_argument("--device", default="cpu")
-    x.add_argument("--per-layer", action="store_true", help="print each layer's relative reconstruction error")
-    _add_model_args(x)
-    x.set_defaults(func=commands.cmd_extract_lora)
-
-    ml = sub.add_parser("merge-lora", help="merge LoRA adapters of one base into one PEFT adapter")
-    ml.add_argument("adapters", nargs="+", help="adapter folders, then the output folder (only the output with --recipe)")
-    ml.add_argument("--base", help="the adapters' base model folder")
-    ml.add_argument("--method", default="cat",
-                    help="cat (exact), lorahub (exact, weighted sum of the factors), svd, knots, or a task-vector method "
-                         "(ties, dare_ties, ...) then SVD")
-    ml.add_argument("--knots-merge", default="ties", help="with --method knots: the method that merges the aligned blocks (default ties)")
-    ml.add_argument("--recipe", help="a merge-lora recipe (as written by 'alloykit lorahub') instead of the adapters and options")
-    ml.add_argument("--weights", type=float, nargs="+", help="one weight per adapter (default 1)")
-    ml.add_argument("--rank", type=int, help="rank of the merged adapter (all methods but cat)")
-    ml.add_argument("--density", type=float, help="per-adapter density for trimming methods")
-    ml.add_argument("--seed", type=int, default=0)
-    ml.set_defaults(func=commands.cmd_merge_lora)
-
     i = sub.add_parser("inspect", help="tensors, shapes, dtypes, shards and parameter count of a model")
     i.add_argument("model")
     i.add_argument("--tensors", action="store_true", help="list every tensor")
@@ -158,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=commands.cmd_inspect)
 
     # commands with their own module: each adds its parser(s), with ``func`` set the same way
-    for module in (analyze_command, stats_command, search_command, eval_command, tokensurgeon_command):
+    for module in (lora_command, clean_command, analyze_command, stats_command, search_command, eval_command,
+                   tokensurgeon_command):
         module.add_parser(sub)
     multi_command.add_parser(sub, parse_size, parse_count, MERGEKIT_NO_OPS)  # merge's size options and no-ops
     return ap
@@ -178,8 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     except AlloyError as err:
         print(f"alloykit: error: {err}", file=sys.stderr)
         return err.exit_code
-    except KeyboardInterrupt:
-        print("alloykit: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM during a merge: says what was kept and where
+        print(f"alloykit: {err}" if str(err) else "alloykit: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # e.g. 'alloykit plan r.yaml | head'
         sys.stderr.close()

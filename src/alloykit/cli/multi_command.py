@@ -105,8 +105,8 @@ def merge_documents(args: Namespace, documents: list[dict]) -> int:
 def validate_documents(args: Namespace, documents: list[dict]) -> int:
     """``alloykit validate`` of a multi-stage recipe: every document's schema and the graph; the
     headers of each merge whose inputs exist now (the others read merges not made yet)."""
-    from alloykit.merge import plan_recipe
     from alloykit.multi import load_stages
+    from alloykit.request import MergeRequest
 
     with tempfile.TemporaryDirectory() as tmp:  # where intermediates would go: only to build the graph
         stages = load_stages(documents, tmp, Path(tmp) / "final", sink_to_out=True)
@@ -115,7 +115,7 @@ def validate_documents(args: Namespace, documents: list[dict]) -> int:
             if stage.uses:
                 checked.append(f"{stage.label} (after {', '.join(stage.uses)})")
                 continue
-            plan_recipe(stage.recipe, allow_pickle=args.allow_pickle, recipe_dir=Path(args.recipe).parent).close()
+            MergeRequest(stage.recipe, Path(args.recipe).parent, allow_pickle=args.allow_pickle).plan().close()
             checked.append(stage.label)
     print(f"OK: {len(stages)} merges in this order: {' -> '.join(checked)}; "
           "inputs checked for the merges that read no other merge")

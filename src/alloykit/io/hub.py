@@ -37,7 +37,7 @@ _HUB_NAME = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,9
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 #: what a merge reads from a model repository: weights, their index, the model and generation
-#: config, the tokenizer files (every name in alloykit.card.TOKENIZER_FILES matches one of these)
+#: config, the tokenizer files (every name in alloykit.vocab.files.TOKENIZER_FILES matches one of these)
 MERGE_FILES = ("*.safetensors", "*.json", "*.model", "*.txt", "*.jinja")
 #: PyTorch pickles, fetched only for a repository without safetensors and with --allow-pickle
 PICKLE_FILES = ("pytorch_model*.bin", "adapter_model.bin")
@@ -115,6 +115,20 @@ def _hub():
     except ImportError:
         return None
     return huggingface_hub
+
+
+def locate(ref: str, recipe_dir: Path | None = None, *, allow_pickle: bool = False) -> Path:
+    """Where a recipe's model reference lives: a local path (from the working directory, then
+    the recipe's folder), else a Hub name resolved to its snapshot (``resolve``), else the path
+    as written (the caller's error names it). The one lookup of merge and merge-lora recipes."""
+    p = Path(ref).expanduser()
+    if p.exists():
+        return p
+    if recipe_dir is not None and not p.is_absolute() and (Path(recipe_dir) / p).exists():
+        return Path(recipe_dir) / p
+    if is_hub_name(ref):
+        return resolve(ref, allow_pickle=allow_pickle)
+    return p
 
 
 def resolve(ref: str, *, allow_pickle: bool = False, offline: bool | None = None) -> Path:

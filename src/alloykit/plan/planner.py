@@ -348,16 +348,8 @@ class PlanBuilder:
             Source(base, in_names[base]) if base is not None else None,
             role=self.role(out_name, ref_idx),
         )
-        job.params = self.resolver.shared(shared_levels, out_name, t)
-        # per-model filters match each model's own tensor name (its layer index in a slice), as in
-        # mergekit; shared parameters match the output name
-        job.model_params = [
-            self.resolver.per_model(levels, in_names[i], t, self.models.labels[i]) for i, levels in zip(inputs, model_levels)
-        ]
-        if self.spec.check is not None:
-            msg = self.spec.check(job.params, job.model_params)
-            if msg:
-                raise RecipeError(f"method {self.spec.name}, tensor '{out_name}': {msg}")
+        job.params, job.model_params = self.resolver.job(
+            shared_levels, out_name, model_levels, [in_names[i] for i in inputs], t, [self.models.labels[i] for i in inputs])
         self.jobs.append(job)
 
 
