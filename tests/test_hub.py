@@ -170,6 +170,37 @@ def test_base_plus_adapter_with_hub_names(cache, local, tmp_path):
         assert_same_tensors(read_state(alloykit.merge(recipe, tmp_path / ref.replace("/", "_"), progress=False)), want)
 
 
+def test_merge_lora_reads_hub_names_through_the_planners_lookup(cache, local, tmp_path):
+    """merge-lora's base and adapters are found as merge recipes' models are: the local cache of
+    Hub names (a recipe file's relative paths too), equal to the same merge from local folders."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    from alloykit.lora.merge import merge_adapters
+
+    base, _ = local
+    for i, targets in ((1, ["q_proj", "up_proj"]), (2, ["q_proj", "v_proj"])):
+        torch.manual_seed(i)
+        model = transformers.AutoModelForCausalLM.from_pretrained(base)
+        pm = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
+        pm.save_pretrained(tmp_path / f"a{i}")
+        add_snapshot(cache, f"acme/tiny-lora{i}", tmp_path / f"a{i}")
+    merge_adapters([tmp_path / "a1", tmp_path / "a2"], base, tmp_path / "want", method="ties", rank=8, weights=[1.0, 0.5])
+    want = read_state(tmp_path / "want")
+    assert any("up_proj" in k for k in want) and any("v_proj" in k for k in want)  # both adapters' modules
+    merge_adapters(["acme/tiny-lora1", "acme/tiny-lora2@main"], "acme/tiny-base", tmp_path / "hub", method="ties",
+                   rank=8, weights=[1.0, 0.5])
+    assert_same_tensors(read_state(tmp_path / "hub"), want)
+    recipe = tmp_path / "recipes" / "r.yaml"
+    recipe.parent.mkdir()
+    recipe.write_text(yaml.safe_dump({"merge_lora": {"base": "acme/tiny-base", "adapters": ["acme/tiny-lora1", "acme/tiny-lora2"],
+                                                     "method": "ties", "rank": 8, "weights": [1.0, 0.5]}}))
+    assert main(["merge-lora", "--recipe", str(recipe), str(tmp_path / "cli")]) == 0
+    assert_same_tensors(read_state(tmp_path / "cli"), want)
+    with pytest.raises(CheckpointError, match="'acme/tiny-lora3' is not a local folder.*HF_HUB_OFFLINE=1.*download"):
+        merge_adapters(["acme/tiny-lora1", "acme/tiny-lora3"], "acme/tiny-base", tmp_path / "none", method="cat")
+    assert not (tmp_path / "none").exists()
+
+
 # ---- offline: one line naming the model and the command that fetches it -------------------------
 
 

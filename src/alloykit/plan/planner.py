@@ -129,14 +129,7 @@ class _Models:
     def resolve_path(self, ref: str) -> Path:
         """A local path (from the working directory, then the recipe's folder) or, failing that,
         a Hub name (``org/name[@revision]``) resolved to its snapshot in the Hub cache."""
-        p = Path(ref).expanduser()
-        if not p.exists() and self.recipe_dir is not None and not p.is_absolute():
-            alt = self.recipe_dir / p
-            if alt.exists():
-                return alt
-        if not p.exists() and hub.is_hub_name(ref):
-            return hub.resolve(ref, allow_pickle=self.allow_pickle)
-        return p
+        return hub.locate(ref, self.recipe_dir, allow_pickle=self.allow_pickle)
 
     def get(self, ref: str) -> int:
         if ref in self._by_ref:
