@@ -4,7 +4,8 @@ One YAML file per recipe under ``tests/recipes/`` (add a file to add a case), wr
 mergekit's examples, docs and model cards write them, with the Hub names replaced by tiny
 local checkpoints laid out side by side: ``base``, ``ft1``..``ft3`` (Llama-shaped, with
 tokenizers; ``ft2``'s carries a chat template), ``vl-base``, ``vl-ft1``, ``vl-ft2``
-(Qwen2.5-VL-shaped) and ``lora1`` (a PEFT adapter of ``base``). Header comments say what
+(Qwen2.5-VL-shaped), ``lora1`` (a PEFT adapter of ``base``) and ``ft-chat`` (``ft3`` with two
+added ChatML tokens and their rows: a larger vocabulary, for the tokenizer recipes). Header comments say what
 is expected:
 
 ``# compat: equal``
@@ -26,8 +27,12 @@ is expected:
 ``# e2e: yes``
     also run end to end: ``mergekit-yaml`` and ``alloykit merge`` as commands.
 ``# tokenizer: in progress (...)``
-    the tokenizer check is expected to fail until another workstream lands (strict xfail:
-    it fails the suite the day it starts passing, so the mark gets removed).
+    the tokenizer check is expected to fail until it is fixed (strict xfail: it fails the
+    suite the day it starts passing, so the mark gets removed). No recipe carries one now.
+
+Recipes with a tokenizer key (or in a file named ``tokenizer*``/``chat_template*``) also compare
+the two output tokenizers (vocabulary, source folder, chat template and its rendering), and
+check that alloykit's output has a row for every token and loads and generates.
 
 The whole module runs offline with sockets refused. docs/mergekit-compat.md lists every
 recipe with its expectation (a test keeps the two in step).
@@ -68,7 +73,7 @@ KINDS = ("equal", "float32", "distribution", "differs")
 MEASURED: dict[str, dict[str, float]] = {}
 CHAT_TEMPLATE = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
 #: each Llama folder's tokenizer says where it came from
-MAX_LENGTH = {"base": 100, "ft1": 101, "ft2": 102, "ft3": 103}
+MAX_LENGTH = {"base": 100, "ft1": 101, "ft2": 102, "ft3": 103, "ft-chat": 104}
 
 
 def header(name: str) -> dict[str, str]:
@@ -81,7 +86,7 @@ def header(name: str) -> dict[str, str]:
 # --------------------------------------------------------------------------------------
 
 
-def write_tokenizer(folder: Path, max_length: int, chat_template: str | None = None) -> None:
+def write_tokenizer(folder: Path, max_length: int, chat_template: str | None = None, added: tuple[str, ...] = ()) -> None:
     """A word-level tokenizer of the model's vocabulary; model_max_length tells which folder it came from."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -91,9 +96,34 @@ def write_tokenizer(folder: Path, max_length: int, chat_template: str | None = N
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
                                    model_max_length=max_length)
+    if added:
+        fast.add_special_tokens({"additional_special_tokens": list(added)})
     if chat_template:
         fast.chat_template = chat_template
     fast.save_pretrained(folder)
+
+
+#: the tokens the ChatML fine-tune added, past the family's vocabulary
+CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def write_chat_finetune(src: Path, out: Path) -> None:
+    """``src`` with two added special tokens (ChatML's) and their embedding and head rows, as a chat
+    fine-tune of a base model ends: a larger vocabulary than its family's."""
+    from safetensors.torch import save_file
+
+    state = read_state(src)
+    g = torch.Generator().manual_seed(7)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        state[name] = torch.cat([state[name], 0.02 * torch.randn(len(CHAT_TOKENS), state[name].shape[1], generator=g)])
+    out.mkdir()
+    save_file({k: v.contiguous() for k, v in state.items()}, out / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((src / "config.json").read_text())
+    config["vocab_size"] = SHAPE.vocab + len(CHAT_TOKENS)
+    (out / "config.json").write_text(json.dumps(config))
+    write_tokenizer(out, MAX_LENGTH[out.name], CHATML, added=CHAT_TOKENS)
 
 
 def write_adapter(base: Path, out: Path) -> None:
@@ -116,6 +146,7 @@ def root(tmp_path_factory):
     for i in (1, 2):
         write_qwen2_5_vl(root / f"vl-ft{i}", seed=i, base_seed=0)
     write_adapter(base, root / "lora1")
+    write_chat_finetune(root / "ft3", root / "ft-chat")
     return root
 
 
@@ -306,10 +337,33 @@ def test_recipe_tokenizer_matches_mergekit(name, tmp_path):
         listed = [m["model"] for m in recipe["models"]]
         assert ak.model_max_length == MAX_LENGTH[listed[0]]
         assert mk.model_max_length in {MAX_LENGTH[m] for m in listed}
-    assert ak.chat_template == mk.chat_template
-    messages = [{"role": "user", "content": "w5 w6"}]
+    if recipe.get("chat_template") in BUILT_IN_TEMPLATES:
+        # by design: the built-in names map to alloykit's own Jinja text (docs/tokenizers.md), which
+        # renders ChatML as mergekit's does
+        assert ak.chat_template and mk.chat_template
+    else:
+        assert ak.chat_template == mk.chat_template
+    messages = [{"role": "system", "content": "w3"}, {"role": "user", "content": "w5 w6"}]
     if mk.chat_template:
-        assert ak.apply_chat_template(messages, tokenize=False) == mk.apply_chat_template(messages, tokenize=False)
+        for prompt in (False, True):
+            assert (ak.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt)
+                    == mk.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt))
+    assert_loads_and_generates(tmp_path / "ak", ak)
+
+
+BUILT_IN_TEMPLATES = ("alpaca", "chatml", "llama3", "mistral", "exaone")
+
+
+def assert_loads_and_generates(folder: Path, tokenizer) -> None:
+    """Every token of the tokenizer has its embedding and head row, and the model runs on the last one."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    rows = model.get_input_embeddings().weight.shape[0]
+    assert len(tokenizer) <= rows == model.config.vocab_size == model.get_output_embeddings().weight.shape[0]
+    ids = torch.tensor([[tokenizer.bos_token_id, max(tokenizer.get_vocab().values())]])
+    out = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    assert out.shape == (1, 5)
 
 
 E2E = [n for n in RECIPES if header(n).get("e2e") == "yes"]
