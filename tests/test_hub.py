@@ -133,6 +133,12 @@ def test_hub_names_merge_like_local_folders(cache, local, tmp_path):
     assert labels == ["acme/tiny-base", "acme/tiny-ft1", "acme/tiny-ft2", "acme/tiny-ft2@v1"]
 
 
+def test_inspect_reads_a_hub_name(cache, local, capsys):
+    assert main(["inspect", "acme/tiny-ft2@v1"]) == 0
+    out = capsys.readouterr().out
+    assert "model: acme/tiny-ft2@v1" in out and f"{sum(t.numel() for t in read_state(local[1][2]).values()):,}" in out
+
+
 def test_revision_by_commit_hash(cache, local, tmp_path):
     base, (_, _, ft3) = local
     commit = (repo_folder(cache, "acme/tiny-ft2") / "refs" / "v1").read_text()

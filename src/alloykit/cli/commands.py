@@ -251,9 +251,10 @@ def _bounds(info) -> str:
 
 
 def cmd_inspect(args: Namespace) -> int:
+    from alloykit.io import hub
     from alloykit.io.checkpoint import Checkpoint
 
-    ck = Checkpoint(args.model, allow_pickle=args.allow_pickle)
+    ck = Checkpoint(hub.locate(args.model, allow_pickle=args.allow_pickle), allow_pickle=args.allow_pickle)
     try:
         infos = list(ck.tensors.values())
         params = sum(t.numel for t in infos)
