@@ -207,6 +207,25 @@ def test_merge_lora_reads_hub_names_through_the_planners_lookup(cache, local, tm
     assert not (tmp_path / "none").exists()
 
 
+def test_moe_config_reads_hub_names(cache, local, tmp_path):
+    """mergekit-moe configs name Hub models: alloykit moe finds them as a merge recipe does."""
+    from alloykit.moe.build import build_moe
+
+    base, (ft1, ft2, _) = local
+
+    def config(b, experts):
+        return {"base_model": str(b), "gate_mode": "random", "dtype": "float32",
+                "experts": [{"source_model": str(e), "positive_prompts": ["x"]} for e in experts]}
+
+    want = read_state(build_moe(config(base, [ft1, ft2]), tmp_path / "want", progress=False))
+    got = read_state(build_moe(config("acme/tiny-base", ["acme/tiny-ft1", "acme/tiny-ft2@main"]), tmp_path / "hub",
+                               progress=False))
+    assert_same_tensors(got, want)
+    with pytest.raises(CheckpointError, match="moe config: .*'acme/nothing' is not a local folder.*HF_HUB_OFFLINE=1"):
+        build_moe(config("acme/tiny-base", ["acme/tiny-ft1", "acme/nothing"]), tmp_path / "none", progress=False)
+    assert not (tmp_path / "none").exists()
+
+
 # ---- offline: one line naming the model and the command that fetches it -------------------------
 
 

@@ -17,8 +17,8 @@ import sys
 import warnings
 
 from alloykit import __version__
-from alloykit.cli import (analyze_command, clean_command, commands, eval_command, lora_command, multi_command,
-                          search_command, stats_command, tokensurgeon_command)
+from alloykit.cli import (align_command, analyze_command, clean_command, commands, eval_command, lora_command, moe_command,
+                          multi_command, search_command, stats_command, tokensurgeon_command)
 from alloykit.errors import AlloyError
 from alloykit.progress import show_logs
 
@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # commands with their own module: each adds its parser(s), with ``func`` set the same way
     for module in (lora_command, clean_command, analyze_command, stats_command, search_command, eval_command,
-                   tokensurgeon_command):
+                   tokensurgeon_command, align_command, moe_command):
         module.add_parser(sub)
     multi_command.add_parser(sub, parse_size, parse_count, MERGEKIT_NO_OPS)  # merge's size options and no-ops
     return ap
