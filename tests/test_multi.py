@@ -211,6 +211,12 @@ def test_final_merge_needs_an_output_and_single_recipe_commands_say_so(tmp_path,
     assert "document 3 has no 'name', so it is the final merge: give the output folder" in capsys.readouterr().err
     with pytest.raises(RecipeError, match="holds 3 documents .* 'alloykit merge FILE OUT' or 'alloykit multi FILE -I DIR'"):
         load_recipe(path)
+    for flags, needle in ((["--ray"], "--ray works on one recipe"), (["--output-lora", "8"], "--output-lora works on one recipe"),
+                          (["--resume"], "resumes interrupted merges by itself")):
+        assert main(["merge", str(path), str(tmp_path / "o"), "-q", *flags]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and err.count("\n") == 1, err
+        assert not (tmp_path / "o").exists()
 
 
 def test_validate_checks_every_document_and_the_order(root, tmp_path, capsys, monkeypatch):

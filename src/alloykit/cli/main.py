@@ -102,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --output-lora: skip changed embeddings and norms instead of saving them as modules_to_save")
     m.add_argument("--intermediate-dir", "-I", metavar="DIR",
                    help="a multi-stage recipe (several '---' documents): folder of its named merges (default OUT-intermediates)")
+    m.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="compute the shards on a Ray cluster: no ADDRESS starts a local one, 'auto' joins this machine's, "
+                        "else the head's HOST:PORT (inputs and output on storage every node sees; docs/distributed.md)")
+    m.add_argument("--ray-cpus", type=int, metavar="N", help="with --ray and no ADDRESS: CPUs of the local cluster (default: all)")
     for flag, why in MERGEKIT_NO_OPS.items():
         dest = "copy_tokenizer" if flag == "--copy-tokenizer" else None
         m.add_argument(flag, action="store_true", help=f"accepted for mergekit compatibility, no effect: {why}",

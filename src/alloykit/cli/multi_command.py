@@ -88,6 +88,9 @@ def merge_documents(args: Namespace, documents: list[dict]) -> int:
 
     if args.output_lora is not None:
         raise RecipeError("--output-lora works on one recipe; this file holds several documents (a multi-stage recipe)")
+    if getattr(args, "ray", None) is not None:
+        raise RecipeError("--ray works on one recipe; this file holds several documents (a multi-stage recipe): "
+                          "run it without --ray, or merge each document with --ray")
     if args.resume:
         raise RecipeError("--resume: a multi-stage recipe resumes interrupted merges by itself; rerun without --resume")
     out = Path(args.out)

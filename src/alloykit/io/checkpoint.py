@@ -173,6 +173,22 @@ class Checkpoint(TensorIndex):
             self._fds.clear()
         self._pickled.clear()
 
+    # -- pickling (a plan sent to other processes: distributed merges) -----------
+    def __getstate__(self) -> dict:
+        """The index travels, open files and the lock do not (the receiver opens its own);
+        pickle checkpoints are re-indexed by the receiver rather than shipping their tensors."""
+        state = {k: v for k, v in self.__dict__.items() if k not in ("_fds", "_lock", "_pickled")}
+        state["_had_pickled"] = bool(self._pickled)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        had_pickled = state.pop("_had_pickled", False)
+        self.__dict__.update(state)
+        self._fds, self._lock, self._pickled = {}, threading.Lock(), {}
+        if had_pickled:
+            self.tensors = {}
+            self._index()
+
     # -- metadata ---------------------------------------------------------------
     @property
     def folder(self) -> Path:
