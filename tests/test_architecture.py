@@ -19,7 +19,7 @@ LAYERS = [
     ("io", ["alloykit.io", "alloykit.config", "alloykit.vocab"]),
     ("methods", ["alloykit.methods"]),
     ("plan", ["alloykit.plan"]),
-    ("output", ["alloykit.request", "alloykit.output", "alloykit.merge", "alloykit.card"]),
+    ("output", ["alloykit.request", "alloykit.output", "alloykit.merge", "alloykit.card", "alloykit.multi"]),
     ("features", ["alloykit.lora", "alloykit.stats", "alloykit.search", "alloykit.analysis", "alloykit.eval", "alloykit.transplant",
                   "alloykit.align", "alloykit.moe", "alloykit.distributed"]),
     ("entry", ["alloykit.cli", "alloykit.testing"]),

@@ -22,9 +22,9 @@ def test_mergekit_schema_parses():
 
 @pytest.mark.parametrize("data,needle", [
     ({"merge_method": "linear", "models": [{"model": "a", "paramters": {}}]}, "unknown key 'models[0].paramters' (did you mean 'parameters'?)"),
-    ({"merge_method": "linear", "modles": [{"model": "a"}]}, "unknown key 'modles' (did you mean 'models'?)"),
+    ({"merge_method": "linear", "modles": [{"model": "a"}]}, "unknown key 'modles' (did you mean 'modules'?); allowed here: merge_method, base_model, models,"),
     ({"merge_method": "linear", "models": [{"model": "a"}], "dtype": "float8"}, "dtype 'float8' is not one of float32, float16, bfloat16"),
-    ({"merge_method": "linear"}, "give exactly one of 'models' or 'slices'"),
+    ({"merge_method": "linear"}, "give exactly one of 'models', 'slices' or 'modules'"),
     ({"merge_method": "linear", "models": [{"model": "a"}, {"model": "a"}]}, "model 'a' is listed twice"),
     ({"merge_method": "passthrough", "slices": [{"sources": [{"model": "a", "layer_range": [4, 2]}]}]}, "layer_range [4, 2] must be [start, end)"),
     ({"models": [{"model": "a"}]}, "missing required key 'merge_method'"),

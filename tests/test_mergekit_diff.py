@@ -176,6 +176,10 @@ RECIPES: dict[str, list[tuple[bool, list[dict], dict]]] = {
     "nuslerp": [(False, [{"weight": 0.3}, {"weight": 0.8}], {"nuslerp_flatten": False}),
                 (True, [{"weight": 0.3}, {"weight": 0.8}], {"nuslerp_row_wise": True, "nuslerp_flatten": False})],
     "passthrough": [(False, [{"scale": [{"filter": "mlp", "value": 0.5}, {"value": 1.0}]}], {})],
+    "arcee_fusion": [(True, [{}], {})],
+    # epsilon near the deltas' scale: entries changed by one, two or three models all occur
+    "ram": [(True, [{}, {}, {}], {}), (True, [{}, {}, {}], {"epsilon": 0.05})],
+    "ramplus_tl": [(True, [{}, {}, {}], {"epsilon": 0.05}), (True, [{}, {}, {}], {"epsilon": 0.08, "r": 0.5, "alpha": 1.0})],
 }
 DETERMINISTIC = [n for n in SHARED if n not in RANDOMIZED]
 

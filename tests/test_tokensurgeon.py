@@ -134,3 +134,25 @@ def test_bad_inputs_leave_no_folder(pair, tmp_path):
     with pytest.raises(AlloyError, match="donor folder has no tokenizer"):
         tokensurgeon(model, empty, tmp_path / "o", progress=False)
     assert not (tmp_path / "o").exists()
+
+
+def test_model_and_donor_as_hub_names(pair, tmp_path, monkeypatch):
+    """Both found in a prepared Hub cache as a recipe's models are; the same output as from folders."""
+    pytest.importorskip("huggingface_hub")
+    from alloykit.testing.hubcache import add_snapshot, refuse_network
+
+    model, donor = pair
+    cache = tmp_path / "hf" / "hub"
+    add_snapshot(cache, "acme/model", model)
+    add_snapshot(cache, "acme/donor", donor, refs=("main", "v1"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    want = load_file(str(tokensurgeon(model, donor, tmp_path / "want", progress=False) / "model.safetensors"))
+    with refuse_network():
+        out = tokensurgeon("acme/model", "acme/donor@v1", tmp_path / "hub", progress=False)
+        with pytest.raises(AlloyError, match="'acme/other' is not a local folder.*HF_HUB_OFFLINE=1"):
+            tokensurgeon("acme/model", "acme/other", tmp_path / "none", progress=False)
+    got = load_file(str(out / "model.safetensors"))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert vocab(out) == vocab(donor)
+    assert not (tmp_path / "none").exists()

@@ -22,6 +22,7 @@ import yaml
 
 from alloykit import __version__
 from alloykit.output.folder import MANIFEST
+from alloykit.plan.layout import set_key
 from alloykit.plan.planner import Plan
 from alloykit.roles import LAYER_COUNT_KEYS
 from alloykit.vocab.output import update_config, write_tokenizer
@@ -47,6 +48,8 @@ def write_metadata(plan: Plan, out: Path, *, copy_tokenizer: bool = True, finger
             for key in LAYER_COUNT_KEYS:
                 if key in config:
                     config[key] = plan.num_layers_out
+        for key, value in plan.config_updates.items():  # e.g. a module's layer count after modules: slices
+            set_key(config, key, value)
         if plan.vocab is not None:  # rows remapped to the output vocabulary (padded)
             update_config(config, plan.vocab)
         out_dtypes = {j.out_dtype for j in plan.jobs if j.out_dtype.is_floating_point}

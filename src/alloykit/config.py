@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Union, get_args
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -114,6 +114,35 @@ class TokenSetting(_Strict):
     force: bool = False
 
 
+class OutputModule(_Strict):
+    """One part of a multi-part model (``modules: {text_decoder: ..., vision_tower: ...}``),
+    written like a whole recipe: its own ``models`` or ``slices``, and ``parameters`` that sit
+    between the slices' and the top level's in precedence."""
+
+    models: list[InputModel] | None = None
+    slices: list[Slice] | None = None
+    parameters: ParamDict | None = None
+
+    @model_validator(mode="after")
+    def _one_layout(self) -> "OutputModule":
+        if (self.models is None) == (self.slices is None):
+            raise ValueError("give exactly one of 'models' or 'slices' in each module")
+        if not (self.models or self.slices):
+            raise ValueError("a module's 'models' or 'slices' is empty: list at least one")
+        _check_listed_once(self.models)
+        return self
+
+
+def _check_listed_once(models: list[InputModel] | None) -> None:
+    seen: set[str] = set()
+    for m in models or []:
+        if m.model in seen:
+            raise ValueError(
+                f"model '{m.model}' is listed twice in 'models'; list it once (give it a larger weight to count it more)"
+            )
+        seen.add(m.model)
+
+
 class TokenizerConfig(_Strict):
     #: as in mergekit, a ``tokenizer:`` section without ``source`` builds the union
     source: str = "union"
@@ -140,6 +169,8 @@ class Recipe(_Strict):
     base_model: str | None = None
     models: list[InputModel] | None = None
     slices: list[Slice] | None = None
+    #: multi-part models (a VLM's text_decoder, vision_tower...): module name -> its models or slices
+    modules: dict[str, OutputModule] | None = None
     parameters: ParamDict | None = None
     #: output dtype unless out_dtype is given. alloykit always computes in float32 and rounds once;
     #: mergekit also rounds the inputs to this dtype and computes in it (a few ulps apart in half dtypes)
@@ -161,21 +192,15 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _one_layout(self) -> "Recipe":
-        if (self.models is None) == (self.slices is None):
-            raise ValueError("give exactly one of 'models' or 'slices'")
+        if sum(x is not None for x in (self.models, self.slices, self.modules)) != 1:
+            raise ValueError("give exactly one of 'models', 'slices' or 'modules'")
         if self.models is not None and not self.models:
             raise ValueError("'models' is empty: list at least one model")
         if self.slices is not None and not self.slices:
             raise ValueError("'slices' is empty: list at least one slice")
-        if self.models:
-            seen: set[str] = set()
-            for m in self.models:
-                if m.model in seen:
-                    raise ValueError(
-                        f"model '{m.model}' is listed twice in 'models'; list it once "
-                        "(give it a larger weight to count it more)"
-                    )
-                seen.add(m.model)
+        if self.modules is not None and not self.modules:
+            raise ValueError("'modules' is empty: name at least one module (e.g. text_decoder)")
+        _check_listed_once(self.models)
         if self.wants_alignment:
             if self.models is None or self.base_model is None:
                 raise ValueError("'align' aligns each of 'models' to 'base_model': give both (slices cannot be aligned)")
@@ -222,18 +247,30 @@ def _models_in(annotation: Any) -> list[type[BaseModel]]:
     return [m for arg in get_args(annotation) for m in _models_in(arg)]
 
 
+def _is_mapping(annotation: Any) -> bool:
+    """Whether a field's annotation is a mapping (through Optional): its keys are names, not fields."""
+    return get_origin(annotation) is dict or any(_is_mapping(arg) for arg in get_args(annotation))
+
+
 def _allowed_keys_at(root: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     """The keys allowed in the mapping that holds the unknown key at ``loc``."""
     model = root
-    for part in loc[:-1]:
+    parts = list(loc[:-1])
+    while parts:
+        part = parts.pop(0)
         if isinstance(part, int):
             continue
         field = model.model_fields.get(str(part))
         if field is None:
             break
         inner = _models_in(field.annotation)
-        if inner:
-            model = inner[0]
+        if not inner:
+            break
+        model = inner[0]
+        if parts and _is_mapping(field.annotation):
+            parts.pop(0)  # a module's name or a token: a key of the mapping, not a field
+        if parts and parts[0] in {m.__name__ for m in inner}:
+            model = next(m for m in inner if m.__name__ == parts.pop(0))  # the union branch pydantic tried
     return list(model.model_fields)
 
 
@@ -342,9 +379,10 @@ def parse_recipe(data: Any) -> Recipe:
         raise RecipeError(explain(err, Recipe).line("recipe")) from None
 
 
-def load_yaml(path: str | Path, *, what: str = "recipe file", error: type[AlloyError] = RecipeError) -> Any:
-    """Read one YAML document with the recipe's guards: safe tags only, no key twice in a mapping,
-    no alias bomb. Errors name ``what`` and the file, and are raised as ``error``."""
+def load_yaml_documents(path: str | Path, *, what: str = "recipe file", error: type[AlloyError] = RecipeError) -> list[Any]:
+    """Read every YAML document of a file (``---`` separates them; empty ones are skipped) with the
+    recipe's guards: safe tags only, no key twice in a mapping, no alias bomb. Errors name ``what``
+    and the file, and are raised as ``error``."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -353,16 +391,38 @@ def load_yaml(path: str | Path, *, what: str = "recipe file", error: type[AlloyE
     except (OSError, UnicodeDecodeError) as err:
         raise error(f"{what} '{path}' cannot be read: {err}") from None
     try:
-        data = yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 (a SafeLoader subclass)
+        docs = [d for d in yaml.load_all(text, Loader=_RecipeLoader) if d is not None]  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise error(f"{what} '{path}': invalid YAML{where}: {problem}") from None
-    _check_size(data, f"{what} '{path}'", error)
-    return data
+    _check_size(docs, f"{what} '{path}'", error)
+    return docs
+
+
+def load_yaml(path: str | Path, *, what: str = "recipe file", error: type[AlloyError] = RecipeError) -> Any:
+    """Read a YAML file of one document (None when empty), with the guards of ``load_yaml_documents``."""
+    docs = load_yaml_documents(path, what=what, error=error)
+    if len(docs) > 1:
+        raise error(f"{what} '{path}' holds {len(docs)} YAML documents (separated by '---'); write one")
+    return docs[0] if docs else None
+
+
+def load_documents(path: str | Path) -> list[dict]:
+    """Every document of a recipe file: one recipe, or several in a multi-stage recipe."""
+    docs = load_yaml_documents(path)
+    if not docs:
+        raise RecipeError(f"recipe file '{path}': expected a mapping of keys (merge_method, models...), got an empty file")
+    return docs
 
 
 def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a YAML recipe (``yaml.safe_load``: tags that build objects are refused)."""
-    return parse_recipe(load_yaml(path))
+    docs = load_documents(path)
+    if len(docs) > 1:
+        raise RecipeError(
+            f"recipe file '{path}' holds {len(docs)} documents (a multi-stage recipe, as mergekit-multi reads): "
+            "run it with 'alloykit merge FILE OUT' or 'alloykit multi FILE -I DIR'"
+        )
+    return parse_recipe(docs[0])

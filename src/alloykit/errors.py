@@ -37,7 +37,7 @@ class NonFiniteError(AlloyError):
     """An input or output tensor holds NaN or Inf and the user asked to fail on it."""
 
 
-def did_you_mean(value: str, choices: Iterable[str]) -> str:
-    """Return ' (did you mean 'x'?)' for the closest choice, or '' if none is close."""
-    close = difflib.get_close_matches(str(value), sorted(choices), n=1, cutoff=0.6)
-    return f" (did you mean '{close[0]}'?)" if close else ""
+def did_you_mean(value: str, choices: Iterable[str], n: int = 1) -> str:
+    """Return ' (did you mean 'x'?)' for the closest choice (up to ``n``: 'x' or 'y'), or '' if none is close."""
+    close = difflib.get_close_matches(str(value), sorted(choices), n=n, cutoff=0.6)
+    return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""

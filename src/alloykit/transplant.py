@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from alloykit.io import hub
 from alloykit.io.checkpoint import Checkpoint
 from alloykit.output.model import WriteOptions, write_model
 from alloykit.plan.planner import make_plan
@@ -24,14 +25,15 @@ def tokensurgeon(model: str | os.PathLike, donor: str | os.PathLike, out: str | 
     mergekit-tokensurgeon's: orthogonal matching pursuit with ``k`` shared tokens, reading
     the donor's weights; measured far closer to the true rows than ``pieces``, see
     docs/tokenizers.md), ``pieces`` (the mean of the rows of the pieces the model's
-    tokenizer splits the token into; ignores the donor's weights) or ``mean``.
+    tokenizer splits the token into; ignores the donor's weights) or ``mean``. ``model`` and
+    ``donor`` are folders or Hub names (``org/name[@revision]``), found as a recipe's models are.
     """
     what = f"{method}, k={k}" if method == "omp" else method
     recipe = {"merge_method": "passthrough", "models": [{"model": str(model)}],
               "name": f"{Path(model).name} with the tokenizer of {Path(donor).name} (alloykit tokensurgeon, {what})"}
     plan = make_plan(recipe, allow_pickle=allow_pickle)
     try:
-        donor_ck = Checkpoint(donor, allow_pickle=allow_pickle, label=str(donor))
+        donor_ck = Checkpoint(hub.locate(str(donor), allow_pickle=allow_pickle), allow_pickle=allow_pickle, label=str(donor))
         plan.checkpoints.append(donor_ck)
         plan.labels.append(f"{donor} (tokenizer donor)")
         attach_surgery(plan, donor_ck, str(donor), method=method, k=k)

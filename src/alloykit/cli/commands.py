@@ -27,11 +27,19 @@ def _plan(args: Namespace):
 def cmd_merge(args: Namespace) -> int:
     import time
 
+    from alloykit.config import load_documents
     from alloykit.merge import WriteOptions, run_merge
     from alloykit.output.adapter import summary
+    from alloykit.request import MergeRequest
 
     _merge_flags(args)
-    request = _request(args).with_out_dtype(args.dtype)
+    documents = load_documents(args.recipe)
+    if len(documents) > 1:  # a multi-stage recipe (mergekit-multi's format)
+        from alloykit.cli.multi_command import merge_documents
+
+        return merge_documents(args, documents)
+    request = MergeRequest.of(documents[0], recipe_dir=Path(args.recipe).parent, seed=args.seed,
+                              allow_pickle=args.allow_pickle).with_out_dtype(args.dtype)
     device = "cuda" if args.cuda else args.device
     check_device(device)
     options = WriteOptions(device=device, threads=args.threads, max_shard_size=args.max_shard_size, overwrite=args.overwrite,
@@ -165,6 +173,13 @@ def _plan_json(plan) -> dict:
 
 
 def cmd_validate(args: Namespace) -> int:
+    from alloykit.config import load_documents
+
+    documents = load_documents(args.recipe)
+    if len(documents) > 1:  # a multi-stage recipe
+        from alloykit.cli.multi_command import validate_documents
+
+        return validate_documents(args, documents)
     plan = _plan(args)
     try:
         inputs = len({s.model for j in plan.jobs if not j.copy for s in j.sources})
@@ -251,9 +266,10 @@ def _bounds(info) -> str:
 
 
 def cmd_inspect(args: Namespace) -> int:
+    from alloykit.io import hub
     from alloykit.io.checkpoint import Checkpoint
 
-    ck = Checkpoint(args.model, allow_pickle=args.allow_pickle)
+    ck = Checkpoint(hub.locate(args.model, allow_pickle=args.allow_pickle), allow_pickle=args.allow_pickle)
     try:
         infos = list(ck.tensors.values())
         params = sum(t.numel for t in infos)

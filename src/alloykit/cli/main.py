@@ -18,7 +18,7 @@ import warnings
 
 from alloykit import __version__
 from alloykit.cli import (align_command, analyze_command, clean_command, commands, eval_command, lora_command, moe_command,
-                          search_command, stats_command, tokensurgeon_command)
+                          multi_command, search_command, stats_command, tokensurgeon_command)
 from alloykit.errors import AlloyError
 from alloykit.progress import show_logs
 
@@ -100,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write a PEFT LoRA adapter of rank RANK (the merged model minus base_model) instead of the model")
     m.add_argument("--lora-skip-others", action="store_true",
                    help="with --output-lora: skip changed embeddings and norms instead of saving them as modules_to_save")
+    m.add_argument("--intermediate-dir", "-I", metavar="DIR",
+                   help="a multi-stage recipe (several '---' documents): folder of its named merges (default OUT-intermediates)")
     m.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
                    help="compute the shards on a Ray cluster: no ADDRESS starts a local one, 'auto' joins this machine's, "
                         "else the head's HOST:PORT (inputs and output on storage every node sees; docs/distributed.md)")
@@ -139,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     for module in (lora_command, clean_command, analyze_command, stats_command, search_command, eval_command,
                    tokensurgeon_command, align_command, moe_command):
         module.add_parser(sub)
+    multi_command.add_parser(sub, parse_size, parse_count, MERGEKIT_NO_OPS)  # merge's size options and no-ops
     return ap
 
 

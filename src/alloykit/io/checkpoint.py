@@ -53,7 +53,7 @@ class Checkpoint(TensorIndex):
     def _index(self) -> None:
         p = self.path
         if not p.exists():
-            raise CheckpointError(f"model '{self.label}': no file or folder at '{p}' (alloykit reads local folders; download the model first)")
+            raise CheckpointError(f"model '{self.label}': no file or folder at '{p}' (a local path; Hub models are named org/name)")
         if p.is_file():
             files = [p]
         else:

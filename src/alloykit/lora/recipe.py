@@ -30,6 +30,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from alloykit.config import ParamDict, _Strict, explain, load_yaml
 from alloykit.errors import RecipeError
+from alloykit.io import hub
 
 EXACT_METHODS = ("cat", "lorahub")
 
@@ -89,8 +90,6 @@ def load_merge_lora_recipe(path: str | os.PathLike) -> tuple[MergeLoraRecipe, Pa
 
 
 def resolve_path(ref: str, recipe_dir: Path | None) -> Path:
-    """A recipe's path: from the working directory, else from the recipe's folder (as the planner does)."""
-    p = Path(ref).expanduser()
-    if not p.exists() and recipe_dir is not None and not p.is_absolute() and (recipe_dir / p).exists():
-        return recipe_dir / p
-    return p
+    """A recipe's model or adapter: the planner's lookup (a local path from the working directory,
+    then the recipe's folder; else a Hub name from the cache or a download)."""
+    return hub.locate(ref, recipe_dir)

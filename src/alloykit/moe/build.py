@@ -30,6 +30,7 @@ import torch
 from alloykit import __version__
 from alloykit.config import DTYPES
 from alloykit.errors import CheckpointError, OutputError, PlanError
+from alloykit.io import hub
 from alloykit.io.checkpoint import Checkpoint, StateDictCheckpoint
 from alloykit.io.writer import ShardedWriter, plan_shards
 from alloykit.methods.registry import MergeInput, MethodSpec, NoParams
@@ -69,13 +70,6 @@ def _perturb(x: MergeInput) -> torch.Tensor:
 EXPERT_METHOD = MethodSpec("moe_expert", _perturb, NoParams, NoParams, "ignored", randomized=True, fixed_point=False)
 
 
-def _resolve(ref: str, config_dir: Path | None) -> Path:
-    p = Path(ref).expanduser()
-    if not p.exists() and config_dir is not None and not p.is_absolute() and (config_dir / p).exists():
-        return config_dir / p
-    return p
-
-
 class _Inputs:
     """Each model folder opened once (headers only), whatever how many experts name it."""
 
@@ -86,7 +80,10 @@ class _Inputs:
         self._index: dict[str, int] = {}
 
     def open(self, ref: str, where: str) -> int:
-        path = _resolve(ref, self.config_dir)
+        try:
+            path = hub.locate(ref, self.config_dir)  # a folder (here or beside the config) or a Hub name
+        except CheckpointError as err:
+            raise CheckpointError(f"moe config: {where}: {err}") from None
         key = os.path.realpath(path)
         if key not in self._index:
             try:

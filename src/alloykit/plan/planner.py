@@ -14,14 +14,16 @@ from typing import Any
 
 import torch
 
-from alloykit.config import Recipe, parse_recipe
-from alloykit.errors import CheckpointError, PlanError, RecipeError
+from alloykit.config import InputModel, Recipe, Slice, parse_recipe
+from alloykit.errors import CheckpointError, PlanError, RecipeError, did_you_mean
+from alloykit.io import hub
 from alloykit.io.checkpoint import Checkpoint
 from alloykit.io.lora import LoraCheckpoint, adapter_base, is_adapter
 from alloykit.methods.registry import MethodSpec, get_method
+from alloykit.plan.layout import DEFAULT, ModuleLayout, get_key, model_modules, owner
 from alloykit.plan.params import ParamResolver, check_names
 from alloykit.plan.steps import plan_steps
-from alloykit.roles import TensorRole, num_layers, role_of, split_layer
+from alloykit.roles import TensorRole, num_layers, role_of
 from alloykit.vocab.plan import plan_chat_template, plan_vocab, rows_may_differ
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -85,6 +87,9 @@ class Plan:
     vocab: Any = None
     #: the chat template to write (Jinja text resolved from the recipe's chat_template), or None
     chat_template: str | None = None
+    #: config.json keys (dotted for nested configs) to set in the output, e.g. a module's layer
+    #: count after ``modules:`` slices ({'vision_config.depth': 12})
+    config_updates: dict[str, Any] = field(default_factory=dict)
 
     @property
     def out_bytes(self) -> int:
@@ -122,12 +127,9 @@ class _Models:
         return self._by_ref[ref]
 
     def resolve_path(self, ref: str) -> Path:
-        p = Path(ref).expanduser()
-        if not p.exists() and self.recipe_dir is not None and not p.is_absolute():
-            alt = self.recipe_dir / p
-            if alt.exists():
-                return alt
-        return p
+        """A local path (from the working directory, then the recipe's folder) or, failing that,
+        a Hub name (``org/name[@revision]``) resolved to its snapshot in the Hub cache."""
+        return hub.locate(ref, self.recipe_dir, allow_pickle=self.allow_pickle)
 
     def get(self, ref: str) -> int:
         if ref in self._by_ref:
@@ -140,8 +142,8 @@ class _Models:
             base_ref = adapter_base(path)
             if not base_ref or not self.resolve_path(base_ref).exists():
                 raise RecipeError(
-                    f"model '{ref}' is a LoRA adapter whose base ({base_ref!r}) is not a local folder; "
-                    "name it as 'BASE_FOLDER+ADAPTER_FOLDER'"
+                    f"model '{ref}' is a LoRA adapter whose base ({base_ref!r}) is neither a local folder nor a Hub name; "
+                    "name it as 'BASE+ADAPTER'"
                 )
             return self.add(ref, self._lora(ref, self.resolve_path(base_ref), path))
         return self.add(ref, Checkpoint(path, allow_pickle=self.allow_pickle, label=ref))
@@ -168,8 +170,32 @@ class _Models:
         return LoraCheckpoint(Checkpoint(base, allow_pickle=self.allow_pickle, label=str(base)), adapter, ref)
 
 
-def _num_layers(ck: Checkpoint) -> int:
-    return num_layers(ck.config(), ck.tensors)
+@dataclass(frozen=True)
+class _Part:
+    """The tensors one models/slices section plans: all of them, or one module's (``modules:``)."""
+
+    module: ModuleLayout
+    layouts: tuple[ModuleLayout, ...]
+    #: the module's parameters, between the slices' and the top level's in precedence
+    params: dict | None = None
+    #: prefix of error messages' locations, e.g. 'modules.vision_tower.'
+    where: str = ""
+
+    def names(self, ck) -> list[str]:
+        return [n for n in ck.tensors if owner(self.layouts, n) is self.module]
+
+    def num_layers(self, ck) -> int:
+        if self.module is DEFAULT[0]:
+            return num_layers(ck.config(), ck.tensors)
+        cfg = ck.config() or {}
+        for key in self.module.count_keys:
+            if isinstance(value := get_key(cfg, key), int) and not isinstance(value, bool):
+                return value
+        idx = [lo[1] for n in self.names(ck) if (lo := self.module.layer_of(n))]
+        return max(idx) + 1 if idx else 0
+
+
+_WHOLE = _Part(DEFAULT[0], DEFAULT)
 
 
 def _t(layer: int, n: int) -> float:
@@ -254,6 +280,15 @@ class PlanBuilder:
             raise RecipeError(f"method {spec.name} takes {want} model(s) besides the base; the recipe gives {n}")
         return inputs, base
 
+    def copy(self, name: str, model: int) -> None:
+        """One tensor copied unchanged from one model (a module the recipe does not merge)."""
+        if name in self.names:
+            raise PlanError(f"output tensor '{name}' would be written twice")
+        self.names.add(name)
+        info = self.models.checkpoints[model].info(name)
+        self.jobs.append(TensorJob(name, info.shape, _out_dtype(self.recipe, info.dtype), [Source(model, name)], None,
+                                   copy=True, role=self.role(name, model)))
+
     def add(
         self,
         out_name: str,
@@ -335,13 +370,16 @@ def make_plan(
     check_names(spec, "recipe 'parameters'", recipe.parameters, "shared")
     b = PlanBuilder(recipe, spec, models, preloaded_stats)
     try:
+        num_layers_out, config_updates = None, {}
         if recipe.models is not None:
-            num_layers_out = _plan_models(recipe, spec, b)
+            _plan_models(recipe, spec, b, recipe.models)
+        elif spec.needs_stats:
+            raise RecipeError(f"method {spec.name} reads each model's statistics: write the recipe with 'models' "
+                              "(each with 'stats: FOLDER'), not 'slices' or 'modules'")
+        elif recipe.slices is not None:
+            num_layers_out = _plan_slices(recipe, spec, b, recipe.slices)
         else:
-            if spec.needs_stats:
-                raise RecipeError(f"method {spec.name} reads each model's statistics: write the recipe with 'models' "
-                                  "(each with 'stats: FOLDER'), not 'slices'")
-            num_layers_out = _plan_slices(recipe, spec, b)
+            config_updates = _plan_modules(recipe, spec, b)
         if not b.jobs:
             raise PlanError("the merge would produce no tensors")
         for step in plan_steps():  # features that complete the plan (statistics: alloykit.stats.attach)
@@ -358,14 +396,14 @@ def make_plan(
         raise
     final_seed = seed if seed is not None else (recipe.seed if recipe.seed is not None else 0)
     return Plan(recipe, spec, models.checkpoints, models.labels, b.jobs, final_seed, cfg_src, tok_src, num_layers_out,
-                b.stats_norms, vocab, chat)
+                b.stats_norms, vocab, chat, config_updates)
 
 
-def _plan_models(recipe: Recipe, spec: MethodSpec, b: PlanBuilder) -> int | None:
-    assert recipe.models is not None
-    for i, m in enumerate(recipe.models):
+def _plan_models(recipe: Recipe, spec: MethodSpec, b: PlanBuilder, models: list[InputModel],
+                 part: _Part = _WHOLE) -> None:
+    for m in models:
         check_names(spec, f"model '{m.model}'", m.parameters, "model")
-    refs = [m.model for m in recipe.models]
+    refs = [m.model for m in models]
     base_ref = recipe.base_model
     if spec.base == "ignored" and base_ref is not None and base_ref not in refs:
         # mergekit merges a base_model that is not listed as one more input, last, of a
@@ -373,16 +411,15 @@ def _plan_models(recipe: Recipe, spec: MethodSpec, b: PlanBuilder) -> int | None
         _check_joined_base(spec, base_ref, len(refs), recipe.parameters)
         refs.append(base_ref)
     inputs, base = b.split_base(refs, base_ref)
-    params_of = {m.model: m.parameters for m in recipe.models}
-    model_levels = [[params_of.get(b.models.labels[i]), recipe.parameters] for i in inputs]
+    params_of = {m.model: m.parameters for m in models}
+    model_levels = [[params_of.get(b.models.labels[i]), part.params, recipe.parameters] for i in inputs]
     ref = b.models.checkpoints[base if base is not None else inputs[0]]
-    n = _num_layers(ref)
-    for name in ref.tensors:
-        lo = split_layer(name)
+    n = part.num_layers(ref)
+    for name in part.names(ref):
+        lo = part.module.layer_of(name)
         t = _t(lo[1], n) if lo else 0.0
         all_idx = inputs + ([base] if base is not None else [])
-        b.add(name, dict.fromkeys(all_idx, name), inputs, base, model_levels, [recipe.parameters], t)
-    return None
+        b.add(name, dict.fromkeys(all_idx, name), inputs, base, model_levels, [part.params, recipe.parameters], t)
 
 
 def _check_joined_base(spec: MethodSpec, base_ref: str, n_listed: int, shared: dict | None) -> None:
@@ -400,27 +437,27 @@ def _check_joined_base(spec: MethodSpec, base_ref: str, n_listed: int, shared: d
             )
 
 
-def _plan_slices(recipe: Recipe, spec: MethodSpec, b: PlanBuilder) -> int:
-    assert recipe.slices is not None
+def _plan_slices(recipe: Recipe, spec: MethodSpec, b: PlanBuilder, slices: list[Slice], part: _Part = _WHOLE) -> int:
     out_layer = 0
     first_inputs = last_inputs = None
     layer_jobs: list[tuple] = []
-    for si, sl in enumerate(recipe.slices):
-        check_names(spec, f"slices[{si}]", sl.parameters, "shared")
+    for si, sl in enumerate(slices):
+        where = f"{part.where}slices[{si}]"
+        check_names(spec, where, sl.parameters, "shared")
         lengths = {s.layer_range[1] - s.layer_range[0] for s in sl.sources}
         if len(lengths) != 1:
-            raise RecipeError(f"slices[{si}]: every source must span the same number of layers; got layer_ranges {[list(s.layer_range) for s in sl.sources]}")
+            raise RecipeError(f"{where}: every source must span the same number of layers; got layer_ranges {[list(s.layer_range) for s in sl.sources]}")
         for s in sl.sources:
-            check_names(spec, f"slices[{si}] model '{s.model}'", s.parameters, "model")
-            n = _num_layers(b.models.checkpoints[b.models.get(s.model)])
+            check_names(spec, f"{where} model '{s.model}'", s.parameters, "model")
+            n = part.num_layers(b.models.checkpoints[b.models.get(s.model)])
             if s.layer_range[1] > n:
                 raise RecipeError(
-                    f"slices[{si}]: layer_range {list(s.layer_range)} of model '{s.model}' is outside its {n} layers (valid: 0 to {n}, end exclusive)"
+                    f"{where}: layer_range {list(s.layer_range)} of model '{s.model}' is outside its {n} layers (valid: 0 to {n}, end exclusive)"
                 )
         base_ref = sl.base_model or recipe.base_model
         refs = [s.model for s in sl.sources]
         if len(set(refs)) != len(refs):
-            raise RecipeError(f"slices[{si}]: model '{refs[0]}' appears twice among the sources of one slice")
+            raise RecipeError(f"{where}: model '{refs[0]}' appears twice among the sources of one slice")
         inputs, base = b.split_base(refs, base_ref)
         by_idx = {b.models.get(s.model): s for s in sl.sources}
         first_inputs = first_inputs or (inputs, base, by_idx, sl)
@@ -430,34 +467,70 @@ def _plan_slices(recipe: Recipe, spec: MethodSpec, b: PlanBuilder) -> int:
             layer_jobs.append((out_layer, off, length, inputs, base, by_idx, sl))
             out_layer += 1
     ref_ck = b.models.checkpoints[first_inputs[1] if first_inputs[1] is not None else first_inputs[0][0]]
-    names = list(ref_ck.tensors)
     # outside the blocks: the head end (final norm, output and task heads) comes from the last
     # slice's models, everything else (embeddings, and tensors no role rule places) from the first
     config = ref_ck.config()
-    non_layer = [n for n in names if split_layer(n) is None]
+    non_layer = [n for n in part.names(ref_ck) if part.module.layer_of(n) is None]
     is_post = {n: role_of(n, config).section == "post" for n in non_layer}
     pre = [n for n in non_layer if not is_post[n]]
     post = [n for n in non_layer if is_post[n]]
 
     def levels(inputs, by_idx, sl):
-        return [[by_idx[i].parameters if i in by_idx else None, sl.parameters, recipe.parameters] for i in inputs]
+        return [[by_idx[i].parameters if i in by_idx else None, sl.parameters, part.params, recipe.parameters] for i in inputs]
 
     for group, (inputs, base, by_idx, sl) in ((pre, first_inputs), (post, last_inputs)):
         all_idx = inputs + ([base] if base is not None else [])
         for name in group:
-            b.add(name, dict.fromkeys(all_idx, name), inputs, base, levels(inputs, by_idx, sl), [sl.parameters, recipe.parameters], 0.0)
+            b.add(name, dict.fromkeys(all_idx, name), inputs, base, levels(inputs, by_idx, sl),
+                  [sl.parameters, part.params, recipe.parameters], 0.0)
     for out_idx, off, length, inputs, base, by_idx, sl in layer_jobs:
         lead = inputs[0]
         ck = b.models.checkpoints[lead]
         lead_layer = by_idx[lead].layer_range[0] + off
-        layer_names = [n for n in ck.tensors if (lo := split_layer(n)) and lo[1] == lead_layer]
+        layer_names = [n for n in part.names(ck) if (lo := part.module.layer_of(n)) and lo[1] == lead_layer]
         if not layer_names:
             raise CheckpointError(f"model '{ck.label}' has no tensors for layer {lead_layer}")
         all_idx = inputs + ([base] if base is not None else [])
         for name in layer_names:
-            prefix, _, rest = split_layer(name)
+            prefix, _, rest = part.module.layer_of(name)
             # each source reads its own layer (its layer_range start + offset); a base that is
             # not among the slice's sources reads the lead source's layer
             in_names = {i: f"{prefix}{(by_idx[i].layer_range[0] if i in by_idx else by_idx[lead].layer_range[0]) + off}.{rest}" for i in all_idx}
-            b.add(f"{prefix}{out_idx}.{rest}", in_names, inputs, base, levels(inputs, by_idx, sl), [sl.parameters, recipe.parameters], _t(off, length))
+            b.add(f"{prefix}{out_idx}.{rest}", in_names, inputs, base, levels(inputs, by_idx, sl),
+                  [sl.parameters, part.params, recipe.parameters], _t(off, length))
     return out_layer
+
+
+def _plan_modules(recipe: Recipe, spec: MethodSpec, b: PlanBuilder) -> dict[str, int]:
+    """Each listed module planned as its own models/slices recipe; the tensors of modules the
+    recipe does not list are copied from base_model. Returns the config keys of layer counts
+    that slices changed."""
+    assert recipe.modules is not None
+    first = next(iter(recipe.modules.values()))
+    ref_name = recipe.base_model or (first.models[0].model if first.models else first.slices[0].sources[0].model)
+    ref = b.models.checkpoints[b.models.get(ref_name)]
+    layouts = model_modules(ref.config())
+    known = [m.name for m in layouts]
+    arch = ((ref.config() or {}).get("architectures") or ["a single-part model"])[0]
+    for name in recipe.modules:
+        if name not in known:
+            raise RecipeError(f"modules: '{name}' is not a module of {arch} (model '{ref_name}'){did_you_mean(name, known)}; "
+                              f"its modules: {', '.join(known)}")
+    updates: dict[str, int] = {}
+    for name, module in recipe.modules.items():
+        part = _Part(next(m for m in layouts if m.name == name), layouts, module.parameters, f"modules.{name}.")
+        check_names(spec, f"modules.{name} 'parameters'", module.parameters, "shared")
+        if module.models is not None:
+            _plan_models(recipe, spec, b, module.models, part)
+        else:
+            count = _plan_slices(recipe, spec, b, module.slices, part)
+            updates.update(dict.fromkeys(part.module.count_keys, count))
+    rest = [n for n in ref.tensors if (o := owner(layouts, n)) is None or o.name not in recipe.modules]
+    if rest and recipe.base_model is None:
+        unlisted = [m.name for m in layouts if m.name not in recipe.modules and any(m.owns(n) for n in rest)]
+        what = f"module(s) {', '.join(unlisted)}" if unlisted else f"tensor '{rest[0]}' (in no module)"
+        raise RecipeError(f"modules: the recipe does not merge {what}; list every module ({', '.join(known)}) "
+                          "or give a base_model to copy the others from")
+    for n in rest:
+        b.copy(n, b.models.get(recipe.base_model))
+    return updates
