@@ -10,6 +10,7 @@ that both workers take part.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +22,7 @@ ray = pytest.importorskip("ray")
 from alloykit.cli.main import main  # noqa: E402
 from alloykit.testing.fixtures import write_family  # noqa: E402
 from test_evolve import config, rows, toy  # noqa: E402,F401  (toy: the evolve tests' fixture)
-from test_recipes_compat import RECIPES, SHAPE  # noqa: E402
+from test_recipes_compat import RECIPES_DIR, SHAPE  # noqa: E402
 
 CLI = [sys.executable, "-m", "alloykit.cli.main"]
 SHARD = ["--max-shard-size", "12KB"]
@@ -48,8 +49,11 @@ def folder_bytes(folder: Path) -> dict[str, bytes]:
 
 
 def recipe_file(refs, name: str) -> Path:
+    """tests/recipes/NAME.yaml with its model names (base, ft1..ft3) made absolute paths."""
     path = refs["root"] / f"{name}.yaml"
-    path.write_text(RECIPES[name].format(**refs))
+    names = {"base": refs["base"], "ft1": refs["a"], "ft2": refs["b"], "ft3": refs["c"]}
+    text = (RECIPES_DIR / f"{name}.yaml").read_text()
+    path.write_text(re.sub(r"(?<=: )(base|ft[123])\b", lambda m: names[m.group(1)], text))
     return path
 
 
