@@ -52,7 +52,9 @@ def write_metadata(plan: Plan, out: Path, *, copy_tokenizer: bool = True) -> Non
         if gen is not None and gen.is_file():
             shutil.copyfile(gen, out / gen.name)
     if copy_tokenizer and plan.tokenizer_source is not None:
-        src = _folder(plan.checkpoints[plan.tokenizer_source])
+        tok_ck = plan.checkpoints[plan.tokenizer_source]
+        # a GGUF input carries its tokenizer in its metadata; it builds the files on request
+        src = tok_ck.tokenizer_folder() if hasattr(tok_ck, "tokenizer_folder") else _folder(tok_ck)
         if src is not None:
             for name in TOKENIZER_FILES:
                 if (src / name).is_file():

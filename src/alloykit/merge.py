@@ -20,6 +20,7 @@ from alloykit.errors import CheckpointError, OutputError, PlanError
 from alloykit.io.checkpoint import Checkpoint, StateDictCheckpoint
 from alloykit import __version__
 from alloykit.card import write_metadata
+from alloykit.io.gguf_write import check_type, folder_to_gguf
 from alloykit.io.journal import JOURNAL, Journal, fault_point, file_sha256, fsync_file
 from alloykit.io.side import SideOutputs
 from alloykit.io.writer import ShardedWriter, ShardLayout, plan_shards
@@ -70,12 +71,15 @@ def merge(
     copy_tokenizer: bool = True,
     recipe_dir: str | os.PathLike | None = None,
     output_lora: int | None = None,
+    gguf_type: str | None = None,
 ) -> Path:
     """Merge the models a recipe names into ``out_dir`` (a Hugging Face model folder).
 
     ``output_lora=RANK`` writes, instead of the model, a PEFT LoRA adapter of that rank
     holding the merged model's delta from the recipe's base_model
     (``alloykit.lora.output.merge_to_lora``, which also returns the per-layer errors).
+    ``gguf_type`` (f32, f16, bf16, q8_0, ...): the weights are written as one GGUF file
+    ``model.TYPE.gguf`` instead of safetensors (``alloykit.io.gguf_write``).
 
     The output is written into ``.NAME.alloykit-tmp`` beside the target and renamed
     into place only when complete: ``out_dir`` either does not exist or is whole.
@@ -89,6 +93,8 @@ def merge(
                       allow_pickle=allow_pickle, progress=progress)
         return Path(out_dir).absolute()
     out = Path(out_dir).absolute()
+    if gguf_type is not None:
+        check_type(gguf_type)
     plan = plan_recipe(recipe, allow_pickle=allow_pickle, seed=seed, recipe_dir=recipe_dir)
     tmp = temp_dir_for(out)
     lock_fd = None
@@ -114,6 +120,9 @@ def merge(
             try:
                 _write(plan, tmp, shards, journal, device=device, threads=threads, progress=progress,
                        fail_on_nonfinite=fail_on_nonfinite, budget_bytes=budget_bytes, copy_tokenizer=copy_tokenizer)
+                if gguf_type is not None:  # before the journal goes: an interrupted conversion can --resume
+                    folder_to_gguf(tmp, gguf_type, tokenizer_from=plan.checkpoints[plan.tokenizer_source]
+                                   if plan.tokenizer_source is not None else None)
                 journal.remove()
                 fault_point("journal-removed")
                 _replace(tmp, out)

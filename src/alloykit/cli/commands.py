@@ -41,7 +41,7 @@ def cmd_merge(args: Namespace) -> int:
         recipe, args.out, recipe_dir=Path(args.recipe).parent, device=device, threads=args.threads, seed=args.seed,
         max_shard_size=args.max_shard_size, allow_pickle=args.allow_pickle, overwrite=args.overwrite, resume=args.resume,
         progress=not args.quiet, fail_on_nonfinite=args.fail_on_nonfinite, budget_bytes=args.memory_budget,
-        copy_tokenizer=args.copy_tokenizer,
+        copy_tokenizer=args.copy_tokenizer, gguf_type=args.gguf_type if args.output_format == "gguf" else None,
     )
     if not args.quiet:
         print(f"merged with {recipe.merge_method} in {time.monotonic() - t0:.1f}s -> {out}")
@@ -241,8 +241,9 @@ def cmd_merge_lora(args: Namespace) -> int:
 
 def cmd_inspect(args: Namespace) -> int:
     from alloykit.io.checkpoint import Checkpoint
+    from alloykit.io.gguf import open_gguf
 
-    ck = Checkpoint(args.model, allow_pickle=args.allow_pickle)
+    ck = open_gguf(Path(args.model), args.model) or Checkpoint(args.model, allow_pickle=args.allow_pickle)
     try:
         infos = list(ck.tensors.values())
         params = sum(t.numel for t in infos)

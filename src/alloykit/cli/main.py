@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--quiet", "-q", action="store_true", help="no progress output")
     m.add_argument("--output-lora", type=int, metavar="RANK",
                    help="write a PEFT LoRA adapter of rank RANK (the merged model minus base_model) instead of the model")
+    m.add_argument("--output-format", choices=["safetensors", "gguf"], default="safetensors",
+                   help="gguf: write the weights as one GGUF file (llama.cpp) of --gguf-type instead of safetensors")
+    m.add_argument("--gguf-type", default="f16", help="with --output-format gguf: f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0 (default f16)")
     m.add_argument("--lora-skip-others", action="store_true",
                    help="with --output-lora: skip changed embeddings and norms instead of saving them as modules_to_save")
     for flag in ("--lazy-unpickle", "--allow-crimes", "--low-cpu-memory", "--read-to-gpu"):
@@ -114,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     from alloykit.cli.search_command import add_parser as add_search  # alloykit search ... (sets func)
 
     add_search(sub)
+    from alloykit.cli.gguf_command import add_parser as add_convert  # alloykit convert (GGUF <-> safetensors)
+
+    add_convert(sub)
+    from alloykit.cli.lm_eval_command import add_parser as add_lm_eval  # alloykit eval MODEL --lm-eval TASKS
+
+    add_lm_eval(sub)
     return ap
 
 
