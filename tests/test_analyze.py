@@ -10,15 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from alloykit.analysis import analyze, layer_of
 from alloykit.cli.main import main
-from alloykit.io.checkpoint import Checkpoint
-
-
-def _state(path) -> dict[str, torch.Tensor]:
-    ck = Checkpoint(path)
-    try:
-        return {n: ck.read(n) for n in ck.tensors}
-    finally:
-        ck.close()
+from alloykit.testing.helpers import read_state as _state
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from alloykit.cli.main import main
 from alloykit.testing.fixtures import LlamaShape, write_family, write_llama
+from alloykit.testing.helpers import run_cli as cli
 
 
 @pytest.fixture(scope="module")
@@ -20,15 +20,9 @@ def fam(tmp_path_factory):
     return root, base, tunes
 
 
-def cli(capsys, *args):
-    code = main([str(a) for a in args])
-    err = capsys.readouterr().err.strip()
-    return code, err
-
-
 def refused(capsys, tmp_path, recipe, *needles, args=()):
     """Merge ``recipe`` into tmp_path/out through the CLI; assert the documented refusal."""
-    code, err = cli(capsys, "merge", recipe, tmp_path / "out", *args)
+    code, _, err = cli(capsys, "merge", recipe, tmp_path / "out", *args)
     assert code == 2, err
     assert err.startswith("alloykit: error: ") and "\n" not in err and "Traceback" not in err, err
     assert len(err) < 600, err
@@ -200,7 +194,7 @@ def test_nonfinite_inputs_warn_or_fail_through_the_cli(fam, tmp_path, capsys):
     sd[name].view(-1)[3] = float("inf")
     save_file(sd, str(shard), metadata={"format": "pt"})
     y = linear_yaml(tmp_path, bad, tunes[1])
-    code, err = cli(capsys, "merge", y, tmp_path / "warned", "-q")
+    code, _, err = cli(capsys, "merge", y, tmp_path / "warned", "-q")
     assert code == 0 and f"alloykit: warning: tensor '{name}': an input holds NaN or Inf (model '{bad}')" in err, err
     refused(capsys, tmp_path, y, f"tensor '{name}'", f"model '{bad}'", "--fail-on-nonfinite", args=["--fail-on-nonfinite"])
 

@@ -16,6 +16,7 @@ from alloykit.io.checkpoint import Checkpoint
 from alloykit.methods import get_method
 from alloykit.methods.emr import emr_unified, pack_bits, task_state_dict, unpack_bits
 from alloykit.methods.registry import MergeInput
+from alloykit.testing.helpers import read_state as _state
 
 
 def test_unified_vector_by_hand():
@@ -60,14 +61,6 @@ def emr_merge(family, tmp_path_factory):
     recipe = {"merge_method": "emr", "base_model": str(base), "models": [{"model": str(t)} for t in tunes], "dtype": "float32"}
     alloykit.merge(recipe, out, progress=False, max_shard_size=100_000)
     return base, tunes, out
-
-
-def _state(path):
-    ck = Checkpoint(path)
-    try:
-        return {n: ck.read(n) for n in ck.tensors}
-    finally:
-        ck.close()
 
 
 def test_load_task_model_is_the_papers_formula(emr_merge):

@@ -9,18 +9,11 @@ from alloykit.io.checkpoint import Checkpoint
 from alloykit.io.lora import LoraCheckpoint
 from alloykit.lora.knots import knots_update
 from alloykit.methods.registry import MergeInput, get_method
-from alloykit.cli.main import main
 from alloykit.testing.fixtures import write_llama
+from alloykit.testing.helpers import run_cli as cli
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
-
-def cli(capsys, *args):
-    """Run the alloykit command in this process: (exit code, stdout, stderr)."""
-    code = main([str(a) for a in args])
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
 
 
 def merger(method, weights, **model_params):

@@ -10,20 +10,12 @@ from safetensors.torch import load_file, save_file
 
 import alloykit
 from alloykit.io.checkpoint import Checkpoint
-from alloykit.cli.main import main
 from alloykit.testing.fixtures import write_llama
+from alloykit.testing.helpers import run_cli as cli
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 LOW_RANK = ("model.layers.0.self_attn.q_proj.weight", "model.layers.2.mlp.down_proj.weight", "lm_head.weight")
-
-def cli(capsys, *args):
-    """Run the alloykit command in this process: (exit code, stdout, stderr)."""
-    code = main([str(a) for a in args])
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 
 @pytest.fixture(scope="module")
 def family(tmp_path_factory):

@@ -8,19 +8,11 @@ import torch
 import yaml
 
 from alloykit.lora.hub import Example, compose, lorahub_search
-from alloykit.cli.main import main
 from alloykit.testing.fixtures import write_llama
+from alloykit.testing.helpers import run_cli as cli
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
-
-def cli(capsys, *args):
-    """Run the alloykit command in this process: (exit code, stdout, stderr)."""
-    code = main([str(a) for a in args])
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 
 def make_examples(targets):
     g = torch.Generator().manual_seed(5)

@@ -2,6 +2,7 @@
 
 import errno
 import fcntl
+import importlib
 import json
 import os
 import pickle
@@ -13,13 +14,14 @@ import pytest
 import torch
 
 import alloykit
-from alloykit.cli.main import main
 from alloykit.errors import CheckpointError, OutputError
 from alloykit.methods.registry import all_methods
 from alloykit.testing.fixtures import LlamaShape, write_family
+from alloykit.testing.helpers import run_cli as cli
 
-merge_mod = sys.modules["alloykit.merge"]
-writer_mod = sys.modules["alloykit.io.writer"]
+# the modules, not the functions of the same names (alloykit.merge is the function)
+merge_mod = importlib.import_module("alloykit.merge")
+writer_mod = importlib.import_module("alloykit.io.writer")
 
 
 @pytest.fixture(scope="module")
@@ -44,11 +46,6 @@ def folder_bytes(folder):
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
-def cli(capsys, *args):
-    code = main([str(a) for a in args])
-    return code, capsys.readouterr().err.strip()
-
-
 @pytest.fixture(scope="module")
 def reference(fam, tmp_path_factory):
     _, base, tunes = fam
@@ -66,11 +63,11 @@ def fake_free(monkeypatch, free):
 def test_space_check_refuses_before_writing(fam, tmp_path, monkeypatch, capsys):
     _, base, tunes = fam
     fake_free(monkeypatch, 10 << 20)  # 10 MB free, the merge needs ~1 MB plus the 64 MB margin
-    code, err = cli(capsys, "merge", recipe_file(tmp_path, base, tunes), tmp_path / "out")
+    code, _, err = cli(capsys, "merge", recipe_file(tmp_path, base, tunes), tmp_path / "out")
     assert code == 2 and "not enough disk space" in err and "GB free" in err and "\n" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"]  # not even a temp folder
     fake_free(monkeypatch, 100 << 20)
-    code, err = cli(capsys, "merge", recipe_file(tmp_path, base, tunes), tmp_path / "out", "-q")
+    code, _, err = cli(capsys, "merge", recipe_file(tmp_path, base, tunes), tmp_path / "out", "-q")
     assert code == 0, err
 
 
@@ -91,7 +88,7 @@ def test_enospc_mid_write_then_resume_is_byte_identical(fam, reference, tmp_path
     _, base, tunes = fam
     y, out = recipe_file(tmp_path, base, tunes), tmp_path / "out"
     monkeypatch.setattr(writer_mod.os, "pwrite", PwriteFault(55, errno.ENOSPC))  # ~30 shard headers, then tensors
-    code, err = cli(capsys, "merge", y, out, "-q", "--max-shard-size", "20KB", "--threads", "1")
+    code, _, err = cli(capsys, "merge", y, out, "-q", "--max-shard-size", "20KB", "--threads", "1")
     assert code == 2 and "No space left on device" in err and "--resume" in err and "\n" not in err, err
     assert not out.exists()
     tmp = tmp_path / ".out.alloykit-tmp"
@@ -101,9 +98,9 @@ def test_enospc_mid_write_then_resume_is_byte_identical(fam, reference, tmp_path
     # resuming needs room only for what is left: refused with less free space than a fresh merge needs
     left = sum(p.stat().st_size for p in reference.glob("*.safetensors")) - sum(r["size"] for r in kept.values())
     fake_free(monkeypatch, (64 << 20) + left + 4096)
-    code, err = cli(capsys, "merge", y, out, "--max-shard-size", "20KB")
+    code, _, err = cli(capsys, "merge", y, out, "--max-shard-size", "20KB")
     assert code == 2 and "not enough disk space" in err
-    code, err = cli(capsys, "merge", y, out, "--max-shard-size", "20KB", "--resume", "-q")
+    code, _, err = cli(capsys, "merge", y, out, "--max-shard-size", "20KB", "--resume", "-q")
     assert code == 0, err
     assert folder_bytes(out) == folder_bytes(reference)
     assert not tmp.exists()
@@ -112,7 +109,7 @@ def test_enospc_mid_write_then_resume_is_byte_identical(fam, reference, tmp_path
 def test_enospc_before_any_shard_finishes_leaves_nothing(fam, tmp_path, monkeypatch, capsys):
     _, base, tunes = fam
     monkeypatch.setattr(writer_mod.os, "pwrite", PwriteFault(0, errno.ENOSPC))
-    code, err = cli(capsys, "merge", recipe_file(tmp_path, base, tunes), tmp_path / "out")
+    code, _, err = cli(capsys, "merge", recipe_file(tmp_path, base, tunes), tmp_path / "out")
     assert code == 2 and "No space left on device" in err and "\n" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"]
 
@@ -124,7 +121,7 @@ def test_eio_on_fsync_is_one_line_and_no_target(fam, tmp_path, monkeypatch, caps
         raise OSError(errno.EIO, os.strerror(errno.EIO))
 
     monkeypatch.setattr(writer_mod.os, "fsync", eio)
-    code, err = cli(capsys, "merge", recipe_file(tmp_path, base, tunes), tmp_path / "out")
+    code, _, err = cli(capsys, "merge", recipe_file(tmp_path, base, tunes), tmp_path / "out")
     assert code == 2 and "Input/output error" in err and "model" in err and "\n" not in err, err
     assert not (tmp_path / "out").exists()
 
@@ -171,7 +168,7 @@ def test_eio_on_tensor_read_is_one_line_exit_2(fam, tmp_path, monkeypatch, capsy
         raise OSError(errno.EIO, os.strerror(errno.EIO))
 
     monkeypatch.setattr(os, "preadv", eio)
-    code, err = cli(capsys, "merge", recipe_file(tmp_path, base, tunes), tmp_path / "out")
+    code, _, err = cli(capsys, "merge", recipe_file(tmp_path, base, tunes), tmp_path / "out")
     assert code == 2 and "read failed: Input/output error" in err and "tensor '" in err and "\n" not in err, err
     assert not (tmp_path / "out").exists()
 
@@ -194,7 +191,7 @@ def test_eio_on_header_read_is_one_line_exit_2(fam, tmp_path, monkeypatch, capsy
             raise OSError(errno.EIO, os.strerror(errno.EIO))
 
     monkeypatch.setattr(fmt, "open", Failing, raising=False)
-    code, err = cli(capsys, "merge", recipe_file(tmp_path, base, tunes), tmp_path / "out")
+    code, _, err = cli(capsys, "merge", recipe_file(tmp_path, base, tunes), tmp_path / "out")
     assert code == 2 and "cannot read: Input/output error" in err and ".safetensors" in err and "\n" not in err, err
     assert not (tmp_path / "out").exists()
 
@@ -207,10 +204,10 @@ def test_existing_target_needs_overwrite(fam, tmp_path, capsys):
     y, out = recipe_file(tmp_path, base, tunes), tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
-    code, err = cli(capsys, "merge", y, out)
+    code, _, err = cli(capsys, "merge", y, out)
     assert code == 2 and "--overwrite" in err and "\n" not in err
     assert (out / "keep.txt").read_text() == "precious"
-    code, err = cli(capsys, "merge", y, out, "--resume")  # resume does not imply overwrite
+    code, _, err = cli(capsys, "merge", y, out, "--resume")  # resume does not imply overwrite
     assert code == 2 and "nothing to resume" in err and (out / "keep.txt").exists()
     assert cli(capsys, "merge", y, out, "-q", "--overwrite")[0] == 0
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
@@ -259,7 +256,7 @@ def test_second_merge_into_the_same_target_is_refused(fam, tmp_path, capsys):
     fcntl.flock(fd, fcntl.LOCK_EX)  # what a running merge holds
     try:
         for extra in ([], ["--resume"], ["--overwrite"]):
-            code, err = cli(capsys, "merge", recipe_file(tmp_path, base, tunes), tmp_path / "out", *extra)
+            code, _, err = cli(capsys, "merge", recipe_file(tmp_path, base, tunes), tmp_path / "out", *extra)
             assert code == 2 and "another alloykit merge" in err and "\n" not in err, err
             assert (tmp / "alloykit_journal.json").read_text() == "{}" and not (tmp_path / "out").exists()
     finally:
@@ -287,9 +284,9 @@ def test_pickle_refused_unless_allowed_and_never_executes(fam, tmp_path, capsys)
     evil_pickle(tmp_path / "evil", marker)
     y = tmp_path / "r.yaml"
     y.write_text(json.dumps(recipe(base, [tmp_path / "evil", tunes[0]])))
-    code, err = cli(capsys, "merge", y, tmp_path / "out")
+    code, _, err = cli(capsys, "merge", y, tmp_path / "out")
     assert code == 2 and "--allow-pickle" in err and "pytorch_model.bin" in err and "\n" not in err
-    code, err = cli(capsys, "merge", y, tmp_path / "out", "--allow-pickle")
+    code, _, err = cli(capsys, "merge", y, tmp_path / "out", "--allow-pickle")
     assert code == 2 and "weights_only=True" in err and "\n" not in err, err
     assert not marker.exists() and not (tmp_path / "out").exists()
     # the same payload through the Python API

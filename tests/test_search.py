@@ -19,21 +19,13 @@ from safetensors.torch import load_file, save_file
 
 from alloykit.cli.main import main
 from alloykit.config import load_recipe
-from alloykit.io.checkpoint import Checkpoint
-from alloykit.search.adamerging import HeadEntropy, TaskVectorModel, adamerging, softmax_entropy
+from alloykit.search.adamerging import SuiteEntropy, TaskVectorModel, adamerging, softmax_entropy
 from alloykit.search.soups import greedy_soup
+from alloykit.testing.helpers import read_state as _state
 
 TOY = "search_toy"
 LN_BIAS = "encoder.layer.1.output.LayerNorm.bias"  # the last LayerNorm: its output is last_hidden_state
 WORDS = "alpha beta gamma delta river stone cloud green quick slow bright dark small large open closed".split()
-
-
-def _state(path) -> dict[str, torch.Tensor]:
-    ck = Checkpoint(path)
-    try:
-        return {n: ck.read(n) for n in ck.tensors}
-    finally:
-        ck.close()
 
 
 def _tiny_bert():
@@ -110,15 +102,15 @@ def test_greedy_soup_leaves_out_the_ingredient_that_hurts():
 
 
 def _toy_objective(toy):
-    from alloykit.eval.model import base_model_path, load_encoder, load_tokenizer
-    from alloykit.search.inputs import encode_unlabelled, load_heads, resolve, task_texts
+    """The toy task bound to the base, its head found in e1x4's heads.safetensors (as `search --task` does)."""
+    from alloykit.eval.loading import load_model, model_folder
+    from alloykit.eval.suite import TaskSuite
+    from alloykit.eval.tasks import get_task
 
     root, f = toy
-    encoder = load_encoder(root / "base")
-    _, texts = task_texts([TOY], "val", 64)
-    data = [encode_unlabelled(load_tokenizer(base_model_path()), texts[0], 32)]
-    heads = load_heads([resolve(f["e1x4"])], [TOY])
-    return encoder, HeadEntropy(encoder, heads, data, [TOY])
+    model = load_model(model_folder(root / "base"))
+    suite = TaskSuite(model, [get_task(TOY)], heads_from=[model_folder(f["e1x4"])])
+    return model.module, SuiteEntropy(suite, "validation", 64)
 
 
 def test_adamerging_moves_toward_the_confident_task_vector(toy):
@@ -140,9 +132,12 @@ def test_adamerging_moves_toward_the_confident_task_vector(toy):
         ref.encoder.layer[1].output.LayerNorm.bias[1] += float(lam[1]) * 1.0
         from alloykit.eval.model import forward
 
+        from alloykit.eval.heads import linear_heads
+
+        head = linear_heads(f["e1x4"] / "heads.safetensors")[TOY]
         data = objective.data[0]
         ids, mask = data.batch(torch.arange(len(data)))
-        h = softmax_entropy(objective.heads[0](forward(ref, ids, mask))).mean()
+        h = softmax_entropy(head(forward(ref, ids, mask))).mean()
     assert res.entropy_final == pytest.approx(float(h), abs=1e-5)
     # layer-wise: only the LayerNorm bias of the confident model has a gradient
     res = adamerging(tv, objective, granularity="layer", steps=10, lr=0.05, batch_size=16)

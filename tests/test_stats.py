@@ -3,7 +3,9 @@ collect -> merge end to end on tiny Llama-shaped and BERT checkpoints."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 
 import pytest
 import torch
@@ -206,7 +208,7 @@ def test_evaluate_reports_the_mean_next_token_loss(tmp_path, capsys):
     data.write_text("first held-out text\n\nsecond, longer held-out text\n")
     rc, out = _run(["stats", "evaluate", str(ft1), "--data", str(data), "--json"], capsys)
     assert rc == 0, out.err
-    r = json.loads(out.out)
+    r = json.loads(out.out)["results"][0]
     model = AutoModelForCausalLM.from_pretrained(str(ft1), dtype=torch.float32).eval()
     nll, n = 0.0, 0
     with torch.no_grad():
@@ -215,7 +217,8 @@ def test_evaluate_reports_the_mean_next_token_loss(tmp_path, capsys):
             logits = model(input_ids=ids[None]).logits[0, :-1]
             nll += float(torch.nn.functional.cross_entropy(logits, ids[1:], reduction="sum"))
             n += len(ids) - 1
-    assert r["examples"] == 2 and r["positions"] == n
-    assert r["loss"] == pytest.approx(nll / n, rel=1e-5)
+    assert r["n"] == 2 and r["tokens"] == n and r["metric"] == "perplexity"
+    assert r["loss"] == pytest.approx(nll / n, rel=1e-5) and r["perplexity"] == pytest.approx(math.exp(nll / n), rel=1e-5)
+    assert r["data"]["sha256"] == hashlib.sha256(data.read_bytes()).hexdigest() and r["data"]["used"] == 2
     rc, out = _run(["stats", "evaluate", str(tmp_path / "missing"), "--data", str(data)], capsys)
-    assert rc == 2 and "is not a folder" in out.err
+    assert rc == 2 and "no such file or folder" in out.err

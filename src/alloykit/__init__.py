@@ -1,10 +1,61 @@
-"""alloykit: streaming, verified model merging."""
+"""alloykit: streaming, verified model merging.
+
+This module is the package's composition root. It names the public API, whose modules
+load on first use (PEP 562), so that ``import alloykit`` and light commands such as
+``alloykit --help`` start without importing torch; and it wires the features that plug
+into the core (planning steps, ``alloykit.plan.steps``) without the core importing them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+
+from alloykit.plan.steps import register_plan_step
 
 __version__ = "0.1.0"
 
-from alloykit.config import Recipe, load_recipe, parse_recipe  # noqa: E402
-from alloykit.errors import AlloyError  # noqa: E402
-from alloykit.merge import merge, merge_state_dicts, plan_recipe  # noqa: E402
-from alloykit.methods.emr import load_task_model  # noqa: E402
+#: public name -> the module that defines it
+_API = {
+    "AlloyError": "alloykit.errors",
+    "Recipe": "alloykit.config",
+    "load_recipe": "alloykit.config",
+    "parse_recipe": "alloykit.config",
+    "merge": "alloykit.merge",
+    "merge_state_dicts": "alloykit.merge",
+    "plan_recipe": "alloykit.merge",
+    "load_task_model": "alloykit.methods.emr",
+}
 
-__all__ = ["AlloyError", "Recipe", "load_recipe", "load_task_model", "merge", "merge_state_dicts", "parse_recipe", "plan_recipe", "__version__"]
+__all__ = sorted([*_API, "__version__"])
+
+# data-dependent methods (``needs_stats``) read each model's statistics: attached at plan time
+register_plan_step("stats", "alloykit.stats.attach:attach_stats_step", applies=lambda spec: spec.needs_stats is not None,
+                   replace=True)
+
+
+def __getattr__(name: str):
+    if name in _API:
+        value = getattr(importlib.import_module(_API[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'alloykit' has no attribute '{name}'")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_API))
+
+
+class _Package(types.ModuleType):
+    """``alloykit.merge`` is the function, although a submodule has that name too: when the
+    import system binds the submodule on the package, the function is bound instead (the
+    module stays reachable as ``sys.modules['alloykit.merge']`` and ``from alloykit.merge import``)."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if isinstance(value, types.ModuleType) and _API.get(name) == value.__name__:
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -17,13 +17,13 @@ import torch
 
 from alloykit import __version__
 from alloykit.plan.planner import Plan
+from alloykit.roles import LAYER_COUNT_KEYS
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
     "tokenizer.model", "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "chat_template.jinja",
     "chat_template.json", "preprocessor_config.json",
 )
-_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
@@ -39,7 +39,7 @@ def write_metadata(plan: Plan, out: Path, *, copy_tokenizer: bool = True) -> Non
     config = cfg_ck.config() if cfg_ck is not None else None
     if config is not None:
         if plan.num_layers_out is not None:
-            for key in _LAYER_KEYS:
+            for key in LAYER_COUNT_KEYS:
                 if key in config:
                     config[key] = plan.num_layers_out
         out_dtypes = {j.out_dtype for j in plan.jobs if j.out_dtype.is_floating_point}

@@ -13,7 +13,7 @@ from typing import Any, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from alloykit.errors import RecipeError, did_you_mean
+from alloykit.errors import AlloyError, RecipeError, did_you_mean
 
 Scalar = Union[bool, int, float, str]
 
@@ -217,15 +217,15 @@ class _RecipeLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def _check_size(data: Any) -> None:
+def _check_size(data: Any, what: str = "recipe", error: type[AlloyError] = RecipeError) -> None:
     """Refuse documents that expand past MAX_RECIPE_NODES (counted without expanding them)."""
     stack, count = [data], 0
     while stack:
         item = stack.pop()
         count += 1
         if count > MAX_RECIPE_NODES:
-            raise RecipeError(
-                f"recipe holds more than {MAX_RECIPE_NODES} values once YAML aliases (*name) are expanded; "
+            raise error(
+                f"{what} holds more than {MAX_RECIPE_NODES} values once YAML aliases (*name) are expanded; "
                 "write it out without nested or recursive aliases"
             )
         if isinstance(item, dict):
@@ -247,20 +247,27 @@ def parse_recipe(data: Any) -> Recipe:
         raise RecipeError(_format_validation_error(err)) from None
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """Read and validate a YAML recipe (``yaml.safe_load``: tags that build objects are refused)."""
+def load_yaml(path: str | Path, *, what: str = "recipe file", error: type[AlloyError] = RecipeError) -> Any:
+    """Read one YAML document with the recipe's guards: safe tags only, no key twice in a mapping,
+    no alias bomb. Errors name ``what`` and the file, and are raised as ``error``."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise RecipeError(f"recipe file '{path}' does not exist") from None
+        raise error(f"{what} '{path}' does not exist") from None
     except (OSError, UnicodeDecodeError) as err:
-        raise RecipeError(f"recipe file '{path}' cannot be read: {err}") from None
+        raise error(f"{what} '{path}' cannot be read: {err}") from None
     try:
         data = yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise RecipeError(f"recipe file '{path}': invalid YAML{where}: {problem}") from None
-    return parse_recipe(data)
+        raise error(f"{what} '{path}': invalid YAML{where}: {problem}") from None
+    _check_size(data, f"{what} '{path}'", error)
+    return data
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a YAML recipe (``yaml.safe_load``: tags that build objects are refused)."""
+    return parse_recipe(load_yaml(path))

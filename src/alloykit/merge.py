@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import logging
 import os
 import shutil
 import signal
-import sys
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -26,6 +26,8 @@ from alloykit.io.side import SideOutputs
 from alloykit.io.writer import ShardedWriter, ShardLayout, plan_shards
 from alloykit.plan.executor import DEFAULT_BUDGET, run_jobs
 from alloykit.plan.planner import Plan, make_plan
+
+_log = logging.getLogger(__name__)
 
 DEFAULT_SHARD_SIZE = 5_000_000_000
 TMP_MARK = ".alloykit-tmp"
@@ -137,7 +139,7 @@ def merge(
             kept = f"{len(journal.shards)} finished shard(s) are kept in '{tmp}': rerun with --resume to continue, or delete it"
             if isinstance(err, KeyboardInterrupt):
                 if progress:
-                    print(f"alloykit: {kept}", file=sys.stderr)
+                    _log.warning(kept)
                 raise
             raise type(err)(f"{err}; {kept}") from None
         except BaseException:
@@ -190,7 +192,7 @@ def _start(plan: Plan, shards: list[ShardLayout], tmp: Path, resume: bool, progr
         if why and (tmp / JOURNAL).exists():
             raise OutputError(f"cannot resume from '{tmp}': {why}; rerun without --resume to start over")
         if resume and progress:
-            print(f"alloykit: resuming: {len(journal.shards)} of {len(shards)} shards already complete", file=sys.stderr)
+            _log.info(f"resuming: {len(journal.shards)} of {len(shards)} shards already complete")
         keep = set(journal.shards) | ({JOURNAL} if journal.shards else set())
         for p in tmp.iterdir():  # leftovers of an interrupted run, or all of it when not resuming
             if p.name not in keep:

@@ -16,7 +16,6 @@ tensors (dot products, counts, magnitudes), accumulated per layer and for the mo
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,19 +25,18 @@ import torch
 from alloykit.errors import CheckpointError, PlanError
 from alloykit.io.checkpoint import Checkpoint
 from alloykit.ops.sparsify import magnitude_mask
+from alloykit.roles import role_of
 
 CHUNK = 1 << 20
-_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
 
 
 def layer_of(name: str) -> str:
-    """Group of a tensor: ``layer N`` for the repeated blocks, else embeddings / other."""
-    m = _LAYER_RE.search(name)
-    if m:
-        return f"layer {int(m.group(1))}"
-    if "embed" in name or "wte" in name or "wpe" in name:
-        return "embeddings"
-    return "other"
+    """Group of a tensor: ``layer N`` for the repeated blocks, ``embeddings`` for what comes
+    before them (the tables and their norm), else ``other`` (final norm, heads)."""
+    role = role_of(name)
+    if role.layer is not None:
+        return f"layer {role.layer}"
+    return "embeddings" if role.section == "pre" else "other"
 
 
 def _sort_key(group: str) -> tuple[int, int]:

@@ -2,6 +2,11 @@
 
 User mistakes (AlloyError) print one line and exit 2; anything else is a bug and
 keeps its traceback.
+
+Every subcommand is registered one way: its parser sets ``func`` (``set_defaults``),
+the function ``main`` calls. The command modules import only argparse-level things at
+the top; each command imports the library it runs when it runs, so ``alloykit --help``
+starts without torch.
 """
 
 from __future__ import annotations
@@ -11,7 +16,10 @@ import re
 import sys
 import warnings
 
+from alloykit import __version__
+from alloykit.cli import analyze_command, commands, eval_command, gguf_command, search_command, stats_command
 from alloykit.errors import AlloyError
+from alloykit.progress import show_logs
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
 
@@ -35,7 +43,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="alloykit", description="Merge fine-tuned models in weight space, streaming, tensor by tensor.")
-    ap.add_argument("--version", action="version", version=_version())
+    ap.add_argument("--version", action="version", version=f"alloykit {__version__}")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     m = sub.add_parser("merge", help="run a recipe and write the merged model folder")
@@ -65,20 +73,24 @@ def build_parser() -> argparse.ArgumentParser:
     for flag in ("--lazy-unpickle", "--allow-crimes", "--low-cpu-memory", "--read-to-gpu"):
         m.add_argument(flag, action="store_true", help=argparse.SUPPRESS)  # mergekit flags: accepted, no effect here
     _add_model_args(m)
+    m.set_defaults(func=commands.cmd_merge)
 
     p = sub.add_parser("plan", help="dry run: list every tensor job; reads headers only")
     p.add_argument("recipe")
     p.add_argument("--seed", type=int)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     _add_model_args(p)
+    p.set_defaults(func=commands.cmd_plan)
 
     v = sub.add_parser("validate", help="check the recipe and every input's headers; prints OK or the problem")
     v.add_argument("recipe")
     _add_model_args(v)
+    v.set_defaults(func=commands.cmd_validate)
 
     me = sub.add_parser("methods", help="list merge methods, or one method's parameters")
     me.add_argument("name", nargs="?")
     me.add_argument("--markdown", action="store_true", help="print the full reference of every method as Markdown")
+    me.set_defaults(func=commands.cmd_methods)
 
     x = sub.add_parser("extract-lora", help="approximate a fine-tune's delta from its base as a PEFT LoRA adapter")
     x.add_argument("finetuned")
@@ -89,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--device", default="cpu")
     x.add_argument("--per-layer", action="store_true", help="print each layer's relative reconstruction error")
     _add_model_args(x)
+    x.set_defaults(func=commands.cmd_extract_lora)
 
     ml = sub.add_parser("merge-lora", help="merge LoRA adapters of one base into one PEFT adapter")
     ml.add_argument("adapters", nargs="+", help="adapter folders, then the output folder (only the output with --recipe)")
@@ -102,44 +115,26 @@ def build_parser() -> argparse.ArgumentParser:
     ml.add_argument("--rank", type=int, help="rank of the merged adapter (all methods but cat)")
     ml.add_argument("--density", type=float, help="per-adapter density for trimming methods")
     ml.add_argument("--seed", type=int, default=0)
+    ml.set_defaults(func=commands.cmd_merge_lora)
 
     i = sub.add_parser("inspect", help="tensors, shapes, dtypes, shards and parameter count of a model")
     i.add_argument("model")
     i.add_argument("--tensors", action="store_true", help="list every tensor")
     _add_model_args(i)
+    i.set_defaults(func=commands.cmd_inspect)
 
-    from alloykit.cli.analyze_command import add_parser as add_analyze  # its own module (sets func)
-
-    add_analyze(sub)
-    from alloykit.cli.stats_command import add_parser as add_stats
-
-    add_stats(sub)
-    from alloykit.cli.search_command import add_parser as add_search  # alloykit search ... (sets func)
-
-    add_search(sub)
-    from alloykit.cli.gguf_command import add_parser as add_convert  # alloykit convert (GGUF <-> safetensors)
-
-    add_convert(sub)
-    from alloykit.cli.lm_eval_command import add_parser as add_lm_eval  # alloykit eval MODEL --lm-eval TASKS
-
-    add_lm_eval(sub)
+    # commands with their own module: each adds its parser(s), with ``func`` set the same way
+    for module in (analyze_command, stats_command, search_command, eval_command, gguf_command):
+        module.add_parser(sub)
     return ap
-
-
-def _version() -> str:
-    from alloykit import __version__
-
-    return f"alloykit {__version__}"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.showwarning = lambda msg, *a, **k: print(f"alloykit: warning: {msg}", file=sys.stderr)
-    from alloykit.cli import commands
-
+    show_logs()  # the library's messages (alloykit.* loggers) as 'alloykit: ...' lines on stderr
     try:
-        fn = getattr(args, "func", None) or getattr(commands, "cmd_" + args.command.replace("-", "_"))
-        return fn(args) or 0
+        return args.func(args) or 0
     except AlloyError as err:
         print(f"alloykit: error: {err}", file=sys.stderr)
         return err.exit_code

@@ -5,17 +5,24 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from alloykit.cli.data_args import DATA_HELP, TASK_HELP, add_max_len, add_model_args
 from alloykit.errors import AlloyError
 
 
-def _common(p, *, data: bool) -> None:
-    p.add_argument("--base", required=True, help="the base model the fine-tunes share")
+def _common(p, *, data: bool, base_required: bool = True) -> None:
+    p.add_argument("--base", required=base_required,
+                   help="the base model the fine-tunes share" + ("" if base_required else
+                                                                " (default: the first model, for its architecture)"))
     p.add_argument("--models", nargs="+", required=True,
-                   help="fine-tuned model folders (benchmark fine-tune folders holding encoder/ and heads.safetensors)")
+                   help="fine-tuned model folders of one layout (sequence-classification or causal LM folders, encoders, "
+                        "or quality benchmark fine-tune folders holding encoder/ and heads.safetensors)")
     p.add_argument("--task", "--tasks", nargs="+", dest="tasks", required=not data,
-                   help="eval registry tasks (their heads come from the models' heads.safetensors)")
+                   help=TASK_HELP + "; only their validation split is read. Heads: each task file's 'head:', else the "
+                        "models' heads.safetensors holding the task's key, else the merged model's own head")
     if data:
-        p.add_argument("--data", nargs="+", help="causal LM: .txt (one text per line) or .jsonl files, one per data set")
+        p.add_argument("--data", nargs="+", help="unlabelled data files instead of tasks, one per data set: " + DATA_HELP)
+    add_max_len(p, causal=128)
+    add_model_args(p, head=False)
     p.add_argument("--out", required=True, help="the recipe YAML to write")
 
 
@@ -37,17 +44,16 @@ def add_parser(sub) -> None:
                    help="coefficients are clamped to [LO, HI] after every step (default 0 1)")
     a.add_argument("--samples", type=int, default=64, help="unlabelled inputs per task or data file (default 64; 0: all)")
     a.add_argument("--batch-size", type=int, default=16, help="inputs per task per step (default 16)")
-    a.add_argument("--max-len", type=int, help="tokens per input (default 32 for tasks, 128 for text files)")
     a.add_argument("--seed", type=int, default=0, help="seed of the batch sampling (default 0)")
     a.add_argument("--quiet", "-q", action="store_true")
     a.set_defaults(func=cmd_adamerging)
 
-    g = ss.add_parser("greedy-soup", help="greedy soup: add models to a uniform average while validation accuracy holds")
-    _common(g, data=False)
+    g = ss.add_parser("greedy-soup", help="greedy soup: add models to a uniform average while the validation score holds")
+    _common(g, data=False, base_required=False)
     g.set_defaults(func=cmd_greedy_soup)
 
     u = ss.add_parser("uniform-soup", help="uniform soup: the average of every model (a linear recipe)")
-    _common(u, data=False)
+    _common(u, data=False, base_required=False)
     u.set_defaults(func=cmd_uniform_soup)
     for action in u._actions:  # scoring is optional for the uniform soup
         if action.dest == "tasks":
@@ -62,6 +68,10 @@ def _write(out: str, text: str) -> None:
     print(f"wrote {out}; merge it with: alloykit merge {out} OUT_FOLDER")
 
 
+def _model_kw(args) -> dict:
+    return {"model_class": args.model_class, "pooling": args.pooling, "max_len": args.max_len}
+
+
 def cmd_adamerging(args) -> int:
     from alloykit.search.run import adamerging_search
 
@@ -69,7 +79,7 @@ def cmd_adamerging(args) -> int:
     text, res = adamerging_search(args.base, args.models, tasks=args.tasks, data=args.data, granularity=args.granularity,
                                   steps=args.steps, lr=args.lr, init=args.init, clamp=tuple(args.clamp),
                                   samples=args.samples or None, batch_size=args.batch_size, seed=args.seed,
-                                  max_len=args.max_len, log=log)
+                                  log=log, **_model_kw(args))
     print(f"entropy {res.entropy_init:.4f} -> {res.entropy_final:.4f}")
     _write(args.out, text)
     return 0
@@ -78,7 +88,7 @@ def cmd_adamerging(args) -> int:
 def cmd_greedy_soup(args) -> int:
     from alloykit.search.run import greedy_soup_search
 
-    text, res = greedy_soup_search(args.base, args.models, args.tasks)
+    text, res = greedy_soup_search(args.base, args.models, args.tasks, **_model_kw(args))
     print(f"greedy soup: {len(res['chosen'])} of {len(args.models)} models, validation score {res['score']:.4f}")
     _write(args.out, text)
     return 0
@@ -87,7 +97,7 @@ def cmd_greedy_soup(args) -> int:
 def cmd_uniform_soup(args) -> int:
     from alloykit.search.run import uniform_soup_recipe
 
-    text, res = uniform_soup_recipe(args.base, args.models, args.tasks)
+    text, res = uniform_soup_recipe(args.base, args.models, args.tasks, **_model_kw(args))
     if res["score"] is not None:
         print(f"uniform soup of {len(args.models)} models: validation score {res['score']:.4f}")
     _write(args.out, text)

@@ -24,8 +24,7 @@ from safetensors.torch import save_file
 
 from alloykit.errors import AlloyError, OutputError
 from alloykit.io.checkpoint import Checkpoint
-
-EMBEDDING_HINTS = ("embed", "wte", "wpe", "word_embeddings", "position_embeddings")
+from alloykit.roles import role_of
 
 
 @dataclass
@@ -150,7 +149,11 @@ def extract_tensor(name: str, delta: torch.Tensor, rank: int, tensors: dict[str,
     module = name.removesuffix(".weight")
     if norm == 0:
         return LayerReport(name, shape, "skipped", 0.0)
-    if delta.dim() == 2 and name.endswith(".weight") and not any(h in name for h in EMBEDDING_HINTS):
+    # embedding tables (token, position, token-type) are saved whole: PEFT adapts them with another
+    # layout, and a fine-tune moves the rows of the tokens it saw, which a low rank fits badly. The
+    # output head is a linear map that PEFT adapts like any other (subspace merging instead treats
+    # it as an embedding: it averages it, see methods/subspace.py)
+    if delta.dim() == 2 and name.endswith(".weight") and not role_of(name).is_embedding:
         b, a = low_rank(delta, rank)
         err = float(torch.linalg.vector_norm(delta - b @ a)) / norm
         store_factors(tensors, name, b, a)

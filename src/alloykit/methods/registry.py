@@ -9,19 +9,33 @@ Methods register themselves where they are defined::
     @register("linear", params=LinearParams, model_params=WeightParams, base="ignored")
     def linear(x: MergeInput) -> torch.Tensor:
         '''Weighted average ...'''
+
+Methods of other distributions (plugins) are found through the entry-point group
+``alloykit.methods``: each entry point names a module or an object whose import runs
+its ``@register`` (or a ``MethodSpec``), and its name is the method's. They load the
+first time a recipe names a method alloykit does not define, or when every method is
+listed (docs/plugins.md has a worked example).
 """
 
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from importlib.metadata import entry_points
 from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
 
 from alloykit.errors import RecipeError, did_you_mean
+from alloykit.roles import TensorRole, role_of
+
+_log = logging.getLogger(__name__)
+
+#: the entry-point group of plugin methods
+ENTRY_POINT_GROUP = "alloykit.methods"
 
 BasePolicy = Literal["required", "optional", "ignored"]
 #: statistics a data-dependent method reads besides the weights (``alloykit stats collect``):
@@ -47,7 +61,9 @@ class MergeInput:
     ``tensors`` stacks the K non-base inputs along dim 0 (float32, on the compute
     device); ``base`` is the base model's tensor or None; ``params`` holds the shared
     parameters and ``model_params`` one entry per input, both already resolved for
-    this tensor (filters and layer gradients applied) and validated.
+    this tensor (filters and layer gradients applied) and validated. ``role`` says what
+    the tensor is (``alloykit.roles``): a method that treats embeddings, heads or norms
+    differently reads it, never the name.
     """
 
     name: str
@@ -68,6 +84,12 @@ class MergeInput:
     stats_norms: torch.Tensor | None = None
     #: side outputs of a method declared ``side_outputs`` (group -> this tensor's entry), see ``emit``
     side: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: the tensor's role, as the planner tagged it (from the name, when called directly)
+    role: TensorRole | None = None
+
+    def __post_init__(self) -> None:
+        if self.role is None:
+            self.role = role_of(self.name)
 
     @property
     def k(self) -> int:
@@ -170,15 +192,54 @@ def register(
     return deco
 
 
-def _ensure_loaded() -> None:
-    import alloykit.methods  # noqa: F401  (importing the package registers every family)
+# The built-in families need no loading step: this module is inside ``alloykit.methods``, whose
+# ``__init__`` imports every family (registering it) before anyone can import this module.
+
+#: plugin entry points that failed to load: name -> why (their methods are reported, not registered)
+_PLUGIN_ERRORS: dict[str, str] = {}
+_plugins_loaded = False
+
+
+def load_plugins(*, reload: bool = False) -> dict[str, str]:
+    """Import every ``alloykit.methods`` entry point (once; ``reload`` looks again, e.g. after
+    sys.path changed). A plugin that fails to import, or registers no method of its entry
+    point's name, is logged and skipped: it cannot break the built-in methods. Returns the
+    failures (entry point name -> reason)."""
+    global _plugins_loaded
+    if _plugins_loaded and not reload:
+        return dict(_PLUGIN_ERRORS)
+    _plugins_loaded = True
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        dist = getattr(ep.dist, "name", None) or "?"
+        if ep.name in _REGISTRY:  # loaded before, or a built-in name (which a plugin cannot replace)
+            if _REGISTRY[ep.name].fn.__module__.startswith("alloykit.methods.") and ep.name not in _PLUGIN_ERRORS:
+                _PLUGIN_ERRORS[ep.name] = f"plugin '{ep.value}' (distribution {dist}) names built-in method '{ep.name}'; ignored"
+                _log.warning(_PLUGIN_ERRORS[ep.name])
+            continue
+        try:
+            obj = ep.load()
+        except Exception as err:  # a broken plugin: report it, keep the rest
+            _PLUGIN_ERRORS[ep.name] = f"plugin '{ep.value}' (distribution {dist}) failed to import: {type(err).__name__}: {err}"
+            _log.warning(_PLUGIN_ERRORS[ep.name])
+            continue
+        if isinstance(obj, MethodSpec) and obj.name not in _REGISTRY:
+            _REGISTRY[obj.name] = obj
+        if ep.name not in _REGISTRY:
+            _PLUGIN_ERRORS[ep.name] = (f"plugin '{ep.value}' (distribution {dist}) registered no method named "
+                                       f"'{ep.name}'; name the entry point after its @register name")
+            _log.warning(_PLUGIN_ERRORS[ep.name])
+    return dict(_PLUGIN_ERRORS)
 
 
 def get_method(name: str) -> MethodSpec:
-    _ensure_loaded()
+    """The method ``name``: built in, else from a plugin (entry point group ``alloykit.methods``)."""
+    if name not in _REGISTRY:
+        load_plugins()
     try:
         return _REGISTRY[name]
     except KeyError:
+        if name in _PLUGIN_ERRORS:
+            raise RecipeError(f"merge_method '{name}': {_PLUGIN_ERRORS[name]}") from None
         raise RecipeError(
             f"unknown merge_method '{name}'{did_you_mean(name, _REGISTRY)}; "
             f"run 'alloykit methods' to list the {len(_REGISTRY)} methods"
@@ -186,5 +247,6 @@ def get_method(name: str) -> MethodSpec:
 
 
 def all_methods() -> dict[str, MethodSpec]:
-    _ensure_loaded()
+    """Every method: the built-in ones and those of installed plugins."""
+    load_plugins()
     return dict(sorted(_REGISTRY.items()))

@@ -4,9 +4,9 @@ Every method here is a pure per-tensor function on task vectors ``tau_i = theta_
 (CART: on the fine-tunes themselves, centred on their mean).
 
 Matrix methods (``tsv_m``, ``iso_c``, ``iso_cts``, ``cart``) apply their SVD treatment to
-2-D weights only. Every other tensor (1-D norms and biases, 0-d and N-D tensors) and every
-embedding matrix (a name containing ``embed``, ``lm_head``, ``wte`` or
-``word_embeddings``) falls back to one shared rule, ``average_fallback``:
+2-D weights only. Every other tensor (1-D norms and biases, 0-d and N-D tensors), every
+embedding table (token, position, token-type) and the output head (``x.role``, see
+``alloykit.roles``) falls back to one shared rule, ``average_fallback``:
 
     merged = theta_0 + scale * mean_i tau_i
 
@@ -27,9 +27,7 @@ import torch
 from pydantic import Field
 
 from alloykit.methods.registry import MergeInput, NoParams, Params, register
-
-#: name fragments that mark an embedding / output-embedding matrix (no SVD treatment)
-EMBEDDING_NAMES = ("embed", "lm_head", "wte", "word_embeddings")
+from alloykit.roles import Kind
 
 # --------------------------------------------------------------------------------------
 # Shared parts
@@ -37,11 +35,16 @@ EMBEDDING_NAMES = ("embed", "lm_head", "wte", "word_embeddings")
 
 
 def is_matrix_weight(x: MergeInput) -> bool:
-    """True for a 2-D weight that is not an embedding: the tensors the matrix methods decompose."""
+    """True for a 2-D weight that is not an embedding: the tensors the matrix methods decompose.
+
+    The output head counts as an embedding here (a [vocab, hidden] table, tied to the token
+    embedding in many models): the papers (TSV, Iso-C, CART) decompose the layers' linear
+    maps, and their code averages what is not one. Position embeddings are tables too
+    (GPT-2's ``wpe`` was decomposed before roles, unlike BERT's ``position_embeddings``).
+    """
     if x.tensors.dim() != 3:  # [K, m, n]
         return False
-    name = x.name.lower()
-    return not any(part in name for part in EMBEDDING_NAMES)
+    return not (x.role.is_embedding or x.role.kind is Kind.OUTPUT_HEAD)
 
 
 def average_fallback(x: MergeInput, scale: float) -> torch.Tensor:

@@ -28,7 +28,6 @@ import math
 import os
 import sys
 import threading
-import time
 import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -39,6 +38,7 @@ from alloykit.errors import NonFiniteError
 from alloykit.io.checkpoint import Checkpoint
 from alloykit.methods.registry import MergeInput
 from alloykit.plan.planner import Plan, TensorJob, tensor_seed
+from alloykit.progress import Progress
 
 Sink = Callable[[str, torch.Tensor], None]
 #: receives a job's side outputs (group -> tensor) for methods declared ``side_outputs``
@@ -142,7 +142,8 @@ def compute_job(
         stats = torch.stack([cks[s.model].read(s.tensor).to(device, torch.float32) for s in job.stats])
     if plan.stats_norms is not None:
         norms = torch.tensor(plan.stats_norms, dtype=torch.float32, device=device)
-    x = MergeInput(job.name, stack, base, job.params, job.model_params, gen, owned=True, stats=stats, stats_norms=norms)
+    x = MergeInput(job.name, stack, base, job.params, job.model_params, gen, owned=True, stats=stats, stats_norms=norms,
+                   role=job.role)
     result = plan.method.fn(x)
     if tuple(result.shape) != tuple(job.shape):
         raise AssertionError(f"method {plan.method.name} returned shape {list(result.shape)} for '{job.name}' {list(job.shape)}")
@@ -194,7 +195,7 @@ def _compute_blocks(plan: Plan, job: TensorJob, step: int, fail_on_nonfinite: bo
                 bad[label] = where or True
                 if fail_on_nonfinite:  # the whole-tensor path raises before computing, too
                     _nonfinite(f"tensor '{job.name}': {label} holds NaN or Inf{where}", True)
-        x = MergeInput(job.name, stack, b, job.params, job.model_params, None, owned=True)
+        x = MergeInput(job.name, stack, b, job.params, job.model_params, None, owned=True, role=job.role)
         res = plan.method.fn(x)
         if tuple(res.shape) != tuple(stack.shape[1:]):
             raise AssertionError(f"method {plan.method.name} returned shape {list(res.shape)} for a block of '{job.name}' {list(stack.shape[1:])}")
@@ -230,40 +231,6 @@ def _nonfinite(msg: str, fail: bool) -> None:
     warnings.warn(msg, stacklevel=3)
 
 
-class Progress:
-    """Tensors and bytes done, rate and time left, on stderr (rate-limited)."""
-
-    def __init__(self, total_jobs: int, total_bytes: int, enabled: bool = True, stream=None):
-        self.total_jobs, self.total_bytes = total_jobs, max(total_bytes, 1)
-        self.jobs = self.bytes = 0
-        self.enabled = enabled
-        self.stream = stream or sys.stderr
-        self.start = self._last = time.monotonic()
-        self._lock = threading.Lock()
-        self._tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-
-    def update(self, nbytes: int) -> None:
-        with self._lock:
-            self.jobs += 1
-            self.bytes += nbytes
-            now = time.monotonic()
-            interval = 0.2 if self._tty else 5.0
-            if self.enabled and (now - self._last >= interval or self.jobs == self.total_jobs):
-                self._last = now
-                self._print(now)
-
-    def _print(self, now: float) -> None:
-        el = max(now - self.start, 1e-9)
-        rate = self.bytes / el
-        left = (self.total_bytes - self.bytes) / rate if rate > 0 else 0.0
-        line = (
-            f"[{self.jobs}/{self.total_jobs} tensors] {self.bytes / 1e9:.2f}/{self.total_bytes / 1e9:.2f} GB "
-            f"{rate / 1e6:.0f} MB/s, {el:.0f}s elapsed, ~{left:.0f}s left"
-        )
-        end = "\n" if (not self._tty or self.jobs == self.total_jobs) else ""
-        print(("\r" if self._tty else "") + line, end=end, file=self.stream, flush=True)
-
-
 def run_jobs(
     plan: Plan,
     sink: Sink,
@@ -288,21 +255,25 @@ def run_jobs(
         with _tuned_malloc():
             if threads > 1:
                 return _run_parallel(plan, jobs, sink, device, threads, budget_bytes, progress, fail_on_nonfinite, side_sink)
-            prog = Progress(len(jobs), sum(j.out_bytes for j in jobs), enabled=progress)
+            prog = _progress(jobs, progress)
             slab = _Slab(min(budget_bytes, max((stack_numel(j) for j in jobs), default=0) * 4))
             for job in jobs:
                 with slab.region(plan, job, device) as workspace:
                     out = compute_job(plan, job, device, fail_on_nonfinite, workspace, side_sink)
                 sink(job.name, out)
-                prog.update(job.out_bytes)
+                prog.update(1, job.out_bytes)
     finally:
         torch.set_num_threads(previous)
+
+
+def _progress(jobs: list[TensorJob], enabled: bool) -> Progress:
+    return Progress("merge", len(jobs), unit="tensors", total_bytes=sum(j.out_bytes for j in jobs), enabled=enabled)
 
 
 def _run_parallel(plan: Plan, jobs: list[TensorJob], sink: Sink, device: torch.device, threads: int, budget_bytes: int,
                   progress: bool, fail_on_nonfinite: bool, side_sink: SideSink | None = None) -> None:
     """Jobs on a thread pool, biggest first, with at most ``budget_bytes`` of working memory in flight."""
-    prog = Progress(len(jobs), sum(j.out_bytes for j in jobs), enabled=progress)
+    prog = _progress(jobs, progress)
     cond = threading.Condition()
     in_flight = [0]
 
@@ -325,7 +296,7 @@ def _run_parallel(plan: Plan, jobs: list[TensorJob], sink: Sink, device: torch.d
             with slab.region(plan, job, device) as workspace:
                 out = compute_job(plan, job, device, fail_on_nonfinite, workspace, side_sink)
             sink(job.name, out)
-            prog.update(job.out_bytes)
+            prog.update(1, job.out_bytes)
         except BaseException as err:  # reported by the submitting thread, after in-flight jobs end
             errors.append(err)
         finally:
@@ -334,7 +305,11 @@ def _run_parallel(plan: Plan, jobs: list[TensorJob], sink: Sink, device: torch.d
     # biggest jobs first: the budget then packs the small ones around them
     costs = {j.name: job_cost(plan, j, device) for j in jobs}
     order = sorted(jobs, key=lambda j: -costs[j.name])
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="alloykit") as pool:
+    # torch's intra-op thread count is per thread (OpenMP): each worker sets its own to 1, as
+    # run_jobs does for the calling thread; left at the default, a worker's reductions (an SVD's)
+    # split differently from the serial path's, and the bytes depended on the thread count
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="alloykit", initializer=torch.set_num_threads,
+                            initargs=(1,)) as pool:
         futures: list[Future] = []
         for job in order:
             if errors:

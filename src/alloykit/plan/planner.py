@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,20 +21,10 @@ from alloykit.io.gguf import GGUFCheckpoint, open_gguf
 from alloykit.io.lora import LoraCheckpoint, adapter_base, is_adapter
 from alloykit.methods.registry import MethodSpec, get_method
 from alloykit.plan.params import ParamResolver, check_names
-
-_LAYER_RE = re.compile(r"^(?P<pre>(?:.*\.)?)(?P<kind>layers|layer|h|blocks|block)\.(?P<idx>\d+)\.(?P<rest>.+)$")
-_POST_HINTS = ("lm_head", "norm", "ln_f", "score", "classifier", "pooler", "final_layer", "head")
-_LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+from alloykit.plan.steps import plan_steps
+from alloykit.roles import TensorRole, num_layers, role_of, split_layer
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def layer_of(name: str) -> tuple[str, int, str] | None:
-    """'model.layers.3.mlp.up.weight' -> ('model.layers.', 3, 'mlp.up.weight')."""
-    m = _LAYER_RE.match(name)
-    if not m:
-        return None
-    return m["pre"] + m["kind"] + ".", int(m["idx"]), m["rest"]
 
 
 def tensor_seed(seed: int, name: str) -> int:
@@ -65,6 +54,8 @@ class TensorJob:
     #: data-dependent methods: each input's statistics of this tensor (aligned with sources),
     #: or None where the statistics cover no such tensor
     stats: list[Source] | None = None
+    #: what the tensor is (embedding, attention projection, norm, ...; ``alloykit.roles``)
+    role: TensorRole | None = None
 
     @property
     def out_bytes(self) -> int:
@@ -115,9 +106,9 @@ class _Models:
         self.labels: list[str] = []
         self._by_ref: dict[str, int] = {}
         for ref, ck in (preloaded or {}).items():
-            self._add(ref, ck)
+            self.add(ref, ck)
 
-    def _add(self, ref: str, ck: Any) -> int:
+    def add(self, ref: str, ck: Any) -> int:
         self.checkpoints.append(ck)
         self.labels.append(ref)
         self._by_ref[ref] = len(self.checkpoints) - 1
@@ -137,7 +128,7 @@ class _Models:
         path = self.resolve_path(ref)
         if "+" in ref and not path.exists():  # mergekit's 'base+adapter'
             base_ref, _, adapter_ref = ref.rpartition("+")
-            return self._add(ref, self._lora(ref, self.resolve_path(base_ref), self.resolve_path(adapter_ref)))
+            return self.add(ref, self._lora(ref, self.resolve_path(base_ref), self.resolve_path(adapter_ref)))
         if is_adapter(path) and not any(path.glob("model*.safetensors")):  # an adapter folder naming its base
             base_ref = adapter_base(path)
             if not base_ref or not self.resolve_path(base_ref).exists():
@@ -145,8 +136,8 @@ class _Models:
                     f"model '{ref}' is a LoRA adapter whose base ({base_ref!r}) is not a local folder; "
                     "name it as 'BASE_FOLDER+ADAPTER_FOLDER'"
                 )
-            return self._add(ref, self._lora(ref, self.resolve_path(base_ref), path))
-        return self._add(ref, self._open(path, ref))
+            return self.add(ref, self._lora(ref, self.resolve_path(base_ref), path))
+        return self.add(ref, self._open(path, ref))
 
     def _open(self, path: Path, label: str):
         # a .gguf file (or a folder holding one) is dequantized on read; anything else is a HF checkpoint
@@ -175,12 +166,7 @@ class _Models:
 
 
 def _num_layers(ck: Checkpoint) -> int:
-    cfg = ck.config() or {}
-    for key in _LAYER_COUNT_KEYS:
-        if isinstance(cfg.get(key), int):
-            return cfg[key]
-    idx = [lo[1] for n in ck.tensors if (lo := layer_of(n))]
-    return max(idx) + 1 if idx else 0
+    return num_layers(ck.config(), ck.tensors)
 
 
 def _t(layer: int, n: int) -> float:
@@ -194,14 +180,56 @@ def _out_dtype(recipe: Recipe, in_dtype: torch.dtype) -> torch.dtype:
     return TORCH_DTYPES[name] if name else in_dtype
 
 
-class _Builder:
-    def __init__(self, recipe: Recipe, spec: MethodSpec, models: _Models):
+class PlanBuilder:
+    """A plan under construction: what planning steps (``alloykit.plan.steps``) work with.
+
+    Public: ``recipe``, ``spec`` (the method), ``jobs``, ``preloaded_stats``, ``stats_norms``
+    (a step may set it), ``labels``, ``checkpoint(i)``, ``resolve_path(ref)``,
+    ``add_checkpoint(label, ck)`` and ``merged_jobs()``. The rest is the planner's own.
+    """
+
+    def __init__(self, recipe: Recipe, spec: MethodSpec, models: _Models, preloaded_stats: dict[str, Any] | None = None):
         self.recipe = recipe
         self.spec = spec
         self.models = models
         self.resolver = ParamResolver(spec)
         self.jobs: list[TensorJob] = []
         self.names: set[str] = set()
+        #: ``stats:`` references -> statistics already open (in-memory merges)
+        self.preloaded_stats: dict[str, Any] = preloaded_stats or {}
+        #: one summary number per input's statistics (Fisher normalisation), set by the statistics step
+        self.stats_norms: list[float] | None = None
+        self._config: dict | None = None
+        self._config_read = False
+
+    # -- the public API of planning steps ---------------------------------------------
+    @property
+    def labels(self) -> list[str]:
+        """Each opened input's reference, by model index (a ``Source.model``)."""
+        return self.models.labels
+
+    def checkpoint(self, index: int) -> Any:
+        """The opened input with model index ``index`` (headers read, tensors on demand)."""
+        return self.models.checkpoints[index]
+
+    def resolve_path(self, ref: str) -> Path:
+        """A path named in the recipe: from the working directory, else from the recipe's folder."""
+        return self.models.resolve_path(ref)
+
+    def add_checkpoint(self, label: str, ck: Any) -> int:
+        """Open one more input (e.g. statistics) under ``label``; returns its model index, for ``Source``."""
+        return self.models.add(label, ck)
+
+    def merged_jobs(self) -> list[TensorJob]:
+        """The jobs the method computes (copies of integer buffers excluded)."""
+        return [j for j in self.jobs if not j.copy]
+
+    # -- the planner's own ---------------------------------------------------------
+    def role(self, name: str, ref_idx: int) -> TensorRole:
+        """Role of output tensor ``name``, read with the reference model's config.json (tied heads)."""
+        if not self._config_read:  # one config for the plan: the models share an architecture
+            self._config, self._config_read = self.models.checkpoints[ref_idx].config(), True
+        return role_of(name, self._config)
 
     def split_base(self, refs: list[str], base_ref: str | None) -> tuple[list[int], int | None]:
         """Model indices of the non-base inputs, and the base (per the method's policy)."""
@@ -246,7 +274,8 @@ class _Builder:
                                     f"'{ref_ck.label}' stores {ref.dtype}; the models must share an architecture")
             # integer buffers (e.g. BERT's position_ids, which newer transformers no longer
             # save) are copied from the reference model, never merged: other inputs may lack them
-            self.jobs.append(TensorJob(out_name, ref.shape, ref.dtype, [Source(ref_idx, ref.name)], None, copy=True))
+            self.jobs.append(TensorJob(out_name, ref.shape, ref.dtype, [Source(ref_idx, ref.name)], None, copy=True,
+                                       role=self.role(out_name, ref_idx)))
             return
         for idx in inputs + ([base] if base is not None else []):
             ck = self.models.checkpoints[idx]
@@ -268,6 +297,7 @@ class _Builder:
             out_name, ref.shape, _out_dtype(self.recipe, ref.dtype),
             [Source(i, in_names[i]) for i in inputs],
             Source(base, in_names[base]) if base is not None else None,
+            role=self.role(out_name, ref_idx),
         )
         job.params = self.resolver.shared(shared_levels, out_name, t)
         # per-model filters match each model's own tensor name (its layer index in a slice), as in
@@ -290,19 +320,21 @@ def make_plan(
     seed: int | None = None,
     preloaded: dict[str, Any] | None = None,
     preloaded_stats: dict[str, Any] | None = None,
+    method: MethodSpec | None = None,
 ) -> Plan:
     """Validate ``recipe`` against the inputs' headers and emit every tensor job.
 
     ``preloaded`` maps model references to already-open checkpoints (in-memory
     state dicts); every other reference is opened from disk, headers only.
     ``preloaded_stats`` likewise maps ``stats:`` references to open statistics.
+    ``method``: plan with this method declaration instead of the registered one named by
+    the recipe (the contract suite runs methods that are not registered through the engine).
     """
     recipe = parse_recipe(recipe)
-    spec = get_method(recipe.merge_method)
+    spec = method if method is not None else get_method(recipe.merge_method)
     models = _Models(Path(recipe_dir) if recipe_dir else None, allow_pickle, preloaded)
     check_names(spec, "recipe 'parameters'", recipe.parameters, "shared")
-    b = _Builder(recipe, spec, models)
-    stats_norms = None
+    b = PlanBuilder(recipe, spec, models, preloaded_stats)
     try:
         if recipe.models is not None:
             num_layers_out = _plan_models(recipe, spec, b)
@@ -313,10 +345,9 @@ def make_plan(
             num_layers_out = _plan_slices(recipe, spec, b)
         if not b.jobs:
             raise PlanError("the merge would produce no tensors")
-        if spec.needs_stats:
-            from alloykit.stats.attach import attach_stats
-
-            stats_norms = attach_stats(recipe, spec, b, preloaded_stats or {})
+        for step in plan_steps():  # features that complete the plan (statistics: alloykit.stats.attach)
+            if step.applies(spec):
+                step.function()(b)
         tok = recipe.tokenizer_source_resolved
         cfg_src = models.get(recipe.base_model) if recipe.base_model else b.jobs[0].sources[0].model
         if tok in (None, "base"):
@@ -334,10 +365,10 @@ def make_plan(
         raise
     final_seed = seed if seed is not None else (recipe.seed if recipe.seed is not None else 0)
     return Plan(recipe, spec, models.checkpoints, models.labels, b.jobs, final_seed, cfg_src, tok_src, num_layers_out,
-                stats_norms)
+                b.stats_norms)
 
 
-def _plan_models(recipe: Recipe, spec: MethodSpec, b: _Builder) -> int | None:
+def _plan_models(recipe: Recipe, spec: MethodSpec, b: PlanBuilder) -> int | None:
     assert recipe.models is not None
     for i, m in enumerate(recipe.models):
         check_names(spec, f"model '{m.model}'", m.parameters, "model")
@@ -354,7 +385,7 @@ def _plan_models(recipe: Recipe, spec: MethodSpec, b: _Builder) -> int | None:
     ref = b.models.checkpoints[base if base is not None else inputs[0]]
     n = _num_layers(ref)
     for name in ref.tensors:
-        lo = layer_of(name)
+        lo = split_layer(name)
         t = _t(lo[1], n) if lo else 0.0
         all_idx = inputs + ([base] if base is not None else [])
         b.add(name, dict.fromkeys(all_idx, name), inputs, base, model_levels, [recipe.parameters], t)
@@ -376,7 +407,7 @@ def _check_joined_base(spec: MethodSpec, base_ref: str, n_listed: int, shared: d
             )
 
 
-def _plan_slices(recipe: Recipe, spec: MethodSpec, b: _Builder) -> int:
+def _plan_slices(recipe: Recipe, spec: MethodSpec, b: PlanBuilder) -> int:
     assert recipe.slices is not None
     out_layer = 0
     first_inputs = last_inputs = None
@@ -407,9 +438,13 @@ def _plan_slices(recipe: Recipe, spec: MethodSpec, b: _Builder) -> int:
             out_layer += 1
     ref_ck = b.models.checkpoints[first_inputs[1] if first_inputs[1] is not None else first_inputs[0][0]]
     names = list(ref_ck.tensors)
-    non_layer = [n for n in names if layer_of(n) is None]
-    pre = [n for n in non_layer if not any(h in n for h in _POST_HINTS)]
-    post = [n for n in non_layer if any(h in n for h in _POST_HINTS)]
+    # outside the blocks: the head end (final norm, output and task heads) comes from the last
+    # slice's models, everything else (embeddings, and tensors no role rule places) from the first
+    config = ref_ck.config()
+    non_layer = [n for n in names if split_layer(n) is None]
+    is_post = {n: role_of(n, config).section == "post" for n in non_layer}
+    pre = [n for n in non_layer if not is_post[n]]
+    post = [n for n in non_layer if is_post[n]]
 
     def levels(inputs, by_idx, sl):
         return [[by_idx[i].parameters if i in by_idx else None, sl.parameters, recipe.parameters] for i in inputs]
@@ -422,12 +457,12 @@ def _plan_slices(recipe: Recipe, spec: MethodSpec, b: _Builder) -> int:
         lead = inputs[0]
         ck = b.models.checkpoints[lead]
         lead_layer = by_idx[lead].layer_range[0] + off
-        layer_names = [n for n in ck.tensors if (lo := layer_of(n)) and lo[1] == lead_layer]
+        layer_names = [n for n in ck.tensors if (lo := split_layer(n)) and lo[1] == lead_layer]
         if not layer_names:
             raise CheckpointError(f"model '{ck.label}' has no tensors for layer {lead_layer}")
         all_idx = inputs + ([base] if base is not None else [])
         for name in layer_names:
-            prefix, _, rest = layer_of(name)
+            prefix, _, rest = split_layer(name)
             # each source reads its own layer (its layer_range start + offset); a base that is
             # not among the slice's sources reads the lead source's layer
             in_names = {i: f"{prefix}{(by_idx[i].layer_range[0] if i in by_idx else by_idx[lead].layer_range[0]) + off}.{rest}" for i in all_idx}

@@ -37,6 +37,9 @@ from typing import Any, Protocol
 import torch
 
 from alloykit.errors import AlloyError
+from alloykit.eval.model import mean_pool
+from alloykit.eval.suite import TaskSuite
+from alloykit.progress import Progress
 
 GRANULARITIES = ("task", "layer")
 
@@ -142,6 +145,7 @@ def adamerging(tv: TaskVectorModel, objective: Objective, *, granularity: str = 
     sizes = [objective.size(t) for t in range(len(objective.names))]
     h0 = sum(total_entropy(tv, objective, lam.detach(), batch_size))
     history = []
+    prog = Progress("adamerging", steps, log, unit="steps")  # a bar, or lines through ``log``
     for step in range(steps):
         loss = torch.zeros(())
         params = tv.params(lam)
@@ -154,6 +158,7 @@ def adamerging(tv: TaskVectorModel, objective: Objective, *, granularity: str = 
         with torch.no_grad():
             lam.clamp_(lo, hi)
         history.append(float(loss.detach()))
+        prog.update(1)
         if log and (step + 1) % max(1, steps // 5) == 0:
             log(f"  step {step + 1}/{steps}: batch entropy {history[-1]:.4f}")
     final = total_entropy(tv, objective, lam.detach(), batch_size)
@@ -161,9 +166,32 @@ def adamerging(tv: TaskVectorModel, objective: Objective, *, granularity: str = 
                         dict(steps=steps, lr=lr, init=init, clamp=[lo, hi], batch_size=batch_size, seed=seed))
 
 
-# -- the two kinds of model ---------------------------------------------------------------
+# -- objectives ----------------------------------------------------------------------------------
+class SuiteEntropy:
+    """The tasks of a :class:`~alloykit.eval.suite.TaskSuite` on the unlabelled inputs of one split: the
+    entropy of each task's head on its own task's inputs (classifiers), or of the next-token
+    distribution at every real position (causal LMs). Parameters are keyed like the checkpoints."""
+
+    def __init__(self, suite: TaskSuite, split: str = "validation", samples: int | None = None):
+        self.suite, self.names = suite, suite.names
+        self.data = [suite.encoded(n, split, samples) for n in self.names]  # ids only: labels are never read
+
+    def size(self, task: int) -> int:
+        return len(self.data[task])
+
+    def entropy(self, params, task, idx):
+        b = self.suite.bound[task]
+        ids, mask = self.data[task].batch(idx)
+        h = softmax_entropy(b.net.logits(ids, mask, params))
+        if not b.next_token:
+            return h.mean()
+        m = mask.to(h.dtype)
+        return (h * m).sum() / m.sum()
+
+
 class HeadEntropy:
-    """A text encoder (mean-pooled) with one linear head per task: entropy of each head on its task's inputs."""
+    """The quality benchmark's encoders (mean-pooled) with one linear head per task: entropy of each head
+    on its task's inputs."""
 
     def __init__(self, encoder: torch.nn.Module, heads: list[torch.nn.Linear], data: list, names: list[str]):
         self.encoder, self.heads, self.data, self.names = encoder, heads, data, names
@@ -174,30 +202,6 @@ class HeadEntropy:
         return len(self.data[task])
 
     def entropy(self, params, task, idx):
-        from alloykit.eval.model import mean_pool
-
         ids, mask = self.data[task].batch(idx)
         hidden = torch.func.functional_call(self.encoder, params, (), {"input_ids": ids, "attention_mask": mask})
         return softmax_entropy(self.heads[task](mean_pool(hidden.last_hidden_state, mask))).mean()
-
-
-class NextTokenEntropy:
-    """A causal LM on token sequences: entropy of the next-token distribution at every real position."""
-
-    def __init__(self, model: torch.nn.Module, data: list[list[torch.Tensor]], names: list[str], pad_id: int = 0):
-        self.model, self.data, self.names, self.pad_id = model, data, names, pad_id
-
-    def size(self, task: int) -> int:
-        return len(self.data[task])
-
-    def entropy(self, params, task, idx):
-        seqs = [self.data[task][int(i)] for i in idx]
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for r, s in enumerate(seqs):
-            ids[r, :len(s)], mask[r, :len(s)] = s, 1
-        logits = torch.func.functional_call(self.model, params, (), {"input_ids": ids, "attention_mask": mask}).logits
-        h = softmax_entropy(logits)
-        m = mask.to(h.dtype)
-        return (h * m).sum() / m.sum()

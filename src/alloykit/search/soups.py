@@ -8,10 +8,11 @@ models improves accuracy without increasing inference time" (arXiv:2203.05482).
   the best; add each next model if the uniform average of the soup plus it scores at
   least as well as the soup without it (ties keep it, as in the paper's ">=").
 
-With task fine-tunes that keep per-task heads (the quality benchmark), the score is the
-mean over the tasks of each task head's accuracy on that task's VALIDATION split (never
-test), the encoder being the candidate soup. The result is a ``linear`` recipe (weight
-1 per chosen model, normalize on: the uniform average).
+The score is the mean over the tasks of each task's metric on its VALIDATION split (never
+test), the candidate soup being the model (:meth:`alloykit.eval.suite.TaskSuite.score`):
+with task fine-tunes that keep per-task heads, each task head's accuracy on its task; with
+fine-tunes of one task, the soup's own head. The result is a ``linear`` recipe (weight 1
+per chosen model, normalize on: the uniform average).
 """
 
 from __future__ import annotations
@@ -20,6 +21,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+
+from alloykit.eval.evaluator import TaskModel
+from alloykit.eval.suite import TaskSuite, summary_score
+from alloykit.merge import merge_state_dicts
 
 
 @dataclass
@@ -45,8 +50,29 @@ def greedy_soup(n_models: int, score: Callable[[list[int]], float]) -> SoupResul
     return SoupResult(soup, individual, best, trace)
 
 
+def uniform_average(state_dicts: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The soup of ``state_dicts`` as ``alloykit merge`` computes its linear recipe."""
+    if len(state_dicts) == 1:
+        return state_dicts[0]
+    return merge_state_dicts(list(state_dicts), "linear", model_parameters=[{"weight": 1.0}] * len(state_dicts))
+
+
+class SoupScorer:
+    """``score(chosen)``: the suite's validation score of the uniform average of the chosen state dicts."""
+
+    def __init__(self, suite: TaskSuite, state_dicts: Sequence[dict[str, torch.Tensor]], split: str = "validation"):
+        self.suite, self.sds, self.split = suite, state_dicts, split
+        self.per_task: dict[tuple[int, ...], dict[str, dict]] = {}
+
+    def __call__(self, chosen: list[int]) -> float:
+        res = self.suite.evaluate(self.split, params=uniform_average([self.sds[i] for i in chosen]))
+        self.per_task[tuple(chosen)] = res
+        return summary_score(res)
+
+
 class ValidationScorer:
-    """Mean validation accuracy over tasks of the uniform average of chosen encoders, each task with its head."""
+    """The quality benchmark's scorer: mean validation accuracy over tasks of the uniform average of the
+    chosen encoders, each task with its linear head."""
 
     def __init__(self, encoder: torch.nn.Module, heads: dict[str, torch.nn.Linear], evaluator, tasks: Sequence,
                  state_dicts: Sequence[dict[str, torch.Tensor]], split: str = "val"):
@@ -54,11 +80,7 @@ class ValidationScorer:
         self.per_task: dict[tuple[int, ...], dict[str, float]] = {}
 
     def __call__(self, chosen: list[int]) -> float:
-        from alloykit.eval.evaluator import TaskModel
-        from alloykit.merge import merge_state_dicts
-
-        sds = [self.sds[i] for i in chosen]
-        sd = sds[0] if len(sds) == 1 else merge_state_dicts(sds, "linear", model_parameters=[{"weight": 1.0}] * len(sds))
+        sd = uniform_average([self.sds[i] for i in chosen])
         self.encoder.load_state_dict(sd, strict=False)
         model = TaskModel(self.encoder, self.heads)
         acc = {t.name: self.ev.evaluate(model, t, self.split)["accuracy"] for t in self.tasks}

@@ -1,5 +1,9 @@
 """Plan-time: attach each model's statistics to the tensor jobs of a data-dependent method.
 
+A planning step (``alloykit.plan.steps``): ``attach_stats_step`` runs on every plan of a
+method with ``needs_stats``, through the planner's public ``PlanBuilder``; the package's
+composition root (``alloykit/__init__.py``) registers it.
+
 Every input model of such a recipe names its statistics folder (``stats:`` on its
 ``models:`` entry). For each job the planner adds, per input, the statistics tensor
 aligned with the model's tensor: for ``fisher`` the tensor of the same name and shape,
@@ -11,13 +15,11 @@ tensor is read, with one line and the command that makes them.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
-from alloykit.config import Recipe
 from alloykit.errors import PlanError, RecipeError
 from alloykit.methods.registry import MethodSpec
-from alloykit.plan.planner import Source
-from alloykit.stats.store import KIND_FILES, Stats, open_stats
+from alloykit.plan.planner import PlanBuilder, Source
+from alloykit.stats.store import KIND_FILES, open_stats
 
 
 def collect_command(model: str, kind: str, calibration: str | None = None, out: str | None = None) -> str:
@@ -48,22 +50,26 @@ def _missing(spec: MethodSpec, label: str, calibration: str | None, labels: list
                        f"'{cmd}', then add 'stats: {label.rstrip('/')}.stats' to its entry in 'models'")
 
 
-def attach_stats(recipe: Recipe, spec: MethodSpec, b: Any, preloaded: dict[str, Stats]) -> list[float] | None:
+def attach_stats_step(b: PlanBuilder) -> None:
+    """The planning step: statistics on every merged job of ``b``, and their norms in ``b.stats_norms``."""
+    b.stats_norms = attach_stats(b)
+
+
+def attach_stats(b: PlanBuilder) -> list[float] | None:
     """Set ``job.stats`` on every merged job of builder ``b``; returns the per-input norms (or None)."""
-    kind = spec.needs_stats
-    models = b.models
-    entries = {m.model: m for m in recipe.models or []}
-    first = next(j for j in b.jobs if not j.copy)
-    inputs = [s.model for s in first.sources]
+    spec, kind = b.spec, b.spec.needs_stats
+    entries = {m.model: m for m in b.recipe.models or []}
+    jobs = b.merged_jobs()
+    inputs = [s.model for s in jobs[0].sources]
     stat_idx: list[int] = []
     norms: list[float | None] = []
     for i in inputs:
-        label = models.labels[i]
+        label = b.labels[i]
         entry = entries.get(label)
         if entry is None or entry.stats is None:
-            raise _missing(spec, label, entry.calibration if entry else None, [models.labels[j] for j in inputs])
-        stats = preloaded.get(entry.stats) or open_stats(models.resolve_path(entry.stats), label,
-                                                         collect_command(label, kind, entry.calibration, entry.stats))
+            raise _missing(spec, label, entry.calibration if entry else None, [b.labels[j] for j in inputs])
+        stats = b.preloaded_stats.get(entry.stats) or open_stats(
+            b.resolve_path(entry.stats), label, collect_command(label, kind, entry.calibration, entry.stats))
         if kind not in stats.checkpoints:
             held = ", ".join(stats.kinds) or "no statistics"
             raise RecipeError(f"statistics '{stats.label}' of model '{label}' hold {held}, not the {kind} statistics "
@@ -74,28 +80,26 @@ def attach_stats(recipe: Recipe, spec: MethodSpec, b: Any, preloaded: dict[str, 
             raise RecipeError(f"statistics '{stats.label}' of model '{label}' are Grams of inputs from {_FROM[inputs_from]}; "
                               f"method {spec.name} reads Grams of inputs from {_FROM[spec.stats_inputs]}: "
                               f"{_FIX[spec.stats_inputs]}")
-        stat_idx.append(models._add(f"{stats.label} [{kind}]", stats.checkpoints[kind]))
+        stat_idx.append(b.add_checkpoint(f"{stats.label} [{kind}]", stats.checkpoints[kind]))
         norms.append(stats.norm(kind))
-    for job in b.jobs:
-        if job.copy:
-            continue
+    for job in jobs:
         want = tuple(job.shape) if kind == "fisher" else ((job.shape[1], job.shape[1]) if len(job.shape) == 2 else None)
         if want is None:
             continue
         names = [s.tensor for s in job.sources]
-        have = [n in models.checkpoints[k] for n, k in zip(names, stat_idx)]
+        have = [n in b.checkpoint(k) for n, k in zip(names, stat_idx)]
         if not any(have):
             continue  # a buffer, or no linear layer's weight: the method averages it
         for n, k, ok, i in zip(names, stat_idx, have, inputs):
-            ck = models.checkpoints[k]
+            ck = b.checkpoint(k)
             if not ok:
-                other = models.checkpoints[stat_idx[have.index(True)]].label
-                raise PlanError(f"statistics '{ck.label}' of model '{models.labels[i]}' have no entry for tensor '{n}' "
+                other = b.checkpoint(stat_idx[have.index(True)]).label
+                raise PlanError(f"statistics '{ck.label}' of model '{b.labels[i]}' have no entry for tensor '{n}' "
                                 f"but '{other}' have: collect both models' statistics the same way")
             shape = tuple(ck.info(n).shape)
             if shape != want:
                 raise PlanError(f"statistics '{ck.label}': {kind} of tensor '{n}' has shape {list(shape)}, expected "
                                 f"{list(want)} for the model's {list(job.shape)}; were they collected on model "
-                                f"'{models.labels[i]}'?")
+                                f"'{b.labels[i]}'?")
         job.stats = [Source(k, n) for n, k in zip(names, stat_idx)]
     return None if any(n is None for n in norms) else [float(n) for n in norms]

@@ -23,7 +23,7 @@ blocks 0..l per candidate: O(K L^2 / 2) block evaluations in all.
 
 from __future__ import annotations
 
-import sys
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,9 +31,16 @@ from pathlib import Path
 import torch
 
 from alloykit.errors import AlloyError
+from alloykit.eval.loading import load_model, model_folder
+from alloykit.eval.suite import TaskSuite, command_tasks
 from alloykit.methods.registry import MergeInput, get_method
 from alloykit.methods.weighted import RegMeanParams
-from alloykit.stats.collect import Example, Progress, Target, gram
+from alloykit.progress import Progress
+from alloykit.roles import role_of
+from alloykit.stats.collect import Example, Target, gram, task_target
+from alloykit.stats.store import write_stats
+
+_log = logging.getLogger(__name__)
 
 
 def find_blocks(module: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
@@ -53,11 +60,14 @@ def stage_of(name: str, prefix: str, n_blocks: int) -> int:
     """-1 before the blocks, l inside block l, n_blocks after them (parameter or module names)."""
     if name.startswith(prefix + "."):
         return int(name[len(prefix) + 1 :].split(".", 1)[0])
-    return -1 if "embed" in name or name.split(".")[0] in ("wte", "wpe") else n_blocks
+    # outside the blocks, only what roles place before them (embeddings and their norm) goes
+    # first; the rest (final norm, heads, pooler, and tensors no rule places) goes last, where
+    # its Grams come from a pass through every merged block
+    return -1 if role_of(name).section == "pre" else n_blocks
 
 
 def regmean_plus_plus(targets: list[Target], examples: list[list[Example]], *, alpha: float = 0.9, batch_size: int = 16,
-                      log: Callable[[str], None] = print) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]], list[dict]]:
+                      log: Callable[[str], None] | None = None) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]], list[dict]]:
     """Merge ``targets`` (one model of one architecture each, with its calibration examples)
     by RegMean++; returns the merged state dict, each candidate's Grams and their summaries."""
     fn = get_method("regmean").fn
@@ -82,7 +92,7 @@ def regmean_plus_plus(targets: list[Target], examples: list[list[Example]], *, a
                             linears={k: linears[i][k] for k in stage_linears}, stop_after=stop)
                 grams[i].update(g)
                 tokens[i].update(t)
-            prog.step(1)
+            prog.update(1)
         for k in stage_names:
             stack = torch.stack([t[k].detach().float() for t in tensors])
             stats = torch.stack([g[k] for g in grams]) if k in grams[0] else None
@@ -99,23 +109,20 @@ def regmean_plus_plus(targets: list[Target], examples: list[list[Example]], *, a
 def collect_merged_to_folders(models: list[str], outs: list[str], *, tasks: list[str] | None = None,
                               data: list[str] | None = None, alpha: float = 0.9, samples: int = 256,
                               batch_size: int = 16, max_len: int | None = None, heads: list[str] | None = None,
-                              seed: int = 0, log: Callable[[str], None] | None = None) -> list[Path]:
+                              model_class: str | None = None, pooling: str | None = None,
+                              log: Callable[[str], None] | None = None) -> list[Path]:
     """``alloykit stats collect-merged``: RegMean++ statistics of ``models``, one folder each in ``outs``.
 
-    ``tasks`` / ``data`` / ``heads``: one per model, or one for all.
+    ``tasks`` (names or task files) / ``data`` / ``heads``: one per model, or one for all.
     """
-    from alloykit.stats.collect import (causal_target, encoder_target, is_causal_lm, task_examples,
-                                        text_examples)
-    from alloykit.stats.store import write_stats
-
-    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    say = log or _log.info  # messages; progress goes to ``log`` if given, else to a bar
     k = len(models)
     if len(outs) != k:
         raise AlloyError(f"--out: give one statistics folder per model ({k}), got {len(outs)}")
     if k < 2:
         raise AlloyError("collect-merged merges models: give at least 2")
     if (tasks is None) == (data is None):
-        raise AlloyError("give the calibration data: --task TASK... (benchmark encoders) or --data FILE... (causal LMs)")
+        raise AlloyError("give the calibration data: --task TASK... (task names or files) or --data FILE... (text files)")
 
     def per_model(values: list[str] | None, flag: str) -> list[str | None]:
         if values is None:
@@ -125,25 +132,21 @@ def collect_merged_to_folders(models: list[str], outs: list[str], *, tasks: list
         return values * k if len(values) == 1 else list(values)
 
     t0 = time.monotonic()
-    targets, examples, sources = [], [], []
+    targets, examples, records = [], [], []
     for model, task, text, head in zip(models, per_model(tasks, "--task"), per_model(data, "--data"), per_model(heads, "--head")):
-        path = Path(model)
-        if task is not None:
-            targets.append(encoder_target(path, [task], head))
-            exs, src = task_examples(path, [task], samples, max_len or 32, seed)
-        else:
-            if not is_causal_lm(path):
-                raise AlloyError(f"model '{model}': config.json names no *ForCausalLM architecture; --data needs causal LMs")
-            targets.append(causal_target(path))
-            exs, src = text_examples(path, Path(text), samples, max_len or 512, targets[-1].module.config.vocab_size, log)
+        suite = TaskSuite(load_model(model_folder(model, model_class)), command_tasks([task] if task else None, text),
+                          head=head, pooling=pooling, max_len=max_len, need_head=False)
+        target, exs, rec = task_target(suite, "train", samples)
+        targets.append(target)
         examples.append(exs)
-        sources.append(src)
-    log(f"alloykit stats: RegMean++ Grams of {k} models (alpha {alpha}), merging block by block")
+        records.append(rec)
+    say(f"stats: RegMean++ Grams of {k} models (alpha {alpha}), merging block by block")
     _, grams, metas = regmean_plus_plus(targets, examples, alpha=alpha, batch_size=batch_size, log=log)
     secs = round(time.monotonic() - t0, 1)
     out = []
-    for model, folder, g, meta, src in zip(models, outs, grams, metas, sources):
-        meta.update({"model": str(model), "data": src, "kind": "gram", "merged_with": list(models), "seconds": secs})
-        out.append(write_stats(folder, {"gram": g}, meta))
-    log(f"alloykit stats: wrote RegMean++ statistics to {', '.join(outs)} in {secs}s")
+    for model, folder, g, meta, rec, target in zip(models, outs, grams, metas, records, targets):
+        meta["gram"]["tokens"] = target.rename(meta["gram"]["tokens"])
+        meta.update({"model": str(model), "data": rec, "kind": "gram", "merged_with": list(models), "seconds": secs})
+        out.append(write_stats(folder, {"gram": target.rename(g)}, meta))
+    say(f"stats: wrote RegMean++ statistics to {', '.join(outs)} in {secs}s")
     return out

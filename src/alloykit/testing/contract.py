@@ -7,18 +7,34 @@ new method is held to the same promises as the old ones. Use from a test::
     def test_contract(name):
         check_method(get_method(name))
 
-or on your own method: ``check_method(spec)`` raises AssertionError naming the
-broken promise.
+or on your own method (a plugin, say): ``check_method(spec)`` raises AssertionError
+naming the broken promise.
+
+Two kinds of check: the method's function called directly on small stacks (shape,
+purity, fixed point, determinism, declarations), and the method run through the real
+planner and executor (``check_through_engine``, ``check_plan_time_check``): whole
+tensors on 1, 2 and 3 threads, and, for a method that declares itself ``elementwise``,
+row blocks forced small, all compared with the direct call.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import warnings
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from pydantic import ValidationError
 
+from alloykit.config import parse_recipe
+from alloykit.errors import RecipeError
+from alloykit.io.checkpoint import StateDictCheckpoint
 from alloykit.methods.registry import MergeInput, MethodSpec
+from alloykit.plan import executor
+from alloykit.plan.planner import Plan, make_plan, tensor_seed
+from alloykit.stats.store import memory_stats
 
 SHAPES = ((7,), (6, 5), (2, 3, 4))
 
@@ -143,12 +159,204 @@ def check_param_declaration(spec: MethodSpec) -> None:
     assert spec.summary, f"{spec.name}: the method's docstring needs a one-line summary"
 
 
+# -- through the planner and the executor --------------------------------------------------
+
+#: a small Llama-shaped model: every role the planner tags, 2-D and N-D tensors, and tensors
+#: large enough to run in row blocks at ``ENGINE_BLOCK_ELEMENTS`` (the last block shorter)
+ENGINE_TENSORS: dict[str, tuple[int, ...]] = {
+    "model.embed_tokens.weight": (40, 8),
+    "model.layers.0.input_layernorm.weight": (8,),
+    "model.layers.0.self_attn.q_proj.weight": (16, 8),
+    "model.layers.0.mlp.up_proj.weight": (26, 8),
+    "model.layers.1.mlp.down_proj.weight": (8, 26),
+    "model.layers.1.conv.weight": (7, 4, 5),
+    "model.norm.weight": (8,),
+    "lm_head.weight": (40, 8),
+}
+#: entries per row block when the engine check forces blocks (the executor's is 2^18)
+ENGINE_BLOCK_ELEMENTS = 64
+THREAD_COUNTS = (1, 2, 3)
+
+
+@contextlib.contextmanager
+def forced_row_blocks(block_elements: int = ENGINE_BLOCK_ELEMENTS) -> Iterator[None]:
+    """Make the executor split tensors of more than ``block_elements`` entries into row blocks."""
+    saved = executor.BLOCK_ELEMENTS
+    executor.BLOCK_ELEMENTS = block_elements
+    try:
+        yield
+    finally:
+        executor.BLOCK_ELEMENTS = saved
+
+
+def _engine_stats(spec: MethodSpec, sd: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    """Statistics of one model as ``alloykit stats collect`` writes them: a positive Fisher per
+    tensor, or an SPD Gram [in, in] per 2-D weight that is no embedding or head."""
+    g = torch.Generator().manual_seed(2000 + seed)
+    if spec.needs_stats == "fisher":
+        return {n: torch.rand(t.shape, generator=g) + 0.01 for n, t in sd.items()}
+    out = {}
+    for n, t in sd.items():
+        if t.dim() == 2 and n not in ("model.embed_tokens.weight", "lm_head.weight"):
+            x = torch.randn(3 * t.shape[1], t.shape[1], generator=g)
+            out[n] = x.T @ x / (3 * t.shape[1])
+    return out
+
+
+def engine_plan(spec: MethodSpec, model_params: list[dict] | None = None, seed: int = 5) -> tuple[Plan, dict]:
+    """A plan of ``spec`` over in-memory models with ``ENGINE_TENSORS`` (the recipe's
+    parameters: ``example_params``-like values, or ``model_params`` per model); returns the
+    plan and the state dicts by reference ("base", "model0", ...)."""
+    k = num_models(spec)
+    g = torch.Generator().manual_seed(seed)
+    base = {n: torch.randn(shape, generator=g) for n, shape in ENGINE_TENSORS.items()}
+    sds = {"base": base} if spec.base != "ignored" else {}
+    for i in range(k):
+        sds[f"model{i}"] = {n: t + 0.1 * torch.randn(t.shape, generator=g) for n, t in base.items()}
+    refs = [r for r in sds if r != "base"]
+    per_model = model_params or [_required_values(spec.model_params, 1.0) for _ in refs]
+    recipe: dict[str, Any] = {
+        "merge_method": spec.name,
+        "models": [{"model": r, **({"parameters": p} if p else {}), **({"stats": f"{r}.stats"} if spec.needs_stats else {})}
+                   for r, p in zip(refs, per_model)],
+        "dtype": "float32",
+    }
+    if shared := _required_values(spec.params, 0.5):
+        recipe["parameters"] = shared
+    if "base" in sds:
+        recipe["base_model"] = "base"
+    stats = {}
+    if spec.needs_stats:
+        meta = {spec.needs_stats: {"inputs": spec.stats_inputs or "own"}}
+        stats = {f"{r}.stats": memory_stats(f"{r}.stats", {spec.needs_stats: _engine_stats(spec, sds[r], i)}, meta)
+                 for i, r in enumerate(refs)}
+    preloaded = {r: StateDictCheckpoint(sd, r) for r, sd in sds.items()}
+    plan = make_plan(parse_recipe(recipe), seed=seed, preloaded=preloaded, preloaded_stats=stats, method=spec)
+    return plan, sds
+
+
+def direct_results(plan: Plan) -> dict[str, torch.Tensor]:
+    """Every job of ``plan`` computed by calling the method's function on the whole tensors, as
+    the method's author would: the reference the engine must reproduce."""
+    out = {}
+    cks = plan.checkpoints
+    with _one_thread():
+        for job in plan.jobs:
+            if job.copy:
+                out[job.name] = cks[job.sources[0].model].read(job.sources[0].tensor).to(job.out_dtype)
+                continue
+            stack = torch.stack([cks[s.model].read(s.tensor).float() for s in job.sources])
+            base = cks[job.base.model].read(job.base.tensor).float() if job.base is not None else None
+            gen = torch.Generator().manual_seed(tensor_seed(plan.seed, job.name)) if plan.method.randomized else None
+            stats = torch.stack([cks[s.model].read(s.tensor).float() for s in job.stats]) if job.stats else None
+            norms = torch.tensor(plan.stats_norms, dtype=torch.float32) if plan.stats_norms is not None else None
+            x = MergeInput(job.name, stack, base, job.params, job.model_params, gen, stats=stats, stats_norms=norms,
+                           role=job.role)
+            out[job.name] = plan.method.fn(x).to(job.out_dtype)
+    return out
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the executor runs each job
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+def _run(plan: Plan, threads: int) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    executor.run_jobs(plan, out.__setitem__, threads=threads, progress=False)
+    return out
+
+
+def _compare(spec: MethodSpec, got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], how: str, hint: str = "") -> None:
+    assert set(got) == set(want), f"{spec.name}: {how} wrote tensors {sorted(set(got) ^ set(want))} differently"
+    for name, ref in want.items():
+        if not torch.equal(got[name], ref):
+            diff = (got[name].float() - ref.float()).abs().max()
+            raise AssertionError(f"{spec.name}: tensor '{name}' {how} differs from the direct call by up to {diff:.3g}{hint}")
+
+
+def check_through_engine(spec: MethodSpec) -> None:
+    """Through the real planner and executor the method gives exactly what the direct call
+    gives: on 1, 2 and 3 threads, and, if it declares ``elementwise``, in small row blocks."""
+    plan, _ = engine_plan(spec)
+    try:
+        want = direct_results(plan)
+        for threads in THREAD_COUNTS:
+            _compare(spec, _run(plan, threads), want, f"through the executor on {threads} thread(s)")
+        if not spec.elementwise:
+            return
+        with forced_row_blocks():
+            blocked = [j.name for j in plan.jobs if executor.block_rows(j, plan, torch.device("cpu")) is not None]
+            assert blocked, f"{spec.name}: no tensor ran in row blocks; the check cannot test 'elementwise'"
+            for threads in THREAD_COUNTS[:2]:
+                _compare(spec, _run(plan, threads), want, f"in row blocks of {ENGINE_BLOCK_ELEMENTS} entries",
+                         "; the method declares elementwise=True, so each output row may depend only on the same "
+                         "row of the inputs (no statistic over the whole tensor): fix the method or drop elementwise")
+    finally:
+        plan.close()
+
+
+def check_plan_time_check(spec: MethodSpec) -> None:
+    """The planner runs the method's ``check`` on every merged job's resolved parameters and
+    accepts the example parameters; weights that sum to 0 (or are all 0) are either refused
+    at plan time, naming the method and tensor, or merge to finite tensors."""
+    calls: list[tuple[str, Any, list[Any]]] = []
+    spied = spec
+    if spec.check is not None:
+        def spy(params: Any, model_params: list[Any]) -> str | None:
+            calls.append(("", params, model_params))
+            return spec.check(params, model_params)
+
+        spied = dataclasses.replace(spec, check=spy)
+    plan, _ = engine_plan(spied)
+    try:
+        merged = [j for j in plan.jobs if not j.copy]
+        if spec.check is not None:
+            assert len(calls) == len(merged), (
+                f"{spec.name}: the planner ran the plan-time check {len(calls)} times for {len(merged)} merged tensors")
+            for (_, params, model_params), job in zip(calls, merged):
+                assert params == job.params and model_params == job.model_params, (
+                    f"{spec.name}: the plan-time check of '{job.name}' did not see the job's resolved parameters")
+    finally:
+        plan.close()
+    fields = spec.model_params.model_fields
+    if "weight" not in fields or fields["weight"].annotation not in (float, "float"):
+        return
+    k = num_models(spec)
+    for weights in ([1.0, -1.0] + [0.0] * (k - 2), [0.0] * k):
+        per_model = [{**_required_values(spec.model_params, 1.0), "weight": w} for w in weights]
+        try:
+            plan, _ = engine_plan(spec, per_model)
+        except RecipeError as err:
+            # the method's check (names the method) or the parameter's declared bounds (name the parameter)
+            named = f"method {spec.name}" in str(err) or "parameter 'weight'" in str(err)
+            assert named and "tensor '" in str(err), (
+                f"{spec.name}: weights {weights} were refused without naming the method or parameter and the tensor: {err}")
+            continue
+        try:
+            with warnings.catch_warnings():  # the executor warns of the NaN/Inf asserted on below
+                warnings.simplefilter("ignore")
+                out = _run(plan, 1)
+        finally:
+            plan.close()
+        bad = [n for n, t in out.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        assert not bad, (f"{spec.name}: weights {weights} merge to NaN/Inf in {bad[:2]}; refuse them at plan time "
+                         "with a 'check' (see MethodSpec.check)")
+
+
 CHECKS: tuple[Callable[[MethodSpec], None], ...] = (
     check_shape_dtype_and_purity,
     check_fixed_point,
     check_zero_task_vectors,
     check_seed_determinism,
     check_param_declaration,
+    check_through_engine,
+    check_plan_time_check,
 )
 
 
