@@ -56,7 +56,8 @@ class Bench:
         (cache / "scores").mkdir(parents=True, exist_ok=True)
         (cache / "merges").mkdir(parents=True, exist_ok=True)
         self.timings: dict[str, dict] = {}
-        self.score_cost: dict[str, dict] = {}
+        self.score_cost: dict[str, dict] = {}  # row -> CPU and wall seconds of its test scoring
+        self.last_cost: dict = {}
         self.chosen: dict[str, float | None] = {}  # label -> the scale the validation grid chose
 
     # -- scoring ---------------------------------------------------------------------------
@@ -67,8 +68,7 @@ class Bench:
         path = self.cache / "scores" / f"{split}-{digest(key, SCORER, n, self.p['score_bf16'])}.json"
         if path.is_file():
             cached = json.loads(path.read_text())
-            if split == "test":
-                self.score_cost[key.split(":")[0]] = cached["cost"]
+            self.last_cost = cached["cost"]
             return {t: from_lists(v) for t, v in cached["tasks"].items()}
         made = make()
         folder, adapter = made if isinstance(made, tuple) else (made, None)
@@ -78,8 +78,7 @@ class Bench:
         per = {t: score(model, self.tok, r, max_len=96, bf16=self.p["score_bf16"]) for t, r in rows.items()}
         cost = {"wall_s": round(time.monotonic() - t0, 1), "cpu_s": round(time.process_time() - c0, 1)}
         path.write_text(json.dumps({"key": key, "cost": cost, "tasks": {t: as_lists(v) for t, v in per.items()}}))
-        if split == "test":
-            self.score_cost[key.split(":")[0]] = cost
+        self.last_cost = cost
         self.log(f"  scored {key} on {split}: " + ", ".join(f"{t} {summary(v)['acc']:.3f}" for t, v in per.items())
                  + f" ({cost['cpu_s']:.0f}s cpu)")
         return per
@@ -155,6 +154,7 @@ def run_rows(p: dict, preset: str, gguf: Path, base: Path, data: dict[str, Path]
 
     def add(name: str, group: str, key: str, make, **info) -> None:
         per = b.scores(key, make)
+        b.score_cost[name] = b.last_cost
         rows[name] = {"group": group, "tasks": {t: as_lists(v) for t, v in per.items()}, **info}
 
     log("reference rows")
@@ -184,7 +184,10 @@ def run_rows(p: dict, preset: str, gguf: Path, base: Path, data: dict[str, Path]
         add(f"adamerging_{gran}", "search", f"{name}:{digest(recipe_path.read_text())}", lambda folder=folder: folder)
     if len(lora) == len(data):
         run_lora_rows(b, lora, data, add, log)
-    return {"rows": rows, "merge_cost": b.timings, "score_cost": b.score_cost, "chosen": b.chosen}
+    shown = {"base": base, **({"multi-task": multi["multi"]} if "multi" in multi else {})}
+    shown["task_arithmetic"] = b.cache / "merges" / f"full-task_arithmetic-{b.chosen.get('full-task_arithmetic')}"
+    return {"rows": rows, "merge_cost": b.timings, "score_cost": b.score_cost, "chosen": b.chosen,
+            "generations": generations(b, shown)}
 
 
 def run_lora_rows(b: Bench, lora: dict[str, Path], data, add, log) -> None:
@@ -209,6 +212,32 @@ def run_lora_rows(b: Bench, lora: dict[str, Path], data, add, log) -> None:
             return (b.base, out)
 
         add(f"merge-lora {method}", "lora-merge", key, make, scale=float(weights[0]), knob="weights")
+
+
+def generations(b: Bench, models: dict[str, Path], per_task: int = 2, new_tokens: int = 24) -> dict:
+    """Greedy continuations of the first test prompts of each task by a few of the models (cached):
+    what a merged model that read its base from a GGUF file writes."""
+    import torch
+
+    prompts = [r["prompt"] or r["target"] for t in b.test for r in b.test[t][:per_task]]
+    key = digest({n: str(f) for n, f in models.items()}, prompts, new_tokens)
+    path = b.cache / "scores" / f"generations-{key}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    out = {"prompts": prompts, "outputs": {}}
+    for name, folder in models.items():
+        if not folder.exists():
+            continue
+        model = load_model(folder)
+        texts = []
+        for prompt in prompts:
+            ids = b.tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                gen = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=b.tok.eos_token_id)
+            texts.append(b.tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True))
+        out["outputs"][name] = texts
+    path.write_text(json.dumps(out))
+    return out
 
 
 def _children_cpu() -> float:

@@ -87,9 +87,11 @@ def plot(results: dict, stats: dict, out: Path) -> list[Path]:
     hi = [100 * (stats[n]["ci"]["mean"]["acc_ci"][1] - stats[n]["acc"]) for n in names]
     ax.barh(y, acc, xerr=[lo, hi], color=[colors[results["rows"][n]["group"]] for n in names], capsize=2)
     ax.set_yticks(y, names, fontsize=8)
-    ax.axvline(100 * stats["base"]["acc"], color="k", lw=0.8, ls=":")
-    ax.set_xlabel("mean multiple-choice accuracy over the tasks (%), 95% bootstrap CI")
-    ax.set_title(f"SmolLM2-135M-Instruct (GGUF Q4_1 base): {len(results['tasks'])} skills, merged", fontsize=9)
+    ax.axvline(100 * stats["base"]["acc"], color="k", lw=0.8, ls=":", label="base")
+    ax.axvline(25, color="r", lw=0.8, ls="--", label="chance (4 choices)")
+    ax.legend(loc="lower right", fontsize=7)
+    ax.set_xlabel("mean multiple-choice accuracy over the skills (%), 95% bootstrap CI")
+    ax.set_title(f"{results['base']} as base: {len(results['tasks'])} skills, fine-tuned and merged", fontsize=9)
     fig.tight_layout()
     p1 = out.with_suffix(".png")
     fig.savefig(p1, dpi=110)
@@ -133,8 +135,21 @@ def markdown(results: dict, plots: list[Path], header: str, footer: str) -> str:
     lora = by_group.get("lora-merge", [])
     if lora:
         lines += comparisons(results, stats, lora, ["lora task_arithmetic", "base"]) + [""]
+    gens = results.get("generations") or {}
+    if gens.get("outputs"):
+        names = list(gens["outputs"])
+        lines += ["### What the models write (greedy, 24 new tokens, first test prompts)", "",
+                  "| prompt | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        for i, prompt in enumerate(gens["prompts"]):
+            cells = [_cell(gens["outputs"][n][i]) for n in names]
+            lines.append(f"| {_cell(prompt)} | " + " | ".join(cells) + " |")
+        lines.append("")
     lines += [footer.rstrip(), ""]
     return "\n".join(lines)
+
+
+def _cell(text: str) -> str:
+    return " ".join(text.replace("|", "\\|").split())
 
 
 def load(path: Path) -> dict:

@@ -165,7 +165,27 @@ negative log-likelihood per token. Intervals: 95% percentile bootstrap over the 
 (2,000 draws; the mean over tasks resamples each task's examples). Scored under {score_dtype}.
 """
 
-FOOTER = """### How it was made
+FOOTER = """### Settings
+
+- Merges: `alloykit merge` with the GGUF file as `base_model` (methods that use one), float32. Per-model weight 1 and
+  `normalize: false` wherever a method has them, so the scale multiplies the sum of the (processed)
+  task vectors: task_arithmetic, ties, dare_ties, della, breadcrumbs (`lambda`) and tsv_m, iso_c,
+  iso_cts (`alpha`) take it from {{{grid}}} by the mean accuracy on {n_select} validation examples
+  per skill. ties, dare_ties, della: density 0.3 (della epsilon 0.1); breadcrumbs: density 0.9,
+  gamma 0.01; linear: the plain average of the fine-tunes; multislerp: equal weights around the base.
+- RegMean (alpha 0.9) and Fisher: Grams and diagonal Fishers of each fine-tune on {stats} of its own
+  skill's training texts, `alloykit stats collect FT --data train.txt --kind all`.
+- AdaMerging (task-wise and layer-wise): `alloykit search adamerging` on {ada} unlabelled validation
+  texts per skill (labels unused), {ada_steps} Adam steps at lr 5e-3, batch 4 per skill, init 0.3,
+  coefficients clamped to [0, 1].
+- Multi-task reference: one fine-tune on batches mixing the skills evenly, {multi_steps} steps
+  ({per_task} batches' worth per skill, against {steps} for each single-skill fine-tune).
+- LoRA: rank {rank}, alpha {alpha}, on every linear layer of the blocks, lr {lora_lr}, {steps} steps;
+  inputs named `BASE.gguf+ADAPTER` in recipes (the adapter folded into the dequantized base on read);
+  `merge-lora ties`: PEFT-format adapter of rank {rank} (density 0.3) at the weight that
+  `lora task_arithmetic` chose, evaluated as base + adapter.
+
+### How it was made
 
 ```
 {command}
@@ -196,7 +216,11 @@ def write_report(results: dict, md: Path) -> None:
     header = HEADER.format(n_tasks=len(results["tasks"]), steps=p["steps"], batch=p["batch_size"], max_len=p["max_len"],
                            lr=p["lr"], n_test=p["n_eval"], n_val=p["n_select"], grid=", ".join(map(str, p["grid"])),
                            score_dtype="bfloat16 autocast" if p["score_bf16"] else "float32")
-    md.write_text(markdown(results, plots, header, FOOTER.format(command=results["command"], notes=notes(results))))
+    footer = FOOTER.format(command=results["command"], notes=notes(results), grid=", ".join(map(str, p["grid"])),
+                           n_select=p["n_select"], stats=p["stats_samples"], ada=p["ada_samples"], ada_steps=p["ada_steps"],
+                           multi_steps=p["multi_steps"], per_task=p["multi_steps"] // len(results["tasks"]), steps=p["steps"],
+                           rank=p["lora_rank"], alpha=2 * p["lora_rank"], lora_lr=p["lora_lr"])
+    md.write_text(markdown(results, plots, header, footer))
     log(f"wrote {md} and {', '.join(str(x) for x in plots)}")
 
 
