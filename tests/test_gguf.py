@@ -140,7 +140,7 @@ def test_gguf_base_merges_with_safetensors_and_generates(tmp_path, smol_tokenize
     assert torch.equal(gen, seq)
 
 
-def test_merge_output_format_gguf(tmp_path, smol_tokenizer):
+def test_merge_output_format_gguf(tmp_path, smol_tokenizer, capsys):
     base = tiny_causal_lm(tmp_path / "base", smol_tokenizer, seed=5)
     ft = tiny_causal_lm(tmp_path / "ft", smol_tokenizer, seed=6, like=base, noise=0.02)
     recipe = tmp_path / "r.yml"
@@ -148,6 +148,11 @@ def test_merge_output_format_gguf(tmp_path, smol_tokenizer):
                       f"  - model: {ft}\n    parameters: {{weight: 0.5}}\n")
     assert main(["merge", str(recipe), str(tmp_path / "st"), "--quiet"]) == 0
     assert main(["merge", str(recipe), str(tmp_path / "gg"), "--quiet", "--output-format", "gguf", "--gguf-type", "q8_0"]) == 0
+    # alloykit convert FOLDER OUT.gguf writes the same file the merge wrote
+    assert main(["convert", str(tmp_path / "st"), str(tmp_path / "c.gguf"), "--type", "q8_0", "--quiet"]) == 0
+    converted = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "c.gguf")).tensors}
+    for t in gguf.GGUFReader(str(tmp_path / "gg" / "model.Q8_0.gguf")).tensors:
+        assert converted[t.name].tensor_type == t.tensor_type and np.array_equal(converted[t.name].data, t.data), t.name
     files = sorted(p.name for p in (tmp_path / "gg").iterdir())
     assert "model.Q8_0.gguf" in files and not any(f.endswith(".safetensors") for f in files)
     got = state_dict(tmp_path / "gg", "model.Q8_0.gguf")
@@ -158,6 +163,11 @@ def test_merge_output_format_gguf(tmp_path, smol_tokenizer):
     # the GGUF output folder is itself a valid input (a folder holding one .gguf)
     ck = GGUFCheckpoint(tmp_path / "gg" / "model.Q8_0.gguf")
     assert set(ck.tensors) == set(Checkpoint(tmp_path / "st").tensors)
+    n2d = sum(1 for i in ck.tensors.values() if len(i.shape) == 2)
+    assert ck.stored_types == {"Q8_0": n2d, "F32": len(ck.tensors) - n2d}
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "gg")]) == 0
+    assert f"stored in GGUF as: Q8_0 x{n2d}, F32 x{len(ck.tensors) - n2d}" in capsys.readouterr().out  # most first
 
 
 def test_converted_metadata_is_cached_and_follows_the_file(tmp_path, smol_tokenizer, alloykit_cache):

@@ -245,10 +245,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), default="full")
     ap.add_argument("--cache", type=Path, help="cache folder (default .bench/quality_lm/PRESET)")
-    ap.add_argument("--stage", choices=["finetune", "rows", "all"], default="all",
-                    help="finetune: stop after the fine-tunes; rows: no training, score the rows whose fine-tunes are cached "
+    ap.add_argument("--stage", choices=["data", "finetune", "rows", "all"], default="all",
+                    help="data: the skills' data (and --harness-tasks) only; finetune: stop after the fine-tunes; rows: no training, score the rows whose fine-tunes are cached "
                          "(e.g. beside a running --stage finetune); all: everything, then the results and the report")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    ap.add_argument("--only", choices=["full", "lora", "multi"],
+                    help="with --stage finetune: train only this kind (a second process can train another kind meanwhile)")
     ap.add_argument("--json", type=Path, help="results JSON (default benchmarks/quality_lm/results-PRESET.json)")
     ap.add_argument("--md", type=Path, help="report (default docs/results-lm.md for the full preset, else none)")
     ap.add_argument("--from-json", action="store_true", help="only rewrite the report from the results JSON")
@@ -275,10 +277,12 @@ def main(argv: list[str] | None = None) -> int:
     data = prepare_data(p, cache)
     if args.harness_tasks:
         log(f"harness tasks {', '.join(harness_tasks(data, args.harness_tasks))} -> {args.harness_tasks}")
-    train = args.stage != "rows"
-    full = finetunes(p, base, data, cache, kind="full", train=train)
-    lora = finetunes(p, base, data, cache, kind="lora", train=train) if p["lora"] else {}
-    multi = finetunes(p, base, data, cache, kind="multi", train=train)
+    if args.stage == "data":
+        return 0
+    train = {k: args.stage != "rows" and args.only in (None, k) for k in ("full", "lora", "multi")}
+    full = finetunes(p, base, data, cache, kind="full", train=train["full"])
+    lora = finetunes(p, base, data, cache, kind="lora", train=train["lora"]) if p["lora"] else {}
+    multi = finetunes(p, base, data, cache, kind="multi", train=train["multi"])
     if args.stage == "finetune":
         return 0
     from lm_bench import run_rows

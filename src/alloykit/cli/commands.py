@@ -255,6 +255,8 @@ def cmd_inspect(args: Namespace) -> int:
             print(f"architecture: {', '.join(cfg.get('architectures') or [cfg.get('model_type', '?')])}")
         print(f"tensors: {len(infos)}   parameters: {params:,} ({params / 1e9:.3f}B)   bytes: {ck.total_bytes:,}")
         print("dtypes: " + ", ".join(f"{d} x{n}" for d, n in dtypes.most_common()))
+        if hasattr(ck, "stored_types"):  # a GGUF file: what it stores, dequantized on read
+            print("stored in GGUF as: " + ", ".join(f"{t} x{n}" for t, n in ck.stored_types.items()))
         print(f"shards: {len(files)}")
         for f, n in sorted(files.items()):
             print(f"  {f}: {n} tensors")

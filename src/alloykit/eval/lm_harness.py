@@ -111,8 +111,8 @@ def run_lm_eval(model: str | Path, tasks: list[str], *, include_path: list[str] 
     out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit, task_manager=tm,
                                   log_samples=False, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
                                   fewshot_random_seed=seed, bootstrap_iters=1000)
-    results = {task: {k.split(",")[0] + ("_stderr" if "_stderr" in k else ""): v for k, v in metrics.items()
-                      if k != "alias" and isinstance(v, (int, float))}
+    # the harness keys metrics 'NAME,FILTER' ('acc,none', 'acc_stderr,none'); other keys are bookkeeping
+    results = {task: {k.split(",")[0]: v for k, v in metrics.items() if "," in k and isinstance(v, (int, float))}
                for task, metrics in (out or {}).get("results", {}).items()}
     return {"model": str(model), "tasks": list(tasks), "results": results, "n": (out or {}).get("n-samples", {}),
             "lm_eval_version": getattr(lm_eval, "__version__", "unknown"), "limit": limit, "num_fewshot": num_fewshot,

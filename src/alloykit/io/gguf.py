@@ -266,6 +266,14 @@ class GGUFCheckpoint(TensorIndex):
         return sum(t.nbytes for t in self.tensors.values())
 
     @property
+    def stored_types(self) -> dict[str, int]:
+        """How many tensors the file stores in each GGML type (e.g. {'Q4_1': 210, 'F32': 61})."""
+        counts: dict[str, int] = {}
+        for t in self._raw.values():
+            counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
+        return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+    @property
     def metadata(self) -> dict:
         """Every key/value field of the file (tokenizer arrays included), as Python values."""
         return {k: _field(self._reader, k) for k in self._reader.fields}
