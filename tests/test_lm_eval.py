@@ -62,6 +62,14 @@ def test_lm_eval_local_task_on_merged_model(tmp_path, smol_tokenizer, capsys):
     assert res["acc"] == pytest.approx(want_acc, abs=1e-9)
     assert res["acc_norm"] == pytest.approx(want_norm, abs=1e-9)
     assert f"acc {want_acc:.4f}" in printed
+    # the same model as an F32 GGUF file (a folder holding one): loaded through transformers' GGUF reader
+    from alloykit.io.gguf_write import write_gguf
+
+    (tmp_path / "g").mkdir()
+    write_gguf(merged, tmp_path / "g" / "merged.f32.gguf", "f32")
+    assert main(["eval", str(tmp_path / "g"), "--lm-eval", "alloykit_test_choice", "--include-path", str(tasks),
+                 "--output", str(out)]) == 0
+    assert json.loads(out.read_text())["results"]["alloykit_test_choice"]["acc"] == pytest.approx(want_acc, abs=1e-9)
 
 
 def test_unknown_task_and_bad_model_give_one_line(tmp_path, capsys):

@@ -38,6 +38,7 @@ METHODS = {
     "fisher": ({}, {"weight": 1.0}, None),
 }
 STATS_METHODS = {"regmean": "gram", "fisher": "fisher"}
+KEEP = {"task_arithmetic"}  # merged folders kept after scoring (the report's generations and harness example use it)
 
 
 def _yaml(recipe: dict) -> str:
@@ -155,6 +156,9 @@ def run_rows(p: dict, preset: str, gguf: Path, base: Path, data: dict[str, Path]
     def add(name: str, group: str, key: str, make, **info) -> None:
         per = b.scores(key, make)
         b.score_cost[name] = b.last_cost
+        merged = b.cache / "merges" / key.split(":")[0]
+        if group in ("merge", "search", "lora-merge") and name not in KEEP and merged.is_dir():
+            shutil.rmtree(merged)  # 0.5 GB each; the scores are cached, a rerun merges again only if they change
         rows[name] = {"group": group, "tasks": {t: as_lists(v) for t, v in per.items()}, **info}
 
     log("reference rows")
