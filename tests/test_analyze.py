@@ -126,3 +126,53 @@ def test_cli_errors_are_one_line(family, tmp_path, capsys):
     assert rc == 2 and "--density 1.5" in err
     rc = main(["analyze", str(tmp_path / "missing"), "--base", str(base_dir)])
     assert rc == 2 and "missing" in capsys.readouterr().err
+
+
+def test_default_labels_are_the_shortest_distinguishing_path_suffixes():
+    from alloykit.analysis.interference import short_labels
+
+    assert short_labels(["runs/cola/encoder", "runs/sst2/encoder"]) == ["cola/encoder", "sst2/encoder"]
+    assert short_labels(["a/run/checkpoint-500", "b/run/checkpoint-500", "b/run/checkpoint-900"]) == [
+        "a/run/checkpoint-500", "b/run/checkpoint-500", "checkpoint-900"]
+    snap = "cache/models--org--tuned/snapshots/0123abcd"
+    assert short_labels([snap, "x/encoder", "y/tuned.safetensors"]) == ["org/tuned", "encoder", "tuned"]
+    assert short_labels(["m", "m"]) == ["m", "m#2"]  # the same model twice stays two rows
+
+
+def test_cli_labels_the_usual_layout_apart_in_report_table_and_plots(family, tmp_path, capsys, monkeypatch):
+    """runs/<task>/encoder: every model used to be labelled 'encoder' everywhere."""
+    import shutil
+
+    from alloykit.analysis import plots
+
+    base_dir, tunes = family
+    paths = []
+    for task, t in zip(("cola", "sst2", "mrpc"), tunes):
+        shutil.copytree(t, tmp_path / "runs" / task / "encoder")
+        paths.append(str(tmp_path / "runs" / task / "encoder"))
+    plotted = []
+    monkeypatch.setattr(plots, "plot_report", lambda report, out: plotted.append(list(report["models"])) or [])
+    rc = main(["analyze", *paths, "--base", str(base_dir), "--out", str(tmp_path / "an")])
+    assert rc == 0
+    text = capsys.readouterr().out
+    labels = ["cola/encoder", "sst2/encoder", "mrpc/encoder"]
+    assert json.loads((tmp_path / "an" / "report.json").read_text())["models"] == labels
+    assert plotted == [labels]
+    table = text.splitlines()[1:5]
+    assert table[0].split() == labels and [row.split()[0] for row in table[1:]] == labels
+    rc = main(["analyze", *paths[:2], "--base", str(base_dir), "--names", "a", "a"])
+    assert rc == 2 and "'a' is given twice" in capsys.readouterr().err
+
+
+def test_missing_matplotlib_fails_before_any_model_is_read(family, tmp_path, capsys, monkeypatch):
+    import sys
+
+    import alloykit.analysis
+
+    base_dir, tunes = family
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # 'import matplotlib' now raises ImportError
+    monkeypatch.setattr(alloykit.analysis, "analyze", lambda *a, **k: pytest.fail("the models were read"))
+    rc = main(["analyze", *map(str, tunes), "--base", str(base_dir), "--out", str(tmp_path / "an")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "matplotlib" in err and "--no-plots" in err and err.count("\n") == 1
+    assert not (tmp_path / "an").exists()

@@ -16,21 +16,19 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "architecture.md"
 LAYERS = [
     ("foundation", ["alloykit.errors", "alloykit.roles", "alloykit.progress"]),
     ("ops", ["alloykit.ops"]),
-    ("io", ["alloykit.io", "alloykit.config"]),
+    ("io", ["alloykit.io", "alloykit.config", "alloykit.vocab"]),
     ("methods", ["alloykit.methods"]),
     ("plan", ["alloykit.plan"]),
-    ("output", ["alloykit.merge", "alloykit.card"]),
-    ("features", ["alloykit.lora", "alloykit.stats", "alloykit.search", "alloykit.analysis", "alloykit.eval"]),
+    ("output", ["alloykit.request", "alloykit.output", "alloykit.merge", "alloykit.card"]),
+    ("features", ["alloykit.lora", "alloykit.stats", "alloykit.search", "alloykit.analysis", "alloykit.eval", "alloykit.transplant"]),
     ("entry", ["alloykit.cli", "alloykit.testing"]),
 ]
 #: the package root (``alloykit/__init__.py``) is the composition root: it may import anything
 #: (lazily), and any module may read ``alloykit.__version__`` from it
 ROOT = "alloykit"
-#: arrows other workstreams of issue 13 are removing (LoRA output through a Plan; statistics of
-#: in-memory merges; the quality harness out of the library); none may be added
+#: arrows other workstreams of issue 13 are removing (the quality harness out of the library);
+#: none may be added
 KNOWN = {
-    ("alloykit.merge", "alloykit.lora.output"),
-    ("alloykit.merge", "alloykit.stats.store"),
     ("alloykit.eval.benchmark", "alloykit.search.bench"),
 }
 

@@ -10,6 +10,7 @@ import alloykit
 from alloykit.io.checkpoint import Checkpoint
 from alloykit.io.lora import LoraCheckpoint
 from alloykit.testing.fixtures import write_llama
+from alloykit.testing.helpers import run_cli as cli
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -116,3 +117,50 @@ def test_conv1d_and_embedding_adapters_keep_peft_layout(tmp_path):
         for n in names:
             want = b.read(n) + cks[0].delta(n) + (0 if label == "hub" else cks[1].delta(n))
             torch.testing.assert_close(merged[n], want, rtol=1e-4, atol=1e-5, msg=lambda m: f"{label} {n}: {m}")
+
+
+def test_sce_runs_through_the_planners_resolver_and_matches_the_engine(setup, tmp_path, capsys):
+    """sce has no per-model weight: merge-lora used to pass one anyway and fail."""
+    root, base = setup
+    code, out, err = cli(capsys, "merge-lora", root / "a1", root / "a2", tmp_path / "sce", "--base", base,
+                         "--method", "sce", "--rank", "64")
+    assert code == 0 and "merged 2 adapters with sce" in out, err
+    merged = load_merged(base, tmp_path / "sce")
+    engine = alloykit.merge({"merge_method": "sce", "base_model": str(base),
+                             "models": [{"model": f"{base}+{root / f'a{i}'}"} for i in (1, 2)]}, tmp_path / "engine", progress=False)
+    e = Checkpoint(engine)
+    for n in ("model.layers.0.self_attn.q_proj.weight", "model.layers.3.mlp.up_proj.weight", "model.layers.1.self_attn.v_proj.weight"):
+        torch.testing.assert_close(merged[n], e.read(n), rtol=1e-4, atol=1e-5)
+    capsys.readouterr()  # transformers' loading bars
+    code, out, err = cli(capsys, "merge-lora", root / "a1", root / "a2", tmp_path / "o", "--base", base,
+                         "--method", "sce", "--rank", "8", "--weights", "1", "2")
+    assert code == 2 and "merge-lora --weights: unknown parameter 'weight' for method sce" in err and "\n" not in err
+    code, out, err = cli(capsys, "merge-lora", root / "a1", root / "a2", tmp_path / "o", "--base", base,
+                         "--method", "ties", "--rank", "8", "--density", "1.5")
+    assert code == 2 and "density" in err and "\n" not in err and not (tmp_path / "o").exists()
+
+
+def test_merge_lora_recipe_is_typed_and_read_with_the_guarded_loader(setup, tmp_path, capsys):
+    root, base = setup
+    recipes = tmp_path / "recipes"
+    recipes.mkdir()
+    (recipes / "a1").symlink_to(root / "a1")
+    good = (f"merge_lora:\n  base: {base}\n  adapters: [a1, {root / 'a2'}]\n  method: ties\n  rank: 8\n"
+            "  weights: [1.0, 0.5]\n  parameters: {density: 0.5}\n")
+    (recipes / "r.yaml").write_text(good)
+    code, out, err = cli(capsys, "merge-lora", "--recipe", recipes / "r.yaml", tmp_path / "out")  # 'a1': from the recipe's folder
+    assert code == 0, err
+    record = (tmp_path / "out" / "alloykit_recipe.yaml").read_text()
+    assert "method: ties" in record and "density: 0.5" in record
+    bomb = "a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]\n" + "".join(  # an alias bomb: 10^6 values from 6 lines
+        f"{n}: &{n} [{', '.join(['*' + p] * 10)}]\n" for p, n in zip("abcde", "bcdef"))
+    for text, message in ((good + "  method: cat\n", "key 'method' appears twice"),
+                          (good.replace("weights:", "wieghts:"), "unknown key 'merge_lora.wieghts' (did you mean 'weights'?)"),
+                          (good.replace("rank: 8", "rank: 0"), "'merge_lora.rank' = 0"),
+                          ("merge_lora: 3\n", "'merge_lora' = 3"),
+                          (bomb, "holds more than 20000 values"),
+                          ("!!python/object:os.system {}\n", "invalid YAML")):
+        (recipes / "bad.yaml").write_text(text)
+        code, out, err = cli(capsys, "merge-lora", "--recipe", recipes / "bad.yaml", tmp_path / "bad")
+        assert code == 2 and message in err and "\n" not in err, (text, err)
+        assert not (tmp_path / "bad").exists()

@@ -105,7 +105,7 @@ def test_lorahub_errors(hub, tmp_path, capsys):
     code, out, err = cli(capsys, "search", "lorahub", "--base", base, "--adapters", root / "helpful", "--data", bad, "--out", tmp_path / "x.yaml")
     assert code == 2 and "needs 'input' and 'output'" in err
     code, out, err = cli(capsys, "merge-lora", "--recipe", tmp_path / "x.yaml", tmp_path / "o")
-    assert code == 2 and "cannot read it" in err
+    assert code == 2 and "does not exist" in err
 
 
 def test_text_examples_are_tokenized_with_the_base_tokenizer(tmp_path):

@@ -20,7 +20,7 @@ from alloykit.testing.fixtures import LlamaShape, write_family
 from alloykit.testing.helpers import run_cli as cli
 
 # the modules, not the functions of the same names (alloykit.merge is the function)
-merge_mod = importlib.import_module("alloykit.merge")
+folder_mod = importlib.import_module("alloykit.output.folder")
 writer_mod = importlib.import_module("alloykit.io.writer")
 
 
@@ -56,8 +56,8 @@ def reference(fam, tmp_path_factory):
 
 
 def fake_free(monkeypatch, free):
-    real = merge_mod.shutil.disk_usage
-    monkeypatch.setattr(merge_mod.shutil, "disk_usage", lambda p: real(p)._replace(free=free))
+    real = folder_mod.shutil.disk_usage
+    monkeypatch.setattr(folder_mod.shutil, "disk_usage", lambda p: real(p)._replace(free=free))
 
 
 def test_space_check_refuses_before_writing(fam, tmp_path, monkeypatch, capsys):
@@ -148,7 +148,7 @@ def test_real_enospc_then_grow_the_disk_and_resume(fam, reference, small_fs, mon
     """A real full filesystem (tmpfs of 200 KB; the output is ~1 MB): a clear error, no
     target; then the disk grows and --resume finishes byte-identical to a clean run."""
     _, base, tunes = fam
-    monkeypatch.setattr(merge_mod, "_check_space", lambda folder, need: None)  # let it start, then fill the disk
+    monkeypatch.setattr(folder_mod.OutputFolder, "check_space", lambda self, need: None)  # let it start, then fill the disk
     with pytest.raises(OutputError, match="No space left on device.*--resume"):
         alloykit.merge(recipe(base, tunes), small_fs / "out", progress=False, max_shard_size=20_000, threads=1)
     assert not (small_fs / "out").exists()

@@ -2,8 +2,8 @@
 ``--resume`` completes to output byte-identical to an uninterrupted run.
 
 Kill points are exact, not timed: ``ALLOYKIT_FAULT_KILL_AFTER=N`` kills the merge after
-N tensors are written, ``ALLOYKIT_FAULT_KILL_AT=PHASE`` at a named phase (merge.py and
-io/journal.py). The killed runs are subprocesses; the resumes run the same CLI in
+N tensors are written, ``ALLOYKIT_FAULT_KILL_AT=PHASE`` at a named phase (both read by
+``alloykit.output.faults``). The killed runs are subprocesses; the resumes run the same CLI in
 process, which keeps the file well under a minute and a half on two cores.
 """
 

@@ -7,8 +7,9 @@ allowed set and the closest match, instead of being ignored.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Literal, Union, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -64,10 +65,45 @@ class Slice(_Strict):
     base_model: str | None = None
 
 
+class ZeroTokenSource(_Strict):
+    """``source: {kind: zero}``: the token's row is zero."""
+
+    kind: Literal["zero"]
+
+
+class ModelTokenSource(_Strict):
+    """``source: {kind: model_token, model: M, token: T}`` (or ``token_id``): the row of
+    token T (or row ``token_id``) of model M, in M's own vocabulary."""
+
+    kind: Literal["model_token"]
+    model: str
+    token: str | None = None
+    token_id: int | None = None
+
+    @model_validator(mode="after")
+    def _one_token(self) -> "ModelTokenSource":
+        if (self.token is None) == (self.token_id is None):
+            raise ValueError("give exactly one of 'token' or 'token_id'")
+        return self
+
+
+class TokenSetting(_Strict):
+    """One entry of ``tokenizer: tokens:`` (mergekit's per-token embedding settings).
+
+    ``source``: a model (its row of this token), ``base`` (the base model's), ``{kind: zero}``
+    or ``{kind: model_token, ...}``. ``force``: every model takes the source's row, also
+    those that have the token (else only the models missing it do).
+    """
+
+    source: Union[ZeroTokenSource, ModelTokenSource, str, None] = None
+    force: bool = False
+
+
 class TokenizerConfig(_Strict):
-    source: str = "base"
-    tokens: dict[str, Any] | None = None
-    pad_to_multiple_of: int | None = None
+    #: as in mergekit, a ``tokenizer:`` section without ``source`` builds the union
+    source: str = "union"
+    tokens: dict[str, TokenSetting] | None = None
+    pad_to_multiple_of: int | None = Field(default=None, ge=1)
 
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -139,50 +175,72 @@ def _loc(loc: tuple[Any, ...]) -> str:
             continue  # union branch names add noise, not location
         else:
             out += ("." if out else "") + str(part)
-    return out or "recipe"
+    return out
 
 
-def _allowed_keys_at(loc: tuple[Any, ...]) -> list[str]:
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models a field's annotation can hold (through Optional, list, dict, Union)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in get_args(annotation) for m in _models_in(arg)]
+
+
+def _allowed_keys_at(root: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     """The keys allowed in the mapping that holds the unknown key at ``loc``."""
-    model: type[BaseModel] = Recipe
+    model = root
     for part in loc[:-1]:
         if isinstance(part, int):
             continue
         field = model.model_fields.get(str(part))
         if field is None:
             break
-        ann = str(field.annotation)
-        for cand in (InputModel, SliceSource, Slice, TokenizerConfig, Conditional):
-            if cand.__name__ in ann:
-                model = cand
-                break
+        inner = _models_in(field.annotation)
+        if inner:
+            model = inner[0]
     return list(model.model_fields)
 
 
-def _format_validation_error(err: ValidationError) -> str:
+@dataclass
+class Problem:
+    """The first problem pydantic found, in the terms a one-line message needs."""
+
+    kind: str  # "unknown" (a key not allowed), "missing" (a required key), "invalid" (a bad value)
+    where: str  # the location, e.g. 'models[0].parameters' ('' at the top)
+    key: str  # the last key of the location
+    value: Any  # the value given ("invalid")
+    message: str  # pydantic's message, without its "Value error, " prefix
+    allowed: list[str]  # "unknown": the keys allowed there
+
+    def line(self, subject: str, hints: dict[str, str] | None = None) -> str:
+        """The standard one-line message, e.g. ``recipe: unknown key 'x' (did you mean 'y'?); allowed here: ...``;
+        ``hints``: known slips (an unknown key -> the allowed key meant), tried before spelling."""
+        if self.kind == "unknown":
+            meant = (hints or {}).get(self.key)
+            hint = f" (did you mean '{meant}'?)" if meant in self.allowed else did_you_mean(self.key, self.allowed)
+            return f"{subject}: unknown key '{self.where}'{hint}; allowed here: {', '.join(self.allowed)}"
+        if self.kind == "missing":
+            return f"{subject}: missing required key '{self.where}'"
+        if not self.where:
+            return f"{subject}: {self.message}"
+        if isinstance(self.value, dict):
+            return f"{subject}: '{self.where}': {self.message}"
+        return f"{subject}: '{self.where}' = {_short_repr(self.value)}: {self.message}"
+
+
+def explain(err: ValidationError, root: type[BaseModel] | None = None) -> Problem:
+    """The one reading of a pydantic ``ValidationError`` (recipes, merge-lora recipes, method
+    parameters): its most specific problem (unknown keys first), located; ``root``: the model
+    validated, for the keys allowed where an unknown key stands."""
     first = err.errors()[0]
     for e in err.errors():  # prefer the most specific message: unknown keys first
         if e["type"] == "extra_forbidden":
             first = e
             break
     loc = tuple(first["loc"])
-    if first["type"] == "extra_forbidden":
-        key = str(loc[-1])
-        allowed = _allowed_keys_at(loc)
-        return (
-            f"recipe: unknown key '{_loc(loc)}'{did_you_mean(key, allowed)}; "
-            f"allowed here: {', '.join(allowed)}"
-        )
-    if first["type"] == "missing":
-        return f"recipe: missing required key '{_loc(loc)}'"
-    msg = first["msg"].removeprefix("Value error, ")
-    where = _loc(loc)
-    got = first.get("input")
-    if where == "recipe":
-        return f"recipe: {msg}"
-    if isinstance(got, dict):
-        return f"recipe: '{where}': {msg}"
-    return f"recipe: '{where}' = {_short_repr(got)}: {msg}"
+    kind = {"extra_forbidden": "unknown", "missing": "missing"}.get(first["type"], "invalid")
+    allowed = _allowed_keys_at(root, loc) if kind == "unknown" and root is not None else []
+    return Problem(kind, _loc(loc), str(loc[-1]) if loc else "", first.get("input"),
+                   first["msg"].removeprefix("Value error, "), allowed)
 
 
 def _short_repr(value: Any) -> str:
@@ -244,7 +302,7 @@ def parse_recipe(data: Any) -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as err:
-        raise RecipeError(_format_validation_error(err)) from None
+        raise RecipeError(explain(err, Recipe).line("recipe")) from None
 
 
 def load_yaml(path: str | Path, *, what: str = "recipe file", error: type[AlloyError] = RecipeError) -> Any:

@@ -1,41 +1,33 @@
-"""Top-level merges: a recipe to a model folder, or state dicts to a state dict."""
+"""The public API: a recipe to a model folder (or a LoRA adapter), or state dicts to a state dict.
+
+Thin by design: a call becomes one ``MergeRequest`` (``alloykit.request``), planned once,
+and goes to one writer, chosen in ``run_merge``: a model folder (``alloykit.output.model``)
+or, with ``output_lora``, a PEFT adapter (``alloykit.output.adapter``). Crash safety lives in
+``alloykit.output.folder``; test-only fault injection in ``alloykit.output.faults``.
+"""
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
-import logging
 import os
-import shutil
-import signal
-import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from alloykit.config import Recipe, load_recipe, parse_recipe
-from alloykit.errors import CheckpointError, OutputError, PlanError
-from alloykit.io.checkpoint import Checkpoint, StateDictCheckpoint
-from alloykit import __version__
-from alloykit.card import write_metadata
-from alloykit.io.gguf_write import check_type, folder_to_gguf
-from alloykit.io.journal import JOURNAL, Journal, fault_point, file_sha256, fsync_file
+from alloykit.config import Recipe
+from alloykit.errors import AlloyError, PlanError
+from alloykit.io.checkpoint import StateDictCheckpoint
 from alloykit.io.side import SideOutputs
-from alloykit.io.writer import ShardedWriter, ShardLayout, plan_shards
+from alloykit.output.adapter import AdapterOptions, write_adapter
+from alloykit.output.folder import temp_dir_for
+from alloykit.output.model import DEFAULT_SHARD_SIZE, WriteOptions, Written, default_threads, write_model
 from alloykit.plan.executor import DEFAULT_BUDGET, run_jobs
-from alloykit.plan.planner import Plan, make_plan
+from alloykit.plan.planner import Plan
+from alloykit.request import MergeRequest
 
-_log = logging.getLogger(__name__)
-
-DEFAULT_SHARD_SIZE = 5_000_000_000
-TMP_MARK = ".alloykit-tmp"
-
-
-def temp_dir_for(out_dir: Path) -> Path:
-    """The clearly named working folder beside the target: ``.NAME.alloykit-tmp``."""
-    return out_dir.parent / f".{out_dir.name}{TMP_MARK}"
+__all__ = ["DEFAULT_SHARD_SIZE", "WriteOptions", "default_threads", "merge", "merge_state_dicts", "plan_recipe", "run_merge",
+           "temp_dir_for"]
 
 
 def plan_recipe(
@@ -50,10 +42,7 @@ def plan_recipe(
     Relative model paths are looked up from the working directory, then from
     ``recipe_dir`` (the YAML file's folder when a path is given).
     """
-    if isinstance(recipe, (str, os.PathLike)):
-        path = Path(recipe)
-        return make_plan(load_recipe(path), recipe_dir=path.parent, allow_pickle=allow_pickle, seed=seed)
-    return make_plan(parse_recipe(recipe), recipe_dir=recipe_dir, allow_pickle=allow_pickle, seed=seed)
+    return MergeRequest.of(recipe, recipe_dir=recipe_dir, seed=seed, allow_pickle=allow_pickle).plan()
 
 
 def merge(
@@ -73,268 +62,64 @@ def merge(
     copy_tokenizer: bool = True,
     recipe_dir: str | os.PathLike | None = None,
     output_lora: int | None = None,
+    lora_save_others: bool = True,
     gguf_type: str | None = None,
 ) -> Path:
     """Merge the models a recipe names into ``out_dir`` (a Hugging Face model folder).
 
     ``output_lora=RANK`` writes, instead of the model, a PEFT LoRA adapter of that rank
-    holding the merged model's delta from the recipe's base_model
-    (``alloykit.lora.output.merge_to_lora``, which also returns the per-layer errors).
-    ``gguf_type`` (f32, f16, bf16, q8_0, ...): the weights are written as one GGUF file
-    ``model.TYPE.gguf`` instead of safetensors (``alloykit.io.gguf_write``).
+    holding the merged model's delta from the recipe's base_model (per-layer errors in
+    its ``alloykit_extract_report.json``); ``lora_save_others=False`` skips changed
+    embeddings and norms instead of saving them whole. ``gguf_type`` (f32, f16, bf16, q8_0, ...):
+    the weights are written as one GGUF file ``model.TYPE.gguf`` instead of safetensors
+    (``alloykit.io.gguf_write``).
 
     The output is written into ``.NAME.alloykit-tmp`` beside the target and renamed
     into place only when complete: ``out_dir`` either does not exist or is whole.
     An interrupted merge leaves that folder; ``resume=True`` continues from its
-    verified complete shards, otherwise it is cleaned and the merge starts over.
+    verified complete shards (or, when ``out_dir`` already holds this very merge,
+    does nothing), otherwise it is cleaned and the merge starts over.
     """
+    request = MergeRequest.of(recipe, recipe_dir=recipe_dir, seed=seed, allow_pickle=allow_pickle)
+    options = WriteOptions(device=device, threads=threads, max_shard_size=max_shard_size, overwrite=overwrite, resume=resume,
+                           progress=progress, fail_on_nonfinite=fail_on_nonfinite, budget_bytes=budget_bytes,
+                           copy_tokenizer=copy_tokenizer, gguf_type=gguf_type)
+    return run_merge(request, out_dir, options, output_lora=output_lora, lora_save_others=lora_save_others).path
+
+
+def run_merge(request: MergeRequest, out_dir: str | os.PathLike, options: WriteOptions = WriteOptions(), *,
+              output_lora: int | None = None, lora_save_others: bool = True) -> Written:
+    """``merge`` for a prepared request; returns what was written (the CLI reports from it).
+
+    The one place where the output kind is chosen: a model folder, or a LoRA adapter."""
     if output_lora is not None:
-        from alloykit.lora.output import merge_to_lora
-
-        merge_to_lora(recipe, out_dir, output_lora, recipe_dir=recipe_dir, device=device, threads=threads, seed=seed,
-                      allow_pickle=allow_pickle, progress=progress)
-        return Path(out_dir).absolute()
-    out = Path(out_dir).absolute()
-    if gguf_type is not None:
-        check_type(gguf_type)
-    plan = plan_recipe(recipe, allow_pickle=allow_pickle, seed=seed, recipe_dir=recipe_dir)
-    tmp = temp_dir_for(out)
-    lock_fd = None
+        return _merge_to_adapter(request, out_dir, output_lora, lora_save_others, options)
+    plan = request.plan()
     try:
-        if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-            hint = " (a finished merge? there is nothing to resume)" if resume and not tmp.exists() else ""
-            raise OutputError(f"output folder '{out}' exists and is not empty{hint}; choose another folder or pass --overwrite")
-        if max_shard_size <= 0:
-            raise OutputError(f"--max-shard-size {max_shard_size}: must be a positive number of bytes")
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise OutputError(f"cannot create the folder '{out.parent}': {err.strerror or err}") from None
-        shards = plan_shards([(j.name, j.out_dtype, j.shape) for j in plan.jobs], max_shard_size)
-        if not resume:
-            _check_space(out.parent, plan.out_bytes)
-        fault_point("planned")
-        journal, lock_fd = _start(plan, shards, tmp, resume, progress)
-        if resume:
-            reused = sum(journal.shards[s.filename]["size"] for s in shards if s.filename in journal.shards)
-            _check_space(out.parent, plan.out_bytes - reused)
-        try:
-            try:
-                _write(plan, tmp, shards, journal, device=device, threads=threads, progress=progress,
-                       fail_on_nonfinite=fail_on_nonfinite, budget_bytes=budget_bytes, copy_tokenizer=copy_tokenizer)
-                if gguf_type is not None:  # before the journal goes: an interrupted conversion can --resume
-                    folder_to_gguf(tmp, gguf_type, tokenizer_from=plan.checkpoints[plan.tokenizer_source]
-                                   if plan.tokenizer_source is not None else None)
-                journal.remove()
-                fault_point("journal-removed")
-                _replace(tmp, out)
-            except OSError as err:
-                raise OutputError(f"cannot write the output in '{tmp}': {err.strerror or err} (free disk space or choose another folder)") from None
-        except (KeyboardInterrupt, OutputError, CheckpointError) as err:
-            # an interrupt, a full disk, an input that failed to read: a rerun of the same plan can
-            # succeed, so the verified shards are kept for --resume (other errors need a new plan)
-            if not journal.shards:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-            kept = f"{len(journal.shards)} finished shard(s) are kept in '{tmp}': rerun with --resume to continue, or delete it"
-            if isinstance(err, KeyboardInterrupt):
-                if progress:
-                    _log.warning(kept)
-                raise
-            raise type(err)(f"{err}; {kept}") from None
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)  # a bug: trust nothing it wrote
-            raise
+        return write_model(plan, out_dir, options, names_dir=request.recipe_dir)
     finally:
-        if lock_fd is not None:
-            os.close(lock_fd)
         plan.close()
-    return out
 
 
-def plan_fingerprint(plan: Plan, shards: list[ShardLayout]) -> str:
-    """Digest of everything that decides the output bytes: recipe, seed, inputs' headers, layout."""
-    h = hashlib.sha256()
-    h.update(plan.recipe.to_yaml().encode())
-    h.update(f"seed={plan.seed};version={__version__}".encode())
-    for ck in plan.checkpoints:
-        for name, info in sorted(ck.tensors.items()):
-            h.update(f"{name}|{info.dtype}|{info.shape}|{info.offset}|{info.nbytes};".encode())
-        for f in getattr(ck, "files", []):
-            st = os.stat(f)
-            h.update(f"{os.path.realpath(f)}|{st.st_size}|{st.st_mtime_ns};".encode())
-    for j in plan.jobs:
-        h.update(f"{j.name}|{j.out_dtype}|{j.shape}|{j.sources}|{j.base}|{j.params!r}|{j.model_params!r};".encode())
-    for s in shards:
-        h.update(f"{s.filename}|{s.size};".encode())
-    return h.hexdigest()
-
-
-def _start(plan: Plan, shards: list[ShardLayout], tmp: Path, resume: bool, progress: bool) -> tuple[Journal, int]:
-    """Prepare and lock the temporary folder: reuse an interrupted run's verified shards, or start clean.
-
-    The lock (``flock`` on the folder, released by the kernel however the process ends) stops
-    a second merge into the same target from deleting or renaming this one's files.
-    """
-    fingerprint = plan_fingerprint(plan, shards)
+def _merge_to_adapter(request: MergeRequest, out_dir: str | os.PathLike, rank: int, save_others: bool,
+                      o: WriteOptions) -> Written:
+    """The merged model's delta from the recipe's base_model, as a LoRA adapter of that rank.
+    Merged tensors are computed in float32 whatever the recipe's output dtype, so the delta is
+    not rounded before it is truncated."""
+    base_ref = request.recipe.base_model
+    if not base_ref:
+        raise AlloyError("--output-lora: the recipe has no base_model; the adapter is the merged model's delta from it, so name one")
+    options = AdapterOptions(rank, save_others=save_others, seed=request.seed if request.seed is not None else (request.recipe.seed or 0))
+    options.check("--output-lora")
+    plan = request.with_out_dtype("float32").plan()
     try:
-        if tmp.is_symlink() or (tmp.exists() and not tmp.is_dir()):
-            tmp.unlink()  # not ours to follow
-        if not tmp.exists():
-            tmp.mkdir()
-        lock_fd = _lock(tmp)
-    except FileExistsError:
-        raise OutputError(f"another alloykit merge into the same folder started just now ('{tmp}'); wait for it or choose another folder") from None
-    except OSError as err:
-        raise OutputError(f"cannot create the working folder '{tmp}': {err.strerror or err}") from None
-    try:
-        journal, why = Journal.load_verified(tmp, fingerprint) if resume else (Journal(tmp, fingerprint), "")
-        if why and (tmp / JOURNAL).exists():
-            raise OutputError(f"cannot resume from '{tmp}': {why}; rerun without --resume to start over")
-        if resume and progress:
-            _log.info(f"resuming: {len(journal.shards)} of {len(shards)} shards already complete")
-        keep = set(journal.shards) | ({JOURNAL} if journal.shards else set())
-        for p in tmp.iterdir():  # leftovers of an interrupted run, or all of it when not resuming
-            if p.name not in keep:
-                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
-    except BaseException:
-        os.close(lock_fd)
-        raise
-    return journal, lock_fd
-
-
-def _lock(folder: Path) -> int:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise OutputError(
-            f"another alloykit merge is writing to the same output (its working folder '{folder}' is locked); "
-            "wait for it to finish or choose another folder"
-        ) from None
-    return fd
-
-
-def _check_space(folder: Path, need: int) -> None:
-    free = shutil.disk_usage(folder).free
-    if need + (64 << 20) > free:
-        raise OutputError(
-            f"not enough disk space in '{folder}': the merge writes {need / 1e9:.2f} GB, {free / 1e9:.2f} GB free; "
-            "free space or choose another output folder"
-        )
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    """Rename the finished folder into place (flushed first, so the rename publishes whole files)."""
-    for p in tmp.iterdir():  # shards were fsynced as they completed; the small files were not
-        if p.is_file() and not p.name.endswith(".safetensors"):
-            fsync_file(p)
-    _fsync_dir(tmp)
-    old = out.parent / f".{out.name}.alloykit-old"
-    _remove(old)  # left by a merge killed between the two renames below
-    if out.exists() or out.is_symlink():
-        os.rename(out, old)
-        fault_point("target-moved-aside")
-        os.rename(tmp, out)
-        _remove(old)
-    else:
-        os.rename(tmp, out)
-    fault_point("renamed")
-    _fsync_dir(out.parent)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
+        merged = [label for label in plan.labels if label != base_ref]
+        return write_adapter(plan, plan.checkpoints[plan.config_source], out_dir, options, what="merge",
+                             record=request.recipe.model_dump(exclude_none=True, by_alias=True), merged_refs=merged,
+                             base_ref=base_ref, names_dir=request.recipe_dir, device=o.device, threads=o.threads,
+                             progress=o.progress, overwrite=o.overwrite, resume=o.resume)
     finally:
-        os.close(fd)
-
-
-def _write(plan: Plan, folder: Path, shards: list[ShardLayout], journal: Journal, *, device: str, threads: int | None,
-           progress: bool, fail_on_nonfinite: bool, budget_bytes: int, copy_tokenizer: bool) -> None:
-    def completed(filename: str, size: int) -> None:
-        journal.complete(filename, size, file_sha256(folder / filename))
-
-    writer = ShardedWriter(folder, shards, {j.name: j.out_dtype for j in plan.jobs}, {j.name: j.shape for j in plan.jobs},
-                           on_complete=completed)
-    side = SideOutputs() if plan.method.side_outputs else None
-    # side outputs live in memory until the end, so a resumed merge of such a method recomputes every shard
-    done = set(journal.shards) if side is None else set()
-    skip = {n for s in shards if s.filename in done for n in s.names}
-    writer.open(done)
-    sink = _with_fault_hook(writer.write)
-    try:
-        run_jobs(plan, sink, device=device, threads=threads or default_threads(), budget_bytes=budget_bytes,
-                 progress=progress, fail_on_nonfinite=fail_on_nonfinite, skip=skip,
-                 side_sink=side.add if side is not None else None)
-    finally:
-        writer.close()
-    fault_point("tensors-written")
-    writer.write_index()
-    if side is not None:
-        side.write(folder / plan.method.name, side_manifest(plan))
-    write_metadata(plan, folder, copy_tokenizer=copy_tokenizer)
-    fault_point("metadata-written")
-
-
-def side_manifest(plan: Plan) -> dict[str, Any]:
-    """What a reader of side outputs needs to know: the method and its inputs, in the order
-    the method saw them (a job's sources: the recipe's models, base excluded)."""
-    job = next((j for j in plan.jobs if not j.copy), None)
-
-    def path_of(i: int) -> str | None:
-        ck = plan.checkpoints[i]
-        return str(ck.path.resolve()) if isinstance(ck, Checkpoint) else None
-
-    sources = job.sources if job is not None else []
-    base = job.base if job is not None else None
-    return {
-        "method": plan.method.name,
-        "alloykit_version": __version__,
-        "models": [plan.labels[s.model] for s in sources],
-        "model_paths": [path_of(s.model) for s in sources],
-        "base": plan.labels[base.model] if base is not None else None,
-        "base_path": path_of(base.model) if base is not None else None,
-    }
-
-
-def _with_fault_hook(sink):
-    """Test-only fault injection: ALLOYKIT_FAULT_KILL_AFTER=N SIGKILLs the process after N tensors
-    (and ALLOYKIT_FAULT_KILL_AT=PHASE at a named phase, see ``fault_point``).
-
-    The reliability suite uses it to kill merges at exact points; unset, it costs nothing.
-    """
-    after = os.environ.get("ALLOYKIT_FAULT_KILL_AFTER")
-    if not after:
-        return sink
-    limit, count, lock = int(after), [0], threading.Lock()
-
-    def hooked(name, tensor):
-        sink(name, tensor)
-        with lock:
-            count[0] += 1
-            if count[0] >= limit:
-                os.kill(os.getpid(), signal.SIGKILL)
-
-    return hooked
-
-
-def default_threads() -> int:
-    return max(1, min(4, os.cpu_count() or 1))
+        plan.close()
 
 
 def merge_state_dicts(
@@ -365,12 +150,8 @@ def merge_state_dicts(
     if stats is not None and len(stats) != len(sds):
         raise PlanError(f"stats has {len(stats)} entries for {len(sds)} models")
     preloaded = {f"model{i}": StateDictCheckpoint(sd, f"model{i}") for i, sd in enumerate(sds)}
-    preloaded_stats = {}
-    if stats is not None:
-        from alloykit.stats.store import Stats, memory_stats
-
-        preloaded_stats = {f"model{i}.stats": s if isinstance(s, Stats) else memory_stats(f"model{i}.stats", dict(s))
-                           for i, s in enumerate(stats)}
+    # Stats objects or plain dicts: the statistics planning step (alloykit.stats.attach) reads both
+    preloaded_stats = {f"model{i}.stats": s for i, s in enumerate(stats)} if stats is not None else {}
     recipe: dict[str, Any] = {
         "merge_method": method,
         "models": [
@@ -384,7 +165,7 @@ def merge_state_dicts(
         recipe["base_model"] = "base"
     if parameters:
         recipe["parameters"] = parameters
-    plan = make_plan(parse_recipe(recipe), seed=seed, preloaded=preloaded, preloaded_stats=preloaded_stats)
+    plan = MergeRequest.of(recipe, seed=seed).plan(preloaded=preloaded, preloaded_stats=preloaded_stats)
     result: dict[str, torch.Tensor] = {}
     side = SideOutputs() if side_outputs is not None else None
     run_jobs(plan, result.__setitem__, threads=1, progress=False, side_sink=side.add if side is not None else None)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -117,6 +118,39 @@ class _Acc:
         }
 
 
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def _path_parts(model: str | os.PathLike) -> list[str]:
+    """A model path's components, for labels: a Hugging Face cache snapshot
+    (``models--org--name/snapshots/REV``) reads as ``org/name``, a weights file by its stem."""
+    parts = list(Path(os.path.abspath(os.fspath(model))).parts[1:])
+    for i, part in enumerate(parts[:-1]):
+        if part.startswith("models--") and parts[i + 1] == "snapshots":
+            parts = parts[:i] + [part.removeprefix("models--").replace("--", "/")]
+            break
+    if parts and parts[-1].endswith(_WEIGHT_SUFFIXES):
+        parts[-1] = parts[-1].rsplit(".", 1)[0]
+    return parts
+
+
+def short_labels(models: Sequence[str | os.PathLike]) -> list[str]:
+    """Unique short labels: each model's shortest path suffix that no other model's path ends
+    with (``runs/cola/encoder``, ``runs/sst2/encoder`` -> ``cola/encoder``, ``sst2/encoder``;
+    ``checkpoint-500`` folders likewise); a path given twice gets ``#2``."""
+    parts = [_path_parts(m) for m in models]
+    labels = []
+    for i, p in enumerate(parts):
+        k = next((k for k in range(1, len(p) + 1) if all(q[-k:] != p[-k:] for q in parts if q != p)), len(p))
+        labels.append("/".join(p[-k:]) or str(models[i]))
+    seen: dict[str, int] = {}
+    for i, label in enumerate(labels):
+        seen[label] = seen.get(label, 0) + 1
+        if seen[label] > 1:
+            labels[i] = f"{label}#{seen[label]}"
+    return labels
+
+
 def analyze(models: Sequence[str | os.PathLike], base: str | os.PathLike, *, density: float = 0.2,
             names: Sequence[str] | None = None, allow_pickle: bool = False,
             progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
@@ -125,9 +159,12 @@ def analyze(models: Sequence[str | os.PathLike], base: str | os.PathLike, *, den
         raise PlanError("analyze needs at least one model besides the base")
     if not 0.0 <= density <= 1.0:
         raise PlanError(f"--density {density}: must be in [0, 1]")
-    names = list(names) if names else [os.path.basename(os.path.normpath(str(m))) or str(m) for m in models]
+    names = list(names) if names else short_labels(models)
     if len(names) != len(models):
         raise PlanError(f"--names has {len(names)} entries for {len(models)} models")
+    if len(set(names)) != len(names):
+        twice = next(n for n in names if names.count(n) > 1)
+        raise PlanError(f"--names: '{twice}' is given twice; give each model its own name")
     base_ck = Checkpoint(base, allow_pickle=allow_pickle, label=str(base))
     cks = [Checkpoint(m, allow_pickle=allow_pickle, label=str(m)) for m in models]
     try:

@@ -8,6 +8,11 @@ from typing import Any
 from alloykit.errors import AlloyError
 
 
+def require_matplotlib() -> None:
+    """Fail now, before any work, when plots are asked for and matplotlib is missing."""
+    _pyplot()
+
+
 def _pyplot():
     try:
         import matplotlib

@@ -14,7 +14,9 @@ def add_parser(sub) -> None:
     a.add_argument("--base", required=True, help="the base model they were fine-tuned from")
     a.add_argument("--out", help="folder for report.json and the PNG plots (default: print the summary only)")
     a.add_argument("--density", type=float, default=0.2, help="TIES density for the trim statistics (default 0.2)")
-    a.add_argument("--names", nargs="+", help="labels of the models in the report (default: folder names)")
+    a.add_argument("--names", nargs="+",
+                   help="labels of the models in the report, table and plots (default: each path's shortest distinguishing "
+                        "suffix, e.g. cola/encoder)")
     a.add_argument("--no-plots", action="store_true", help="write report.json only (no matplotlib needed)")
     a.add_argument("--json", action="store_true", help="print the whole report as JSON on stdout")
     a.add_argument("--allow-pickle", action="store_true", help="accept PyTorch .bin/.pt inputs (weights_only=True)")
@@ -23,6 +25,11 @@ def add_parser(sub) -> None:
 
 def cmd_analyze(args: argparse.Namespace) -> int:
     from alloykit.analysis import analyze
+
+    if args.out and not args.no_plots:  # an optional dependency missing: say so before reading any model
+        from alloykit.analysis.plots import require_matplotlib
+
+        require_matplotlib()
 
     def progress(done: int, total: int) -> None:
         if sys.stderr.isatty():

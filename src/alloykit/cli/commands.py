@@ -2,53 +2,88 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import signal
 from argparse import Namespace
 from collections import Counter
 from pathlib import Path
 
 from alloykit.errors import RecipeError
+from alloykit.progress import show_logs
+
+
+def _request(args: Namespace):
+    from alloykit.request import MergeRequest
+
+    return MergeRequest.of(args.recipe, seed=getattr(args, "seed", None), allow_pickle=args.allow_pickle)
 
 
 def _plan(args: Namespace):
-    from alloykit.merge import plan_recipe
-
-    return plan_recipe(args.recipe, allow_pickle=args.allow_pickle, seed=getattr(args, "seed", None))
+    return _request(args).plan()
 
 
 def cmd_merge(args: Namespace) -> int:
-    from alloykit.config import load_recipe
-    from alloykit.merge import merge
-
-    recipe = load_recipe(args.recipe)
-    if args.dtype:
-        recipe = recipe.model_copy(update={"out_dtype": args.dtype})
-    device = "cuda" if args.cuda else args.device
-    _check_device(device)
     import time
 
-    t0 = time.monotonic()
-    if args.output_lora is not None:
-        from alloykit.lora.output import merge_to_lora
-        from alloykit.lora.extract import summary
+    from alloykit.merge import WriteOptions, run_merge
+    from alloykit.output.adapter import summary
 
-        reports = merge_to_lora(recipe, args.out, args.output_lora, recipe_dir=Path(args.recipe).parent, device=device,
-                                threads=args.threads, seed=args.seed, allow_pickle=args.allow_pickle,
-                                save_others=not args.lora_skip_others, progress=not args.quiet)
-        print(summary(reports) + f" -> {args.out}")
-        return 0
-    out = merge(
-        recipe, args.out, recipe_dir=Path(args.recipe).parent, device=device, threads=args.threads, seed=args.seed,
-        max_shard_size=args.max_shard_size, allow_pickle=args.allow_pickle, overwrite=args.overwrite, resume=args.resume,
-        progress=not args.quiet, fail_on_nonfinite=args.fail_on_nonfinite, budget_bytes=args.memory_budget,
-        copy_tokenizer=args.copy_tokenizer, gguf_type=args.gguf_type if args.output_format == "gguf" else None,
-    )
-    if not args.quiet:
-        print(f"merged with {recipe.merge_method} in {time.monotonic() - t0:.1f}s -> {out}")
+    _merge_flags(args)
+    request = _request(args).with_out_dtype(args.dtype)
+    device = "cuda" if args.cuda else args.device
+    check_device(device)
+    options = WriteOptions(device=device, threads=args.threads, max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+                           resume=args.resume, progress=not args.quiet, fail_on_nonfinite=args.fail_on_nonfinite,
+                           budget_bytes=args.memory_budget, copy_tokenizer=args.copy_tokenizer,
+                           gguf_type=args.gguf_type if args.output_format == "gguf" else None)
+    t0 = time.monotonic()
+    with interrupt_on_sigterm():
+        written = run_merge(request, args.out, options, output_lora=args.output_lora, lora_save_others=not args.lora_skip_others)
+    if written.already_done:
+        print(f"nothing to do: '{written.path}' already holds this merge (same recipe, inputs and options)")
+    elif written.reports is not None:
+        print(summary(written.reports) + f" -> {args.out}")
+    elif not args.quiet:
+        print(f"merged with {request.recipe.merge_method} in {time.monotonic() - t0:.1f}s -> {written.path}")
     return 0
 
 
-def _check_device(device: str) -> None:
+def _merge_flags(args: Namespace) -> None:
+    """mergekit-yaml's flags: --trust-remote-code refused, -v logging, the two shard-size spellings."""
+    if args.trust_remote_code:
+        raise RecipeError("--trust-remote-code: alloykit never runs code that comes with a checkpoint; "
+                          "remove the flag (models whose architecture needs remote code cannot be merged here)")
+    # the library's messages: what the merge decides (-v; -vv: every detail), none but warnings with -q
+    show_logs(logging.DEBUG if args.verbose > 1 else logging.INFO if args.verbose or not args.quiet else logging.WARNING)
+    if args.out_shard_size is not None and args.max_shard_size is not None:
+        raise RecipeError("give one of --max-shard-size (bytes, e.g. 5GB) or --out-shard-size (mergekit's, e.g. 5B)")
+    if args.max_shard_size is None:
+        from alloykit.merge import DEFAULT_SHARD_SIZE
+
+        args.max_shard_size = args.out_shard_size or DEFAULT_SHARD_SIZE
+
+
+@contextlib.contextmanager
+def interrupt_on_sigterm():
+    """SIGTERM (a scheduler stopping the job, ``kill``) ends the run as Ctrl-C does: the
+    output's working folder is kept for --resume and the user is told where it is."""
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def check_device(device: str) -> None:
     import torch
 
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -62,6 +97,11 @@ def cmd_plan(args: Namespace) -> int:
     try:
         if args.json:
             print(json.dumps(_plan_json(plan), indent=1))
+            return 0
+        if not getattr(args, "all", False):
+            from alloykit.cli.plan_summary import summary_lines
+
+            print("\n".join(summary_lines(plan)))
             return 0
         print(f"method: {plan.method.name}   seed: {plan.seed}   jobs: {len(plan.jobs)}   "
               f"read: {plan.in_bytes / 1e9:.3f} GB   write: {plan.out_bytes / 1e9:.3f} GB")
@@ -80,11 +120,9 @@ def cmd_plan(args: Namespace) -> int:
 
 
 def _params_str(job) -> str:
-    shared = job.params.model_dump(by_alias=True) if job.params is not None else {}
-    per = [m.model_dump(by_alias=True) for m in job.model_params]
-    parts = [f"{k}={v}" for k, v in shared.items()]
-    keys = per[0].keys() if per else []
-    parts += [f"{k}={[p[k] for p in per]}" for k in keys]
+    from alloykit.cli.plan_summary import job_params
+
+    parts = [f"{k}={v}" for k, v in job_params(job).items()]
     return (" " + " ".join(parts)) if parts else ""
 
 
@@ -196,47 +234,6 @@ def _bounds(info) -> str:
             if v is not None:
                 out.append(f"{sym} {v}")
     return (", " + " ".join(out)) if out else ""
-
-
-def cmd_extract_lora(args: Namespace) -> int:
-    from alloykit.lora.extract import extract_lora, summary
-
-    _check_device(args.device)
-    reports = extract_lora(args.finetuned, args.base, args.out, args.rank, save_others=not args.skip_others,
-                           device=args.device, allow_pickle=args.allow_pickle)
-    if args.per_layer:
-        for r in reports:
-            print(f"{r.name} {list(r.shape)} {r.kind} {r.rel_error:.5f}")
-    print(summary(reports) + f" -> {args.out}")
-    return 0
-
-
-def cmd_merge_lora(args: Namespace) -> int:
-    from alloykit.lora.merge import merge_adapters
-
-    if args.recipe:
-        from alloykit.lora.hub import load_merge_lora_recipe
-
-        if len(args.adapters) != 1:
-            raise RecipeError("merge-lora --recipe FILE: give only the output folder")
-        r = load_merge_lora_recipe(args.recipe)
-        adapters, out, base = r["adapters"], args.adapters[0], r["base"]
-        method, weights, rank, density = r.get("method", "cat"), r.get("weights"), r.get("rank"), r.get("density")
-        seed, knots = r.get("seed", 0), r.get("knots_merge", "ties")
-    else:
-        if len(args.adapters) < 2:
-            raise RecipeError("merge-lora: give the adapter folders and then the output folder")
-        if not args.base:
-            raise RecipeError("merge-lora: give --base, the adapters' base model folder")
-        *adapters, out = args.adapters
-        base, method, weights, rank, density = args.base, args.method, args.weights, args.rank, args.density
-        seed, knots = args.seed, args.knots_merge
-    errors = merge_adapters(adapters, base, out, method=method, weights=weights, rank=rank,
-                            model_params={"density": density} if density is not None else None, seed=seed, knots_merge=knots)
-    worst = max(errors.values(), default=0.0)
-    print(f"merged {len(adapters)} adapters with {method} -> {out}"
-          + (f" (truncation error per module: worst {worst:.4f})" if errors else " (exact)"))
-    return 0
 
 
 def cmd_inspect(args: Namespace) -> int:

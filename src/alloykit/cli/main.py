@@ -17,7 +17,8 @@ import sys
 import warnings
 
 from alloykit import __version__
-from alloykit.cli import analyze_command, commands, eval_command, gguf_command, search_command, stats_command
+from alloykit.cli import (analyze_command, clean_command, commands, eval_command, gguf_command, lora_command, search_command,
+                         stats_command, tokensurgeon_command)
 from alloykit.errors import AlloyError
 from alloykit.progress import show_logs
 
@@ -37,6 +38,32 @@ def parse_size(text: str) -> int:
     return value
 
 
+_COUNT_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmb]?)\s*$", re.IGNORECASE)
+
+
+def parse_count(text: str) -> int:
+    """mergekit's size syntax: '5B', '500M', '20K', '123' (K/M/B = thousand/million/billion)."""
+    m = _COUNT_RE.match(str(text))
+    if not m:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a count; use a number with K, M or B (thousand, million, "
+                                         "billion), e.g. 5B, or --max-shard-size with byte units (5GB)")
+    value = int(float(m[1]) * 1000 ** " kmb".index(m[2].lower() or " "))
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"'{text}' must be positive")
+    return value
+
+
+#: mergekit-yaml flags accepted for compatibility that change nothing here, with the reason
+MERGEKIT_NO_OPS = {
+    "--lazy-unpickle": "tensors are always read lazily, one at a time",
+    "--allow-crimes": "models of different architectures are refused either way (by their tensors' names and shapes)",
+    "--low-cpu-memory": "memory is bounded by --memory-budget, not by whole models",
+    "--read-to-gpu": "with --device cuda each tensor is read and moved to the GPU as it is merged",
+    "--copy-tokenizer": "the tokenizer is copied by default (--no-copy-tokenizer turns it off)",
+    "--write-model-card": "a model card (README.md) is always written, with the recipe and inputs",
+}
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-pickle", action="store_true", help="accept PyTorch .bin/.pt inputs (loaded with weights_only=True)")
 
@@ -54,15 +81,21 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="output dtype (overrides the recipe's out_dtype/dtype)")
     m.add_argument("--seed", "--random-seed", type=int, dest="seed", help="seed of randomized methods (default: recipe's, else 0)")
     m.add_argument("--threads", "-j", "--num-threads", type=int, dest="threads", help="worker threads (default: min(4, cores))")
-    m.add_argument("--max-shard-size", "--out-shard-size", type=parse_size, dest="max_shard_size", default="5GB",
-                   help="largest output shard, e.g. 5GB, 500MB (default 5GB)")
+    m.add_argument("--max-shard-size", type=parse_size, dest="max_shard_size", default=None,
+                   help="largest output shard in bytes, with units: 5GB, 500MB, 2GiB (default 5GB)")
+    m.add_argument("--out-shard-size", type=parse_count, dest="out_shard_size", metavar="N",
+                   help="mergekit's flag: a count with K/M/B = thousand/million/billion (B is billion, not bytes). "
+                        "mergekit's help calls it parameters but its writer caps each shard at N bytes "
+                        "(measured with mergekit 0.1.5), so this caps at N bytes too: the same shards as mergekit")
     m.add_argument("--memory-budget", type=parse_size, default="1.5GiB", help="working memory for tensors in flight (default 1.5GiB)")
     m.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
     m.add_argument("--resume", action="store_true", help="continue an interrupted merge from its verified complete shards")
     m.add_argument("--fail-on-nonfinite", action="store_true", help="stop with an error when a tensor holds NaN/Inf (default: warn)")
     m.add_argument("--no-copy-tokenizer", dest="copy_tokenizer", action="store_false", help="do not copy tokenizer files")
-    m.add_argument("--copy-tokenizer", dest="copy_tokenizer", action="store_true", help=argparse.SUPPRESS)
     m.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+    m.add_argument("--verbose", "-v", action="count", default=0, help="log what the merge decides (-vv: debug detail)")
+    m.add_argument("--trust-remote-code", action="store_true",
+                   help="refused: alloykit never runs code that comes with a checkpoint")
     m.add_argument("--output-lora", type=int, metavar="RANK",
                    help="write a PEFT LoRA adapter of rank RANK (the merged model minus base_model) instead of the model")
     m.add_argument("--output-format", choices=["safetensors", "gguf"], default="safetensors",
@@ -70,15 +103,18 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--gguf-type", default="f16", help="with --output-format gguf: f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0 (default f16)")
     m.add_argument("--lora-skip-others", action="store_true",
                    help="with --output-lora: skip changed embeddings and norms instead of saving them as modules_to_save")
-    for flag in ("--lazy-unpickle", "--allow-crimes", "--low-cpu-memory", "--read-to-gpu"):
-        m.add_argument(flag, action="store_true", help=argparse.SUPPRESS)  # mergekit flags: accepted, no effect here
+    for flag, why in MERGEKIT_NO_OPS.items():
+        dest = "copy_tokenizer" if flag == "--copy-tokenizer" else None
+        m.add_argument(flag, action="store_true", help=f"accepted for mergekit compatibility, no effect: {why}",
+                       **({"dest": dest, "default": True} if dest else {}))
     _add_model_args(m)
     m.set_defaults(func=commands.cmd_merge)
 
-    p = sub.add_parser("plan", help="dry run: list every tensor job; reads headers only")
+    p = sub.add_parser("plan", help="dry run: the jobs grouped by method and parameters, with layer ranges and bytes; reads headers only")
     p.add_argument("recipe")
     p.add_argument("--seed", type=int)
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--all", action="store_true", help="one line per tensor")
+    p.add_argument("--json", action="store_true", help="machine-readable output (every tensor)")
     _add_model_args(p)
     p.set_defaults(func=commands.cmd_plan)
 
@@ -92,31 +128,6 @@ def build_parser() -> argparse.ArgumentParser:
     me.add_argument("--markdown", action="store_true", help="print the full reference of every method as Markdown")
     me.set_defaults(func=commands.cmd_methods)
 
-    x = sub.add_parser("extract-lora", help="approximate a fine-tune's delta from its base as a PEFT LoRA adapter")
-    x.add_argument("finetuned")
-    x.add_argument("out")
-    x.add_argument("--base", required=True, help="the model it was fine-tuned from")
-    x.add_argument("--rank", type=int, required=True, help="LoRA rank r")
-    x.add_argument("--skip-others", action="store_true", help="skip changed embeddings and norms instead of saving them whole")
-    x.add_argument("--device", default="cpu")
-    x.add_argument("--per-layer", action="store_true", help="print each layer's relative reconstruction error")
-    _add_model_args(x)
-    x.set_defaults(func=commands.cmd_extract_lora)
-
-    ml = sub.add_parser("merge-lora", help="merge LoRA adapters of one base into one PEFT adapter")
-    ml.add_argument("adapters", nargs="+", help="adapter folders, then the output folder (only the output with --recipe)")
-    ml.add_argument("--base", help="the adapters' base model folder")
-    ml.add_argument("--method", default="cat",
-                    help="cat (exact), lorahub (exact, weighted sum of the factors), svd, knots, or a task-vector method "
-                         "(ties, dare_ties, ...) then SVD")
-    ml.add_argument("--knots-merge", default="ties", help="with --method knots: the method that merges the aligned blocks (default ties)")
-    ml.add_argument("--recipe", help="a merge-lora recipe (as written by 'alloykit lorahub') instead of the adapters and options")
-    ml.add_argument("--weights", type=float, nargs="+", help="one weight per adapter (default 1)")
-    ml.add_argument("--rank", type=int, help="rank of the merged adapter (all methods but cat)")
-    ml.add_argument("--density", type=float, help="per-adapter density for trimming methods")
-    ml.add_argument("--seed", type=int, default=0)
-    ml.set_defaults(func=commands.cmd_merge_lora)
-
     i = sub.add_parser("inspect", help="tensors, shapes, dtypes, shards and parameter count of a model")
     i.add_argument("model")
     i.add_argument("--tensors", action="store_true", help="list every tensor")
@@ -124,13 +135,19 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=commands.cmd_inspect)
 
     # commands with their own module: each adds its parser(s), with ``func`` set the same way
-    for module in (analyze_command, stats_command, search_command, eval_command, gguf_command):
+    for module in (lora_command, clean_command, analyze_command, stats_command, search_command, eval_command,
+                   tokensurgeon_command, gguf_command):
         module.add_parser(sub)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and getattr(args, "extra_paths", False) and not any(e.startswith("-") for e in extra):
+        args.paths += extra  # 'tokensurgeon MODEL --donor DONOR OUT': positionals on both sides of an option
+    elif extra:
+        parser.parse_args(argv)  # argparse's own message for the unrecognized arguments (exits 2)
     warnings.showwarning = lambda msg, *a, **k: print(f"alloykit: warning: {msg}", file=sys.stderr)
     show_logs()  # the library's messages (alloykit.* loggers) as 'alloykit: ...' lines on stderr
     try:
@@ -138,8 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     except AlloyError as err:
         print(f"alloykit: error: {err}", file=sys.stderr)
         return err.exit_code
-    except KeyboardInterrupt:
-        print("alloykit: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM during a merge: says what was kept and where
+        print(f"alloykit: {err}" if str(err) else "alloykit: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # e.g. 'alloykit plan r.yaml | head'
         sys.stderr.close()

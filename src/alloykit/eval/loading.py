@@ -31,10 +31,10 @@ import torch
 from alloykit.errors import AlloyError, CheckpointError, did_you_mean
 from alloykit.eval.model import base_model_path
 from alloykit.io.checkpoint import Checkpoint
+from alloykit.vocab.files import has_tokenizer
 
 FAMILIES = ("encoder", "sequence-classification", "causal-lm")
 POOLINGS = ("mean", "cls")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model")
 
 
 class ModelFolderError(AlloyError):
@@ -206,10 +206,6 @@ class TextTokenizer:
         if self.tokenizer is None:
             return [b % self.vocab for b in text.encode("utf-8")][:max_len]
         return self.tokenizer(text, truncation=True, max_length=max_len)["input_ids"]
-
-
-def has_tokenizer(folder: Path) -> bool:
-    return any((folder / f).is_file() for f in TOKENIZER_FILES)
 
 
 def load_tokenizer(model: LoadedModel, *also: Path) -> TextTokenizer:

@@ -29,14 +29,12 @@ the closest allowed one.
 from __future__ import annotations
 
 import os
-import typing
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from alloykit.config import load_yaml
-from alloykit.errors import did_you_mean
+from alloykit.config import explain, load_yaml
 from alloykit.eval.loading import POOLINGS
 from alloykit.eval.tasks import METRICS, Task, TaskError, get_task
 from alloykit.eval.textfiles import read_text_file, sha256_file
@@ -86,39 +84,10 @@ _HINTS = {"val": "validation", "valid": "validation", "dev": "validation", "eval
           "heads": "head", "model": "head", "metrics": "metric", "max_length": "max_len"}
 
 
-def _model_at(root: type[BaseModel], loc: tuple) -> type[BaseModel]:
-    model = root
-    for part in loc:
-        field = model.model_fields.get(str(part))
-        if field is None:
-            break
-        subs = [a for a in (field.annotation, *typing.get_args(field.annotation))
-                if isinstance(a, type) and issubclass(a, BaseModel)]
-        if not subs:
-            break
-        model = subs[0]
-    return model
-
-
 def format_validation_error(err: ValidationError, root: type[BaseModel], what: str) -> str:
-    """One line for a pydantic error: an unknown key with the closest allowed one, a missing key,
-    or the offending value and what is wrong with it."""
-    errors = err.errors()
-    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
-    loc = tuple(p for p in first["loc"] if not isinstance(p, int))
-    dotted = ".".join(map(str, first["loc"])) or "file"
-    if first["type"] == "extra_forbidden":
-        allowed = list(_model_at(root, loc[:-1]).model_fields)
-        key = str(loc[-1])
-        hint = f" (did you mean '{_HINTS[key]}'?)" if _HINTS.get(key) in allowed else did_you_mean(key, allowed)
-        return f"{what}: unknown key '{dotted}'{hint}; allowed here: {', '.join(allowed)}"
-    if first["type"] == "missing":
-        return f"{what}: missing required key '{dotted}'"
-    msg = first["msg"].removeprefix("Value error, ")
-    got = first.get("input")
-    if isinstance(got, dict) or not first["loc"]:
-        return f"{what}: '{dotted}': {msg}" if first["loc"] else f"{what}: {msg}"
-    return f"{what}: '{dotted}' = {str(got)[:60]!r}: {msg}"
+    """One line for a pydantic error (the project's one reading of them, ``alloykit.config.explain``),
+    with the slips task files see most (``_HINTS``) suggested first."""
+    return explain(err, root).line(what, hints=_HINTS)
 
 
 def load_task_file(path: str | os.PathLike) -> Task:

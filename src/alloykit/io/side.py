@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from alloykit.io.journal import fsync_file
+from alloykit.io.durable import fsync_file
 
 MANIFEST = "manifest.json"
 

@@ -32,11 +32,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from alloykit.errors import AlloyError
 from alloykit.io.checkpoint import Checkpoint
 from alloykit.io.lora import LoraCheckpoint
-from alloykit.lora.extract import store_factors
+from alloykit.lora.recipe import MergeLoraDocument
+from alloykit.output.adapter import store_factors
 
 L1_STRENGTH = 0.05
 BOUND = 1.5
@@ -209,8 +211,6 @@ def lorahub_search(
 def write_recipe(path: str | os.PathLike, base: str | os.PathLike, adapters: list[str | os.PathLike], result: HubResult,
                  steps: int, seed: int) -> Path:
     """A merge-lora recipe that ``alloykit merge-lora --recipe FILE OUT`` runs."""
-    import yaml
-
     doc = {
         "merge_lora": {
             "base": str(Path(base).absolute()),
@@ -221,24 +221,8 @@ def write_recipe(path: str | os.PathLike, base: str | os.PathLike, adapters: lis
         "lorahub": {"steps": steps, "seed": seed, "loss": round(result.loss, 6), "objective": round(result.objective, 6),
                     "base_loss": round(result.base_loss, 6)},
     }
+    MergeLoraDocument.model_validate(doc)  # what merge-lora --recipe will read
     path = Path(path)
     path.write_text("# written by 'alloykit lorahub'; run it with: alloykit merge-lora --recipe "
                     f"{path.name} OUT\n" + yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
     return path
-
-
-def load_merge_lora_recipe(path: str | os.PathLike) -> dict:
-    """The ``merge_lora`` section of a recipe written by ``write_recipe``."""
-    import yaml
-
-    try:
-        doc = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as err:
-        raise AlloyError(f"--recipe {path}: cannot read it ({err.__class__.__name__})") from None
-    section = doc.get("merge_lora") if isinstance(doc, dict) else None
-    if not isinstance(section, dict) or not {"base", "adapters"} <= set(section):
-        raise AlloyError(f"--recipe {path}: needs a 'merge_lora' mapping with 'base' and 'adapters'")
-    unknown = set(section) - {"base", "adapters", "method", "weights", "rank", "density", "seed", "knots_merge"}
-    if unknown:
-        raise AlloyError(f"--recipe {path}: unknown merge_lora key(s) {sorted(unknown)}")
-    return section

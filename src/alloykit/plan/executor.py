@@ -68,7 +68,7 @@ def block_rows(job: TensorJob, plan: Plan, device: torch.device) -> int | None:
     block_elements = BLOCK_ELEMENTS
     method = plan.method
     if (job.copy or device.type != "cpu" or not method.elementwise or method.side_outputs or len(job.shape) == 0
-            or job.stats):
+            or job.stats or job.vocab is not None):
         return None
     rows = job.shape[0]
     row_len = _numel(job.shape[1:])
@@ -89,7 +89,8 @@ def job_cost(plan: Plan, job: TensorJob, device: torch.device | None = None) -> 
     step = block_rows(job, plan, device or torch.device("cpu"))
     if step is None:
         stats = sum(_numel(plan.checkpoints[s.model].info(s.tensor).shape) for s in job.stats or ())
-        return n * (4 * k + 8) + 4 * stats + job.out_bytes
+        remap = n * 4 * 2 * k if job.vocab is not None else 0  # the gathered rows and each model's own
+        return n * (4 * k + 8) + 4 * stats + job.out_bytes + remap
     cks = plan.checkpoints
     srcs = job.sources + ([job.base] if job.base else [])
     in_bytes = sum(cks[s.model].info(s.tensor).nbytes for s in srcs)
@@ -124,12 +125,17 @@ def compute_job(
     if workspace is None or device.type != "cpu":
         workspace = torch.empty(stack_numel(job), dtype=torch.float32, device=device)
     stack = workspace[: k * n].view(k, *job.shape)
+    remapped = None
+    if job.vocab is not None:  # token-indexed: each model's rows gathered to the output vocabulary
+        srcs = job.sources + ([job.base] if job.base is not None else [])
+        remapped = job.vocab.gather(job.name, [cks[s.model].read(s.tensor) for s in srcs])
     for i, src in enumerate(job.sources):
-        stack[i].copy_(_read(cks[src.model], src.tensor, out))
+        stack[i].copy_(remapped[i] if remapped else _read(cks[src.model], src.tensor, out))
     base = None
     if job.base is not None:
         base = workspace[k * n : (k + 1) * n].view(job.shape)
-        base.copy_(_read(cks[job.base.model], job.base.tensor, out))
+        base.copy_(remapped[-1] if remapped else _read(cks[job.base.model], job.base.tensor, out))
+    del remapped
     for label, t in (("an input", stack), ("the base", base)):
         if t is not None and not _all_finite(t):
             _nonfinite(f"tensor '{job.name}': {label} holds NaN or Inf{_culprits(plan, job, t is base, t)}", fail_on_nonfinite)

@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from alloykit.config import Conditional
+from alloykit.config import Conditional, explain
 from alloykit.errors import RecipeError, did_you_mean
 from alloykit.methods.registry import MethodSpec
 
@@ -64,8 +64,10 @@ def check_names(spec: MethodSpec, where: str, params: dict | None, scope: str) -
 class ParamResolver:
     """Builds validated parameter objects for each tensor, caching identical ones."""
 
-    def __init__(self, spec: MethodSpec):
+    def __init__(self, spec: MethodSpec, where_to_set: str = "the model's 'parameters' or the top-level 'parameters'"):
         self.spec = spec
+        #: where a user sets a missing parameter (a recipe's keys, or merge-lora's options)
+        self.where_to_set = where_to_set
         self._cache: dict[tuple, Any] = {}
 
     def _resolve(self, model_cls, levels: list[dict | None], tensor_name: str, t: float, who: str):
@@ -85,15 +87,14 @@ class ParamResolver:
         try:
             obj = model_cls.model_validate(values)
         except ValidationError as err:
-            e = err.errors()[0]
-            key = e["loc"][0] if e["loc"] else "?"
-            if e["type"] == "missing":
+            problem = explain(err)
+            if problem.kind == "missing":
                 raise RecipeError(
-                    f"{who}: method {self.spec.name} needs parameter '{key}' (tensor '{tensor_name}'); "
-                    f"set it under the model's 'parameters' or the top-level 'parameters'"
+                    f"{who}: method {self.spec.name} needs parameter '{problem.key}' (tensor '{tensor_name}'); "
+                    f"set it under {self.where_to_set}"
                 ) from None
             raise RecipeError(
-                f"{who}: parameter '{key}' = {e.get('input')!r} for tensor '{tensor_name}': {e['msg']}"
+                f"{who}: parameter '{problem.key}' = {problem.value!r} for tensor '{tensor_name}': {problem.message}"
             ) from None
         self._cache[cache_key] = obj
         return obj
@@ -103,3 +104,17 @@ class ParamResolver:
 
     def per_model(self, levels: list[dict | None], tensor_name: str, t: float, model_label: str):
         return self._resolve(self.spec.model_params, levels, tensor_name, t, f"model '{model_label}'")
+
+    def job(self, shared_levels: list[dict | None], out_name: str, model_levels: list[list[dict | None]],
+            in_names: list[str], t: float, labels: list[str]) -> tuple[Any, list[Any]]:
+        """One tensor's shared and per-model parameters, checked by the method's plan-time ``check``.
+
+        Shared settings match the output tensor's name; each model's filters match that
+        model's own tensor name (its layer index in a slice), as in mergekit."""
+        shared = self.shared(shared_levels, out_name, t)
+        per = [self.per_model(levels, name, t, label) for levels, name, label in zip(model_levels, in_names, labels)]
+        if self.spec.check is not None:
+            msg = self.spec.check(shared, per)
+            if msg:
+                raise RecipeError(f"method {self.spec.name}, tensor '{out_name}': {msg}")
+        return shared, per

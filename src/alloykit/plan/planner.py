@@ -23,6 +23,7 @@ from alloykit.methods.registry import MethodSpec, get_method
 from alloykit.plan.params import ParamResolver, check_names
 from alloykit.plan.steps import plan_steps
 from alloykit.roles import TensorRole, num_layers, role_of, split_layer
+from alloykit.vocab.plan import plan_chat_template, plan_vocab, rows_may_differ
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -56,6 +57,9 @@ class TensorJob:
     stats: list[Source] | None = None
     #: what the tensor is (embedding, attention projection, norm, ...; ``alloykit.roles``)
     role: TensorRole | None = None
+    #: tokenizer merges: the job's token-indexed inputs are row-gathered to the output
+    #: vocabulary before merging (an ``alloykit.vocab.remap.RowRemap``), else None
+    vocab: Any = None
 
     @property
     def out_bytes(self) -> int:
@@ -78,6 +82,10 @@ class Plan:
     num_layers_out: int | None = None
     #: data-dependent methods: one summary norm per input's statistics (Fisher normalisation)
     stats_norms: list[float] | None = None
+    #: the output vocabulary when the recipe names a tokenizer source (``alloykit.vocab.build.VocabPlan``)
+    vocab: Any = None
+    #: the chat template to write (Jinja text resolved from the recipe's chat_template), or None
+    chat_template: str | None = None
 
     @property
     def out_bytes(self) -> int:
@@ -201,6 +209,8 @@ class PlanBuilder:
         self.stats_norms: list[float] | None = None
         self._config: dict | None = None
         self._config_read = False
+        #: a tokenizer source is named: embeddings and heads may differ in their number of rows
+        self.remap_vocab = recipe.tokenizer_source_resolved is not None
 
     # -- the public API of planning steps ---------------------------------------------
     @property
@@ -286,10 +296,12 @@ class PlanBuilder:
                     "the models must share an architecture"
                 )
             info = ck.info(name)
-            if info.shape != ref.shape:
+            if info.shape != ref.shape and not (self.remap_vocab and rows_may_differ(ck, ref_ck, name, in_names[ref_idx])):
                 raise PlanError(
                     f"tensor '{name}': model '{ck.label}' has shape {list(info.shape)} but '{ref_ck.label}' "
-                    f"has {list(ref.shape)}; the models must share an architecture (and vocabulary)"
+                    f"has {list(ref.shape)}; the models must share an architecture"
+                    + (" (vocabularies differ: set tokenizer_source: union, base or a model to remap the rows)"
+                       if rows_may_differ(ck, ref_ck, name, in_names[ref_idx]) else "")
                 )
             if info.is_float != ref.is_float:
                 raise PlanError(f"tensor '{name}': model '{ck.label}' stores {info.dtype}, '{ref_ck.label}' stores {ref.dtype}")
@@ -299,16 +311,8 @@ class PlanBuilder:
             Source(base, in_names[base]) if base is not None else None,
             role=self.role(out_name, ref_idx),
         )
-        job.params = self.resolver.shared(shared_levels, out_name, t)
-        # per-model filters match each model's own tensor name (its layer index in a slice), as in
-        # mergekit; shared parameters match the output name
-        job.model_params = [
-            self.resolver.per_model(levels, in_names[i], t, self.models.labels[i]) for i, levels in zip(inputs, model_levels)
-        ]
-        if self.spec.check is not None:
-            msg = self.spec.check(job.params, job.model_params)
-            if msg:
-                raise RecipeError(f"method {self.spec.name}, tensor '{out_name}': {msg}")
+        job.params, job.model_params = self.resolver.job(
+            shared_levels, out_name, model_levels, [in_names[i] for i in inputs], t, [self.models.labels[i] for i in inputs])
         self.jobs.append(job)
 
 
@@ -350,22 +354,16 @@ def make_plan(
                 step.function()(b)
         tok = recipe.tokenizer_source_resolved
         cfg_src = models.get(recipe.base_model) if recipe.base_model else b.jobs[0].sources[0].model
-        if tok in (None, "base"):
-            tok_src = cfg_src
-        elif tok == "union":
-            raise RecipeError(
-                "tokenizer_source 'union' (merging vocabularies) is not supported yet; use 'base' or one model's path, "
-                "with models that share a vocabulary"
-            )
-        else:
-            tok_src = models.get(tok)
+        tok_src = cfg_src if tok in (None, "base", "union") else models.get(tok)
+        vocab = plan_vocab(recipe, b.jobs, models.checkpoints, models.labels, cfg_src, models.get) if tok else None
+        chat = plan_chat_template(recipe, models.checkpoints, models.labels, models.get)
     except BaseException:
         for c in models.checkpoints:
             c.close()
         raise
     final_seed = seed if seed is not None else (recipe.seed if recipe.seed is not None else 0)
     return Plan(recipe, spec, models.checkpoints, models.labels, b.jobs, final_seed, cfg_src, tok_src, num_layers_out,
-                b.stats_norms)
+                b.stats_norms, vocab, chat)
 
 
 def _plan_models(recipe: Recipe, spec: MethodSpec, b: PlanBuilder) -> int | None:

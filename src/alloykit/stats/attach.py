@@ -19,7 +19,7 @@ from pathlib import Path
 from alloykit.errors import PlanError, RecipeError
 from alloykit.methods.registry import MethodSpec
 from alloykit.plan.planner import PlanBuilder, Source
-from alloykit.stats.store import KIND_FILES, open_stats
+from alloykit.stats.store import KIND_FILES, Stats, memory_stats, open_stats
 
 
 def collect_command(model: str, kind: str, calibration: str | None = None, out: str | None = None) -> str:
@@ -68,8 +68,11 @@ def attach_stats(b: PlanBuilder) -> list[float] | None:
         entry = entries.get(label)
         if entry is None or entry.stats is None:
             raise _missing(spec, label, entry.calibration if entry else None, [b.labels[j] for j in inputs])
-        stats = b.preloaded_stats.get(entry.stats) or open_stats(
-            b.resolve_path(entry.stats), label, collect_command(label, kind, entry.calibration, entry.stats))
+        stats = b.preloaded_stats.get(entry.stats)
+        if stats is not None and not isinstance(stats, Stats):  # merge_state_dicts: kind -> {tensor name: tensor}
+            stats = memory_stats(entry.stats, dict(stats))
+        if stats is None:
+            stats = open_stats(b.resolve_path(entry.stats), label, collect_command(label, kind, entry.calibration, entry.stats))
         if kind not in stats.checkpoints:
             held = ", ".join(stats.kinds) or "no statistics"
             raise RecipeError(f"statistics '{stats.label}' of model '{label}' hold {held}, not the {kind} statistics "

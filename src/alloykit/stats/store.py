@@ -22,8 +22,10 @@ import torch
 from safetensors.torch import save_file
 
 from alloykit import __version__
-from alloykit.errors import CheckpointError
+from alloykit.errors import CheckpointError, OutputError
 from alloykit.io.checkpoint import Checkpoint, StateDictCheckpoint
+from alloykit.io.durable import fsync_file
+from alloykit.output.folder import OutputFolder
 
 META_FILE = "alloykit_stats.json"
 FORMAT = "alloykit-stats"
@@ -88,15 +90,21 @@ def l2_norm(tensors: dict[str, torch.Tensor]) -> float:
 
 
 def write_stats(out: str | os.PathLike, tensors: dict[str, dict[str, torch.Tensor]], meta: dict[str, Any]) -> Path:
-    """Write a statistics folder (one file per kind, then the JSON: a folder with its JSON is whole)."""
-    folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / META_FILE).unlink(missing_ok=True)
+    """Write a statistics folder through the crash-safe output folder (``alloykit.output.folder``):
+    written aside, fsynced, renamed into place, so ``out`` is absent, the old statistics, or the
+    new ones. An existing statistics folder is replaced; any other non-empty folder is refused."""
+    target = Path(out)
+    if target.is_dir() and any(target.iterdir()) and not (target / META_FILE).is_file():
+        raise OutputError(f"statistics folder '{target}' exists and holds something else (no {META_FILE}); "
+                          "choose another folder")
+    folder = OutputFolder(target, overwrite=True, what="statistics collection")
     full = {"format": FORMAT, "version": VERSION, "alloykit": __version__, "kinds": sorted(tensors), **meta}
-    for kind, sd in tensors.items():
-        save_file({k: v.detach().float().contiguous() for k, v in sd.items()}, folder / KIND_FILES[kind])
-        full.setdefault(kind, {})["norm"] = l2_norm(sd)
-    tmp = folder / (META_FILE + ".tmp")
-    tmp.write_text(json.dumps(full, indent=1))
-    os.replace(tmp, folder / META_FILE)
-    return folder
+    with folder.writing({"stats": ",".join(sorted(tensors))}):
+        for kind, sd in tensors.items():
+            path = folder.tmp / KIND_FILES[kind]
+            save_file({k: v.detach().float().contiguous() for k, v in sd.items()}, path)
+            fsync_file(path)
+            full.setdefault(kind, {})["norm"] = l2_norm(sd)
+        (folder.tmp / META_FILE).write_text(json.dumps(full, indent=1))
+        folder.commit()
+    return target
