@@ -103,3 +103,29 @@ def test_harness_tasks_reproduce_the_track_accuracy(ci_run):
     for task in res["tasks"]:
         want = np.mean(res["rows"]["task_arithmetic"]["tasks"][task]["correct"])
         assert harness[f"alloykit_lm_{task}"]["acc"] == pytest.approx(want, abs=1e-9)
+
+
+@pytest.mark.slow
+def test_smaller_run_reuses_the_first_examples_of_a_cached_score(ci_run):
+    """A run with fewer test examples or skills (the lite preset beside the full one) reads a
+    cached row's first examples instead of scoring the model again; a different model is not matched."""
+    tmp, res = ci_run
+    sys.path.insert(0, str(RUN.parent))
+    import run as harness
+    from lm_bench import Bench
+
+    p = {**harness.PRESETS["ci"], "n_eval": 5, "tasks": ["qa"]}
+    cache = tmp / "cache"
+    base = next(cache.glob("base-hf-*"))
+    data = {"qa": next((cache / "data").glob("qa-*"))}
+    bench = Bench(p, "ci", next((cache / "tiny-base").glob("*.gguf")), base, data, cache, log=lambda *a: None)
+
+    def must_not_score():
+        raise AssertionError("scored again instead of reading the cache")
+
+    got = bench.scores(f"base:{base.name}", must_not_score)
+    assert list(got) == ["qa"]
+    for k in ("correct", "nll", "tokens"):
+        np.testing.assert_array_equal(got["qa"][k], np.asarray(res["rows"]["base"]["tasks"]["qa"][k][:5], dtype=got["qa"][k].dtype))
+    with pytest.raises(AssertionError, match="scored again"):
+        bench.scores("base:some-other-model", must_not_score)

@@ -67,10 +67,10 @@ class Bench:
         cached under ``key``."""
         n = self.p["n_eval"] if split == "test" else self.p["n_select"]
         path = self.cache / "scores" / f"{split}-{digest(key, SCORER, n, self.p['score_bf16'])}.json"
-        if path.is_file():
-            cached = json.loads(path.read_text())
+        cached = json.loads(path.read_text()) if path.is_file() else self._larger(key, split, n)
+        if cached is not None:
             self.last_cost = cached["cost"]
-            return {t: from_lists(v) for t, v in cached["tasks"].items()}
+            return {t: from_lists({k: v[:n] for k, v in cached["tasks"][t].items()}) for t in self.data}
         made = make()
         folder, adapter = made if isinstance(made, tuple) else (made, None)
         t0, c0 = time.monotonic(), time.process_time()
@@ -78,11 +78,23 @@ class Bench:
         rows = self.test if split == "test" else self.val
         per = {t: score(model, self.tok, r, max_len=96, bf16=self.p["score_bf16"]) for t, r in rows.items()}
         cost = {"wall_s": round(time.monotonic() - t0, 1), "cpu_s": round(time.process_time() - c0, 1)}
-        path.write_text(json.dumps({"key": key, "cost": cost, "tasks": {t: as_lists(v) for t, v in per.items()}}))
+        path.write_text(json.dumps({"key": key, "scorer": SCORER, "bf16": self.p["score_bf16"], "cost": cost,
+                                    "tasks": {t: as_lists(v) for t, v in per.items()}}))
         self.last_cost = cost
         self.log(f"  scored {key} on {split}: " + ", ".join(f"{t} {summary(v)['acc']:.3f}" for t, v in per.items())
                  + f" ({cost['cpu_s']:.0f}s cpu)")
         return per
+
+    def _larger(self, key: str, split: str, n: int) -> dict | None:
+        """The same model's scores from a run with more examples (the first ``n`` of each task are the
+        same examples) or more tasks, if one is cached. Files without ``scorer``/``bf16`` were all
+        written by scorer 2 under bf16 (the full preset)."""
+        for f in sorted((self.cache / "scores").glob(f"{split}-*.json")):
+            c = json.loads(f.read_text())
+            if (c.get("key") == key and c.get("scorer", 2) == SCORER and c.get("bf16", True) == self.p["score_bf16"]
+                    and all(t in c["tasks"] and len(c["tasks"][t]["correct"]) >= n for t in self.data)):
+                return c
+        return None
 
     # -- merging -----------------------------------------------------------------------------
     def merge(self, name: str, recipe: dict | Path) -> Path:
@@ -149,7 +161,8 @@ class Bench:
 
 
 def run_rows(p: dict, preset: str, gguf: Path, base: Path, data: dict[str, Path], full: dict[str, Path],
-             lora: dict[str, Path], multi: dict[str, Path], cache: Path, *, log=log) -> dict:
+             lora: dict[str, Path], multi: dict[str, Path], cache: Path, *, log=log, references: bool = True) -> dict:
+    """``references=False``: only the merge rows (a second process scoring other methods beside a running one)."""
     b = Bench(p, preset, gguf, base, data, cache, log)
     rows: dict[str, dict] = {}
 
@@ -162,21 +175,23 @@ def run_rows(p: dict, preset: str, gguf: Path, base: Path, data: dict[str, Path]
         rows[name] = {"group": group, "tasks": {t: as_lists(v) for t, v in per.items()}, **info}
 
     log("reference rows")
-    add("base", "reference", f"base:{base.name}", lambda: base)
-    for t, f in full.items():
-        add(f"finetuned:{t}", "reference", f"ft:{f.name}", lambda f=f: f)
-    if "multi" in multi:
+    if references:
+        add("base", "reference", f"base:{base.name}", lambda: base)
+        for t, f in full.items():
+            add(f"finetuned:{t}", "reference", f"ft:{f.name}", lambda f=f: f)
+    if "multi" in multi and references:
         add("multi-task", "reference", f"multi:{multi['multi'].name}", lambda: multi["multi"])
     if len(full) < len(data):
         log(f"only {len(full)} of {len(data)} full fine-tunes are ready: no merge rows yet")
         return {"rows": rows, "merge_cost": b.timings, "score_cost": b.score_cost, "chosen": b.chosen}
     models = [str(full[t]) for t in data]
     methods = list(p["methods"] or METHODS)
-    stats = collect_stats(p, full, data, cache) if any(m in STATS_METHODS for m in methods) else {}
+    stats: dict = {}
     for method in methods:
         log(f"merge {method}")
         st = None
         if method in STATS_METHODS:
+            stats = stats or collect_stats(p, full, data, cache)  # on first need: the methods before it score first
             st = {str(full[t]): stats[(t, STATS_METHODS[method])] for t in data}
         folder, g, key = b.tuned(f"full-{method}", method, models, st)
         add(method, "merge", key, lambda folder=folder: folder, scale=g, knob=METHODS[method][2])
@@ -191,7 +206,7 @@ def run_rows(p: dict, preset: str, gguf: Path, base: Path, data: dict[str, Path]
     shown = {"base": base, **({"multi-task": multi["multi"]} if "multi" in multi else {})}
     shown["task_arithmetic"] = b.cache / "merges" / f"full-task_arithmetic-{b.chosen.get('full-task_arithmetic')}"
     return {"rows": rows, "merge_cost": b.timings, "score_cost": b.score_cost, "chosen": b.chosen,
-            "generations": generations(b, shown)}
+            "generations": generations(b, shown) if references else {}}
 
 
 def run_lora_rows(b: Bench, lora: dict[str, Path], data, add, log) -> None:

@@ -1,6 +1,8 @@
 """Causal-LM merging benchmark: SmolLM2-135M-Instruct (GGUF) fine-tuned on four skills, merged, evaluated.
 
     nice -n 15 .venv/bin/python benchmarks/quality_lm/run.py               # full preset (hours; cached)
+    nice -n 15 .venv/bin/python benchmarks/quality_lm/run.py --preset lite # the published run: full's cached fine-tunes,
+                                                                          # three skills, fewer rows and examples
     .venv/bin/python benchmarks/quality_lm/run.py --preset ci              # tiny random Llama, about 2 minutes
 
 The base is the real SmolLM2-135M-Instruct, read from the Q4_1 GGUF inside the PyPI package
@@ -44,6 +46,13 @@ PRESETS = {
                  stats_samples=128, ada_steps=40, ada_samples=32, grid=(0.5, 1.0), lora=True,
                  methods=None, adamerging=("task", "layer"), lora_methods=("task_arithmetic", "ties"),
                  merge_lora=("ties",), score_bf16=True),
+    # what the 2-core shared machine finished: the three cached full fine-tunes (same settings as "full", so the
+    # same cache), no training, 100 test / 20 validation examples per skill, the mergekit family and RegMean/Fisher
+    "lite": dict(base="smollm2", tasks=["definitions", "german", "spanish"], n_test=400, n_val=100, n_train=None, n_eval=100,
+                 n_select=20, steps=200, multi_steps=400, batch_size=8, max_len=48, lr=5e-5, lora_rank=16, lora_lr=4e-4,
+                 stats_samples=32, ada_steps=40, ada_samples=32, grid=(0.5, 1.0), lora=False,
+                 methods=("task_arithmetic", "ties", "linear", "dare_ties", "regmean", "fisher"), adamerging=(),
+                 lora_methods=(), merge_lora=(), score_bf16=True, train=False, cache="full"),
     # the whole pipeline on a tiny random Llama (SmolLM2's tokenizer), in about two minutes; numbers mean nothing
     "ci": dict(base="tiny", tasks=["definitions", "qa"], n_test=24, n_val=12, n_train=64, n_eval=24, n_select=12,
                steps=6, multi_steps=8, batch_size=4, max_len=32, lr=1e-2, lora_rank=4, lora_lr=3e-3,
@@ -141,6 +150,14 @@ def finetunes(p: dict, base: Path, data: dict[str, Path], cache: Path, *, kind: 
     return out
 
 
+SKILLS = {
+    "definitions": "`definitions`: WordNet 3.0 glosses (Debian wordnet-base): `Definition of \"word\":` -> the gloss;",
+    "german": "`german`: fortunes (Debian fortunes-de): fine-tuned on whole sayings, evaluated on continuing the "
+              "first words of a held-out saying;",
+    "spanish": "`spanish`: the same from fortunes-es;",
+    "qa": "`qa`: chatterbot-corpus English conversations: `Question: ...\\nAnswer:` -> the reply.",
+}
+
 HEADER = """## Causal language model track (SmolLM2-135M-Instruct, GGUF)
 
 What the merge methods do to a real small language model. The base is **SmolLM2-135M-Instruct**
@@ -154,11 +171,8 @@ tokens, AdamW lr {lr:g}, bf16 autocast, embeddings frozen), evaluated on held-ou
 ({n_test} per task; validation {n_val} per task, disjoint, picks the scale of the methods that have one
 from {grid}):
 
-- `definitions`: WordNet 3.0 glosses (Debian wordnet-base): `Definition of "word":` -> the gloss;
-- `german`, `spanish`: fortunes (Debian fortunes-de / fortunes-es): fine-tuned on whole sayings,
-  evaluated on continuing the first words of a held-out saying;
-- `qa`: chatterbot-corpus English conversations: `Question: ...\\nAnswer:` -> the reply.
-
+{skills}
+{scope}
 Accuracy: the true target among four (three distractors drawn from the same task's held-out
 examples) chosen by summed log-likelihood (the harness's `acc`). Loss: the true target's
 negative log-likelihood per token. Intervals: 95% percentile bootstrap over the test examples
@@ -167,23 +181,7 @@ negative log-likelihood per token. Intervals: 95% percentile bootstrap over the 
 
 FOOTER = """### Settings
 
-- Merges: `alloykit merge` with the GGUF file as `base_model` (methods that use one), float32. Per-model weight 1 and
-  `normalize: false` wherever a method has them, so the scale multiplies the sum of the (processed)
-  task vectors: task_arithmetic, ties, dare_ties, della, breadcrumbs (`lambda`) and tsv_m, iso_c,
-  iso_cts (`alpha`) take it from {{{grid}}} by the mean accuracy on {n_select} validation examples
-  per skill. ties, dare_ties, della: density 0.3 (della epsilon 0.1); breadcrumbs: density 0.9,
-  gamma 0.01; linear: the plain average of the fine-tunes; multislerp: equal weights around the base.
-- RegMean (alpha 0.9) and Fisher: Grams and diagonal Fishers of each fine-tune on {stats} of its own
-  skill's training texts, `alloykit stats collect FT --data train.txt --kind all`.
-- AdaMerging (task-wise and layer-wise): `alloykit search adamerging` on {ada} unlabelled validation
-  texts per skill (labels unused), {ada_steps} Adam steps at lr 5e-3, batch 4 per skill, init 0.3,
-  coefficients clamped to [0, 1].
-- Multi-task reference: one fine-tune on batches mixing the skills evenly, {multi_steps} steps
-  ({per_task} batches' worth per skill, against {steps} for each single-skill fine-tune).
-- LoRA: rank {rank}, alpha {alpha}, on every linear layer of the blocks, lr {lora_lr}, {steps} steps;
-  inputs named `BASE.gguf+ADAPTER` in recipes (the adapter folded into the dequantized base on read);
-  `merge-lora ties`: PEFT-format adapter of rank {rank} (density 0.3) at the weight that
-  `lora task_arithmetic` chose, evaluated as base + adapter.
+{settings}
 
 ### How it was made
 
@@ -193,6 +191,56 @@ FOOTER = """### Settings
 
 {notes}
 """
+
+
+def settings_lines(results: dict) -> str:
+    """The settings of what this run did (and nothing it did not)."""
+    p, groups = results["settings"], {r["group"] for r in results["rows"].values()}
+    methods = {r for r, row in results["rows"].items() if row["group"] == "merge"}
+    grid = ", ".join(map(str, p["grid"]))
+    out = ["- Merges: `alloykit merge` with the GGUF file as `base_model` (methods that use one), float32. Per-model weight 1 "
+           "and `normalize: false` wherever a method has them, so the scale multiplies the sum of the (processed) task "
+           f"vectors: the methods with a `lambda` or `alpha` take it from {{{grid}}} by the mean accuracy on "
+           f"{p['n_select']} validation examples per skill. ties, dare_ties, della: density 0.3 (della epsilon 0.1); "
+           "breadcrumbs: density 0.9, gamma 0.01; linear: the plain average of the fine-tunes; multislerp: equal weights "
+           "around the base."]
+    if methods & {"regmean", "fisher"}:
+        out.append(f"- RegMean (alpha 0.9) and Fisher: Grams and diagonal Fishers of each fine-tune on {p['stats_samples']} "
+                   "of its own skill's training texts, `alloykit stats collect FT --data train.txt --kind all`.")
+    if "search" in groups:
+        out.append(f"- AdaMerging (task-wise and layer-wise): `alloykit search adamerging` on {p['ada_samples']} unlabelled "
+                   f"validation texts per skill (labels unused), {p['ada_steps']} Adam steps at lr 5e-3, batch 4 per skill, "
+                   "init 0.3, coefficients clamped to [0, 1].")
+    if "multi-task" in results["rows"]:
+        out.append(f"- Multi-task reference: one fine-tune on batches mixing the skills evenly, {p['multi_steps']} steps "
+                   f"({p['multi_steps'] // len(results['tasks'])} batches' worth per skill, against {p['steps']} for each "
+                   "single-skill fine-tune).")
+    if "lora-merge" in groups:
+        r = p["lora_rank"]
+        out.append(f"- LoRA: rank {r}, alpha {2 * r}, on every linear layer of the blocks, lr {p['lora_lr']}, {p['steps']} "
+                   "steps; inputs named `BASE.gguf+ADAPTER` in recipes (the adapter folded into the dequantized base on "
+                   f"read); `merge-lora ties`: PEFT-format adapter of rank {r} (density 0.3) at the weight that "
+                   "`lora task_arithmetic` chose, evaluated as base + adapter.")
+    return "\n".join(out)
+
+
+def scope(results: dict) -> str:
+    """What the full design has that this run does not (the lite preset: what the shared machine finished)."""
+    missing = [t for t in SKILLS if t not in results["tasks"]]
+    rows = results["rows"]
+    gaps = []
+    if missing:
+        gaps.append(f"the {', '.join(missing)} skill (its fine-tune did not fit the CPU time)")
+    if "multi-task" not in rows:
+        gaps.append("the multi-task reference fine-tune")
+    if not any(r["group"] == "search" for r in rows.values()):
+        gaps.append("AdaMerging")
+    if not any(r["group"].startswith("lora") for r in rows.values()):
+        gaps.append("the LoRA inputs (merge of adapters, merge-lora)")
+    if not gaps:
+        return ""
+    return ("\n**Not in this run** (the harness does all of it with `--preset full`, about 4 CPU-hours; it did not fit "
+            "the shared 2-core machine): " + "; ".join(gaps) + ".\n")
 
 
 def notes(results: dict) -> str:
@@ -213,13 +261,11 @@ def write_report(results: dict, md: Path) -> None:
 
     p = results["settings"]
     plots = plot(results, row_stats_cached(results), md.parent / md.stem)
-    header = HEADER.format(n_tasks=len(results["tasks"]), steps=p["steps"], batch=p["batch_size"], max_len=p["max_len"],
+    header = HEADER.format(skills="\n".join(f"- {SKILLS[t]}" for t in results["tasks"]), scope=scope(results),
+                           n_tasks=len(results["tasks"]), steps=p["steps"], batch=p["batch_size"], max_len=p["max_len"],
                            lr=p["lr"], n_test=p["n_eval"], n_val=p["n_select"], grid=", ".join(map(str, p["grid"])),
                            score_dtype="bfloat16 autocast" if p["score_bf16"] else "float32")
-    footer = FOOTER.format(command=results["command"], notes=notes(results), grid=", ".join(map(str, p["grid"])),
-                           n_select=p["n_select"], stats=p["stats_samples"], ada=p["ada_samples"], ada_steps=p["ada_steps"],
-                           multi_steps=p["multi_steps"], per_task=p["multi_steps"] // len(results["tasks"]), steps=p["steps"],
-                           rank=p["lora_rank"], alpha=2 * p["lora_rank"], lora_lr=p["lora_lr"])
+    footer = FOOTER.format(command=results["command"], notes=notes(results), settings=settings_lines(results))
     md.write_text(markdown(results, plots, header, footer))
     log(f"wrote {md} and {', '.join(str(x) for x in plots)}")
 
@@ -251,14 +297,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--only", choices=["full", "lora", "multi"],
                     help="with --stage finetune: train only this kind (a second process can train another kind meanwhile)")
+    ap.add_argument("--methods", help="comma-separated merge methods instead of the preset's (e.g. the ones already scored)")
+    ap.add_argument("--no-references", action="store_true",
+                    help="with --stage rows: score only the merges (beside a process that scores the reference rows)")
     ap.add_argument("--json", type=Path, help="results JSON (default benchmarks/quality_lm/results-PRESET.json)")
     ap.add_argument("--md", type=Path, help="report (default docs/results-lm.md for the full preset, else none)")
     ap.add_argument("--from-json", action="store_true", help="only rewrite the report from the results JSON")
     ap.add_argument("--harness-tasks", type=Path, metavar="DIR",
                     help="also write the skills' test sets as local lm-evaluation-harness tasks into DIR")
     args = ap.parse_args(argv)
-    json_path = args.json or (HERE / "results-full.json" if args.preset == "full" else None)
-    md = args.md or (ROOT / "docs" / "results-lm.md" if args.preset == "full" else None)
+    reported = args.preset in ("full", "lite")
+    json_path = args.json or (HERE / f"results-{args.preset}.json" if reported else None)
+    md = args.md or (ROOT / "docs" / "results-lm.md" if reported else None)
     if args.from_json:
         if md is None or json_path is None:
             raise SystemExit("--from-json needs --json and --md for this preset")
@@ -268,7 +318,9 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     p = PRESETS[args.preset]
-    cache = (args.cache or ROOT / ".bench" / "quality_lm" / args.preset).resolve()
+    if args.methods:
+        p = {**p, "methods": tuple(args.methods.split(","))}
+    cache = (args.cache or ROOT / ".bench" / "quality_lm" / p.get("cache", args.preset)).resolve()
     cache.mkdir(parents=True, exist_ok=True)
     json_path = json_path or cache / "results.json"
     gguf = smollm2_gguf() if p["base"] == "smollm2" else tiny_base(cache)
@@ -279,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"harness tasks {', '.join(harness_tasks(data, args.harness_tasks))} -> {args.harness_tasks}")
     if args.stage == "data":
         return 0
-    train = {k: args.stage != "rows" and args.only in (None, k) for k in ("full", "lora", "multi")}
+    train = {k: args.stage != "rows" and args.only in (None, k) and p.get("train", True) for k in ("full", "lora", "multi")}
     full = finetunes(p, base, data, cache, kind="full", train=train["full"])
     lora = finetunes(p, base, data, cache, kind="lora", train=train["lora"]) if p["lora"] else {}
     multi = finetunes(p, base, data, cache, kind="multi", train=train["multi"])
@@ -287,11 +339,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from lm_bench import run_rows
 
-    out = run_rows(p, args.preset, gguf, base, data, full, lora, multi, cache, log=log)
+    out = run_rows(p, args.preset, gguf, base, data, full, lora, multi, cache, log=log,
+                   references=not (args.no_references and args.stage == "rows"))
     if args.stage == "rows":
         return 0
     results = {"preset": args.preset, "settings": p, "base": gguf.name, "tasks": list(data),
-               "command": "nice -n 15 python benchmarks/quality_lm/run.py" + ("" if args.preset == "full" else f" --preset {args.preset}"),
+               "command": "nice -n 15 python benchmarks/quality_lm/run.py" + ("" if args.preset == "full" else f" --preset {args.preset}")
+               + (f" --methods {args.methods}" if args.methods else ""),
                "finetune": {f.name.split("-")[0] + ":" + n: json.loads((f / "finetune.json").read_text())
                             for group in (full, lora, multi) for n, f in group.items()},
                **out}
