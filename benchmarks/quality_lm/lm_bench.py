@@ -134,8 +134,9 @@ class Bench:
             recipe["parameters"] = params
         return recipe
 
-    def tuned(self, label: str, method: str, models: list[str], stats=None) -> tuple[Path, float | None, str]:
-        """Merge with the scale chosen on validation (methods without a knob: one merge)."""
+    def tuned(self, label: str, method: str, models: list[str], stats=None):
+        """The merge with the scale chosen on validation (methods without a knob: one merge), as
+        ``(make, scale, key)``: ``make()`` merges, called only when the test scores are not cached."""
         knob = METHODS[method][2]
         grid = self.p["grid"] if knob else [None]
         best = None
@@ -157,7 +158,10 @@ class Bench:
             if o.name != name and o.exists():
                 shutil.rmtree(o)
         self.chosen[label] = g
-        return self.merge(name, recipe), g, f"{name}:{digest(recipe)}"
+        cost = self.cache / "merges" / f"{name}.cost.json"
+        if cost.is_file():  # the merge's cost, for the report, when its scores are cached and it is not merged again
+            self.timings[name] = json.loads(cost.read_text())
+        return (lambda: self.merge(name, recipe)), g, f"{name}:{digest(recipe)}"
 
 
 def run_rows(p: dict, preset: str, gguf: Path, base: Path, data: dict[str, Path], full: dict[str, Path],
@@ -193,20 +197,20 @@ def run_rows(p: dict, preset: str, gguf: Path, base: Path, data: dict[str, Path]
         if method in STATS_METHODS:
             stats = stats or collect_stats(p, full, data, cache)  # on first need: the methods before it score first
             st = {str(full[t]): stats[(t, STATS_METHODS[method])] for t in data}
-        folder, g, key = b.tuned(f"full-{method}", method, models, st)
-        add(method, "merge", key, lambda folder=folder: folder, scale=g, knob=METHODS[method][2])
+        make, g, key = b.tuned(f"full-{method}", method, models, st)
+        add(method, "merge", key, make, scale=g, knob=METHODS[method][2])
     for gran in p["adamerging"]:
         log(f"adamerging ({gran})")
         recipe_path = adamerging(p, base, full, data, cache, gran)
         name = f"full-adamerging-{gran}"
-        folder = b.merge(name, recipe_path)
-        add(f"adamerging_{gran}", "search", f"{name}:{digest(recipe_path.read_text())}", lambda folder=folder: folder)
+        add(f"adamerging_{gran}", "search", f"{name}:{digest(recipe_path.read_text())}",
+            lambda name=name, r=recipe_path: b.merge(name, r))
     if len(lora) == len(data):
         run_lora_rows(b, lora, data, add, log)
     shown = {"base": base, **({"multi-task": multi["multi"]} if "multi" in multi else {})}
     shown["task_arithmetic"] = b.cache / "merges" / f"full-task_arithmetic-{b.chosen.get('full-task_arithmetic')}"
     return {"rows": rows, "merge_cost": b.timings, "score_cost": b.score_cost, "chosen": b.chosen,
-            "generations": generations(b, shown) if references else {}}
+            "generations": generations(b, shown) if references and p.get("generations", True) else {}}
 
 
 def run_lora_rows(b: Bench, lora: dict[str, Path], data, add, log) -> None:
@@ -215,8 +219,8 @@ def run_lora_rows(b: Bench, lora: dict[str, Path], data, add, log) -> None:
         add(f"lora:{t}", "lora-reference", f"lora:{f.name}", lambda f=f: (b.base, f))
     refs = [f"{b.gguf}+{lora[t]}" for t in data]  # base+adapter: the adapter folded into the GGUF base on read
     for method in b.p["lora_methods"]:
-        folder, g, key = b.tuned(f"lora-{method}", method, refs)
-        add(f"lora {method}", "lora-merge", key, lambda folder=folder: folder, scale=g, knob=METHODS[method][2])
+        make, g, key = b.tuned(f"lora-{method}", method, refs)
+        add(f"lora {method}", "lora-merge", key, make, scale=g, knob=METHODS[method][2])
     for method in b.p["merge_lora"]:  # PEFT-format outputs; weights = the scale lora task_arithmetic chose
         out = b.cache / "merges" / f"lora-merge-lora-{method}"
         extra = ["--rank", str(b.p["lora_rank"]), "--density", "0.3"] if method == "ties" else []

@@ -52,7 +52,7 @@ PRESETS = {
                  n_select=20, steps=200, multi_steps=400, batch_size=8, max_len=48, lr=5e-5, lora_rank=16, lora_lr=4e-4,
                  stats_samples=32, ada_steps=40, ada_samples=32, grid=(0.5, 1.0), lora=False,
                  methods=("task_arithmetic", "ties", "linear", "dare_ties", "regmean", "fisher"), adamerging=(),
-                 lora_methods=(), merge_lora=(), score_bf16=True, train=False, cache="full"),
+                 lora_methods=(), merge_lora=(), score_bf16=True, train=False, cache="full", generations=False),
     # the whole pipeline on a tiny random Llama (SmolLM2's tokenizer), in about two minutes; numbers mean nothing
     "ci": dict(base="tiny", tasks=["definitions", "qa"], n_test=24, n_val=12, n_train=64, n_eval=24, n_select=12,
                steps=6, multi_steps=8, batch_size=4, max_len=32, lr=1e-2, lora_rank=4, lora_lr=3e-3,
