@@ -52,6 +52,15 @@ def table(results: dict, stats: dict, names: list[str]) -> list[str]:
     return lines
 
 
+def loss_table(results: dict, stats: dict) -> list[str]:
+    tasks = results["tasks"]
+    lines = ["| row | " + " | ".join(f"{t} loss" for t in tasks) + " |", "|---|" + "---|" * len(tasks)]
+    for n in results["rows"]:
+        s, ci = stats[n]["summary"], stats[n]["ci"]
+        lines.append(f"| {n} | " + " | ".join(f"{s[t]['loss']:.3f} {_ci(ci[t]['loss_ci'], pct=False)}" for t in tasks) + " |")
+    return lines
+
+
 def paired(results: dict, a: str, b: str) -> dict:
     return bootstrap(_per(results["rows"][a]), other=_per(results["rows"][b]))["mean"]
 
@@ -127,6 +136,8 @@ def markdown(results: dict, plots: list[Path], header: str, footer: str) -> str:
     for g, title in GROUP_TITLES.items():
         if g in by_group:
             lines += [f"### {title}", ""] + table(results, stats, by_group[g]) + [""]
+    lines += ["### Loss per skill", "", "The true target's negative log-likelihood per token (lower is better), "
+              "95% bootstrap interval:", ""] + loss_table(results, stats) + [""]
     merges = by_group.get("merge", []) + by_group.get("search", [])
     if merges:
         lines += ["### Paired differences (same test examples, bootstrap over them)", "",

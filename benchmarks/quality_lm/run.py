@@ -239,8 +239,8 @@ def scope(results: dict) -> str:
         gaps.append("the LoRA inputs (merge of adapters, merge-lora)")
     if not gaps:
         return ""
-    return ("\n**Not in this run** (the harness does all of it with `--preset full`, about 4 CPU-hours; it did not fit "
-            "the shared 2-core machine): " + "; ".join(gaps) + ".\n")
+    return ("\n**Not in this run** (the harness does all of it with `--preset full`; it did not fit the time on the "
+            "shared 2-core machine): " + "; ".join(gaps) + ".\n")
 
 
 def notes(results: dict) -> str:
