@@ -129,3 +129,20 @@ def test_smaller_run_reuses_the_first_examples_of_a_cached_score(ci_run):
         np.testing.assert_array_equal(got["qa"][k], np.asarray(res["rows"]["base"]["tasks"]["qa"][k][:5], dtype=got["qa"][k].dtype))
     with pytest.raises(AssertionError, match="scored again"):
         bench.scores("base:some-other-model", must_not_score)
+
+
+@pytest.mark.slow
+def test_cached_only_report_reproduces_the_rows_without_merging(ci_run, tmp_path):
+    """--cached-only rebuilds the results from the cache alone: the same rows, nothing merged again
+    (the kept task_arithmetic folder aside, every merge folder was deleted after scoring)."""
+    tmp, res = ci_run
+    merges_before = sorted(p.name for p in (tmp / "cache" / "merges").iterdir())
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
+    out = tmp_path / "again.json"
+    r = subprocess.run([sys.executable, str(RUN), "--preset", "ci", "--cache", str(tmp / "cache"), "--cached-only", "--json", str(out),
+                        "--md", str(tmp_path / "again.md")], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    again = json.loads(out.read_text())
+    assert again["rows"] == res["rows"]
+    assert sorted(p.name for p in (tmp / "cache" / "merges").iterdir()) == merges_before
+    assert "--cached-only" in again["command"]

@@ -45,6 +45,10 @@ def _yaml(recipe: dict) -> str:
     return json.dumps(recipe, indent=1)  # JSON is YAML; alloykit's guarded loader reads it
 
 
+class NotCached(Exception):
+    """A row whose scores are not cached, in a ``cached_only`` run (the report from what is there)."""
+
+
 class Bench:
     def __init__(self, p: dict, preset: str, gguf: Path, base: Path, data: dict[str, Path], cache: Path, log=log):
         from transformers import AutoTokenizer
@@ -60,6 +64,7 @@ class Bench:
         self.score_cost: dict[str, dict] = {}  # row -> CPU and wall seconds of its test scoring
         self.last_cost: dict = {}
         self.chosen: dict[str, float | None] = {}  # label -> the scale the validation grid chose
+        self.cached_only = False  # True: a row that is not cached raises NotCached instead of being scored
 
     # -- scoring ---------------------------------------------------------------------------
     def scores(self, key: str, make, split: str = "test") -> dict[str, dict]:
@@ -71,6 +76,8 @@ class Bench:
         if cached is not None:
             self.last_cost = cached["cost"]
             return {t: from_lists({k: v[:n] for k, v in cached["tasks"][t].items()}) for t in self.data}
+        if self.cached_only:
+            raise NotCached(key)
         made = make()
         folder, adapter = made if isinstance(made, tuple) else (made, None)
         t0, c0 = time.monotonic(), time.process_time()
@@ -165,13 +172,20 @@ class Bench:
 
 
 def run_rows(p: dict, preset: str, gguf: Path, base: Path, data: dict[str, Path], full: dict[str, Path],
-             lora: dict[str, Path], multi: dict[str, Path], cache: Path, *, log=log, references: bool = True) -> dict:
-    """``references=False``: only the merge rows (a second process scoring other methods beside a running one)."""
+             lora: dict[str, Path], multi: dict[str, Path], cache: Path, *, log=log, references: bool = True,
+             cached_only: bool = False) -> dict:
+    """``references=False``: only the merge rows (a second process scoring other methods beside a running one).
+    ``cached_only``: only the rows whose scores are cached (nothing is trained, merged or scored)."""
     b = Bench(p, preset, gguf, base, data, cache, log)
+    b.cached_only = cached_only
     rows: dict[str, dict] = {}
 
     def add(name: str, group: str, key: str, make, **info) -> None:
-        per = b.scores(key, make)
+        try:
+            per = b.scores(key, make)
+        except NotCached:
+            log(f"  {name}: not scored, left out (cached only)")
+            return
         b.score_cost[name] = b.last_cost
         merged = b.cache / "merges" / key.split(":")[0]
         if group in ("merge", "search", "lora-merge") and name not in KEEP and merged.is_dir():
@@ -195,13 +209,24 @@ def run_rows(p: dict, preset: str, gguf: Path, base: Path, data: dict[str, Path]
         log(f"merge {method}")
         st = None
         if method in STATS_METHODS:
-            stats = stats or collect_stats(p, full, data, cache)  # on first need: the methods before it score first
+            try:  # on first need: the methods before it score first
+                stats = stats or collect_stats(p, full, data, cache, cached_only=cached_only)
+            except NotCached:
+                log(f"  {method}: statistics not collected, left out (cached only)")
+                continue
             st = {str(full[t]): stats[(t, STATS_METHODS[method])] for t in data}
-        make, g, key = b.tuned(f"full-{method}", method, models, st)
+        try:
+            make, g, key = b.tuned(f"full-{method}", method, models, st)
+        except NotCached:
+            log(f"  {method}: validation not scored, left out (cached only)")
+            continue
         add(method, "merge", key, make, scale=g, knob=METHODS[method][2])
     for gran in p["adamerging"]:
         log(f"adamerging ({gran})")
-        recipe_path = adamerging(p, base, full, data, cache, gran)
+        recipe_path = adamerging(p, base, full, data, cache, gran, cached_only=cached_only)
+        if recipe_path is None:
+            log("  not searched, left out (cached only)")
+            continue
         name = f"full-adamerging-{gran}"
         add(f"adamerging_{gran}", "search", f"{name}:{digest(recipe_path.read_text())}",
             lambda name=name, r=recipe_path: b.merge(name, r))
@@ -219,7 +244,10 @@ def run_lora_rows(b: Bench, lora: dict[str, Path], data, add, log) -> None:
         add(f"lora:{t}", "lora-reference", f"lora:{f.name}", lambda f=f: (b.base, f))
     refs = [f"{b.gguf}+{lora[t]}" for t in data]  # base+adapter: the adapter folded into the GGUF base on read
     for method in b.p["lora_methods"]:
-        make, g, key = b.tuned(f"lora-{method}", method, refs)
+        try:
+            make, g, key = b.tuned(f"lora-{method}", method, refs)
+        except NotCached:
+            continue
         add(f"lora {method}", "lora-merge", key, make, scale=g, knob=METHODS[method][2])
     for method in b.p["merge_lora"]:  # PEFT-format outputs; weights = the scale lora task_arithmetic chose
         out = b.cache / "merges" / f"lora-merge-lora-{method}"
@@ -270,11 +298,13 @@ def _children_cpu() -> float:
     return t.children_user + t.children_system
 
 
-def collect_stats(p: dict, full: dict[str, Path], data: dict[str, Path], cache: Path) -> dict:
+def collect_stats(p: dict, full: dict[str, Path], data: dict[str, Path], cache: Path, *, cached_only: bool = False) -> dict:
     out = {}
     for t, f in full.items():
         folder = cache / "stats" / f"{f.name}-{p['stats_samples']}"
         if not (folder / "done").is_file():
+            if cached_only:
+                raise NotCached(str(folder))
             log(f"stats collect {t} ({p['stats_samples']} training texts)")
             t0 = time.monotonic()
             alloykit("stats", "collect", str(f), "--data", str(data[t] / "train.txt"), "--kind", "all", "--samples",
@@ -285,10 +315,13 @@ def collect_stats(p: dict, full: dict[str, Path], data: dict[str, Path], cache: 
     return out
 
 
-def adamerging(p: dict, base: Path, full: dict[str, Path], data: dict[str, Path], cache: Path, granularity: str) -> Path:
+def adamerging(p: dict, base: Path, full: dict[str, Path], data: dict[str, Path], cache: Path, granularity: str, *,
+               cached_only: bool = False) -> Path | None:
     key = digest([f.name for f in full.values()], granularity, p["ada_steps"], p["ada_samples"])
     out = cache / "search" / f"adamerging-{granularity}-{key}.yml"
     if not out.is_file():
+        if cached_only:
+            return None
         out.parent.mkdir(parents=True, exist_ok=True)
         alloykit("search", "adamerging", "--base", str(base), "--models", *[str(full[t]) for t in data],
                  "--data", *[str(data[t] / "val.txt") for t in data], "--granularity", granularity,

@@ -300,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", help="comma-separated merge methods instead of the preset's (e.g. the ones already scored)")
     ap.add_argument("--no-references", action="store_true",
                     help="with --stage rows: score only the merges (beside a process that scores the reference rows)")
+    ap.add_argument("--cached-only", action="store_true",
+                    help="the results and report from the rows already scored: nothing is trained, merged or scored")
     ap.add_argument("--json", type=Path, help="results JSON (default benchmarks/quality_lm/results-PRESET.json)")
     ap.add_argument("--md", type=Path, help="report (default docs/results-lm.md for the full preset, else none)")
     ap.add_argument("--from-json", action="store_true", help="only rewrite the report from the results JSON")
@@ -331,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
         log(f"harness tasks {', '.join(harness_tasks(data, args.harness_tasks))} -> {args.harness_tasks}")
     if args.stage == "data":
         return 0
-    train = {k: args.stage != "rows" and args.only in (None, k) and p.get("train", True) for k in ("full", "lora", "multi")}
+    train = {k: args.stage != "rows" and args.only in (None, k) and p.get("train", True) and not args.cached_only
+             for k in ("full", "lora", "multi")}
     full = finetunes(p, base, data, cache, kind="full", train=train["full"])
     lora = finetunes(p, base, data, cache, kind="lora", train=train["lora"]) if p["lora"] else {}
     multi = finetunes(p, base, data, cache, kind="multi", train=train["multi"])
@@ -340,12 +343,14 @@ def main(argv: list[str] | None = None) -> int:
     from lm_bench import run_rows
 
     out = run_rows(p, args.preset, gguf, base, data, full, lora, multi, cache, log=log,
-                   references=not (args.no_references and args.stage == "rows"))
+                   references=not (args.no_references and args.stage == "rows"), cached_only=args.cached_only)
     if args.stage == "rows":
         return 0
     results = {"preset": args.preset, "settings": p, "base": gguf.name, "tasks": list(data),
                "command": "nice -n 15 python benchmarks/quality_lm/run.py" + ("" if args.preset == "full" else f" --preset {args.preset}")
-               + (f" --methods {args.methods}" if args.methods else ""),
+               + (f" --methods {args.methods}" if args.methods else "")
+               + ("   # the report from the cached rows; they were scored by the same command without --cached-only"
+                  " (one process per method side by side: --stage rows --no-references --methods M)" if args.cached_only else ""),
                "finetune": {f.name.split("-")[0] + ":" + n: json.loads((f / "finetune.json").read_text())
                             for group in (full, lora, multi) for n, f in group.items()},
                **out}
