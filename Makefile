@@ -33,8 +33,9 @@ install-dev: $(VENV)/.installed-dev
 demo: install
 	$(PY) examples/demo.py
 
-# Debian data of the quality benchmark (src/alloykit/eval); tests that need it skip without it
-DATA_DEBS := wordnet-base fortunes fortunes-de fortunes-es fortunes-it fortunes-br fortunes-pl
+# Debian data of the quality benchmark (src/alloykit/eval, benchmarks/quality: text tasks and
+# Fashion-MNIST for the image track); tests that need it skip without it
+DATA_DEBS := wordnet-base fortunes fortunes-de fortunes-es fortunes-it fortunes-br fortunes-pl dataset-fashion-mnist
 
 data:
 	@dpkg -s $(DATA_DEBS) >/dev/null 2>&1 || apt-get install -y $(DATA_DEBS) \

@@ -26,11 +26,8 @@ LAYERS = [
 #: the package root (``alloykit/__init__.py``) is the composition root: it may import anything
 #: (lazily), and any module may read ``alloykit.__version__`` from it
 ROOT = "alloykit"
-#: arrows other workstreams of issue 13 are removing (the quality harness out of the library);
-#: none may be added
-KNOWN = {
-    ("alloykit.eval.benchmark", "alloykit.search.bench"),
-}
+#: arrows other workstreams of issue 13 were removing; all are gone (none may be added)
+KNOWN: set[tuple[str, str]] = set()
 
 
 def _modules() -> dict[str, Path]:
@@ -129,8 +126,8 @@ def test_the_docs_show_the_same_layers():
             assert re.search(rf"`{re.escape(p.removeprefix('alloykit.'))}[`/]", row), f"layer '{name}' of the docs lacks {p}"
 
 
-#: the quality benchmark's harness, which is moving out of the library to benchmarks/quality/
-PRINTS_KNOWN = {"alloykit.eval.benchmark"}
+#: none: the quality benchmark's harness, which printed, now lives in benchmarks/quality/
+PRINTS_KNOWN: set[str] = set()
 
 
 def test_only_the_cli_prints():

@@ -137,30 +137,6 @@ def test_in_memory_task_models_equal_the_loaded_ones(family, emr_merge):
         assert all(torch.equal(mem[n], disk[n]) for n in disk)
 
 
-def test_bench_scores_emr_tasks_on_their_own_models():
-    """The quality benchmark scores EMR per task: task i on its rebuilt model, with its own head only."""
-    import types
-
-    from alloykit.eval.benchmark import Bench
-
-    g = torch.Generator().manual_seed(0)
-    base = {"enc.weight": torch.randn(4, 3, generator=g), "enc.bias": torch.randn(4, generator=g)}
-    ft = {name: {n: v + 0.1 * torch.randn(v.shape, generator=g) for n, v in base.items()} for name in ("a", "b")}
-    stub = types.SimpleNamespace(ft_sd=ft, base_sd=base, cfg=types.SimpleNamespace(merge_seed=0), ft_heads={"a": "head a", "b": "head b"},
-                                 score=lambda sd, heads, tasks, split: {t.name: {"sd": sd, "heads": heads} for t in tasks})
-    stub.merged = types.MethodType(Bench.merged, stub)
-    tasks = [types.SimpleNamespace(name="a"), types.SimpleNamespace(name="b")]
-    res, _ = Bench.merged_scores(stub, "emr", ({}, {}), tasks, "val")
-    side: dict = {}
-    unified = alloykit.merge_state_dicts([ft["a"], ft["b"]], "emr", base=base, side_outputs=side)
-    for i, name in enumerate(("a", "b")):
-        assert res[name]["heads"] == {name: f"head {name}"}
-        want = task_state_dict(unified, base, side, i)
-        assert all(torch.equal(res[name]["sd"][n], want[n]) for n in want)
-    plain, _ = Bench.merged_scores(stub, "task_arithmetic", ({}, {"weight": 1.0}), tasks, "val")
-    assert plain["a"]["heads"] == stub.ft_heads  # other methods: one model, every head
-
-
 def _tree_bytes(folder):
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 

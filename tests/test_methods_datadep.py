@@ -98,10 +98,10 @@ def test_fisher_normalisation_matches_the_mergelm_formula():
     c = (inv / inv.sum()).view(2, 1)
     fe = f + eps
     expected = (c * fe * t).sum(0) / (c * fe).sum(0)
-    out = get_method("fisher").fn(_x("w", t, FisherParams(), f, norms))
+    out = get_method("fisher").fn(_x("w", t, FisherParams(normalize=True), f, norms))
     assert torch.allclose(out, expected, atol=1e-6)
     # a buffer without Fisher: the same coefficients, as a weighted average
-    out_b = get_method("fisher").fn(_x("b", t, FisherParams(), None, norms))
+    out_b = get_method("fisher").fn(_x("b", t, FisherParams(normalize=True), None, norms))
     assert torch.allclose(out_b, (c * t).sum(0) / c.sum(), atol=1e-6)
 
 
@@ -145,3 +145,19 @@ def test_slices_recipes_are_refused_for_data_dependent_methods(tmp_path):
     recipe = {"merge_method": "regmean", "slices": [{"sources": [{"model": str(m), "layer_range": [0, 2]}]}]}
     with pytest.raises(RecipeError, match="write the recipe with 'models'"):
         make_plan(recipe)
+
+
+def test_fisher_default_is_the_papers_formula_and_a_near_zero_fisher_does_not_take_over():
+    # docs/data-dependent.md's case: model 1 fits its data near-perfectly, so its Fisher (and its
+    # norm) is tiny; the paper's formula (the default) leaves the merge to model 0 where model 0's
+    # Fisher is large, while MergeLM's normalisation (normalize: true) hands every entry to model 1
+    t = torch.tensor([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    f = torch.tensor([[1e-3, 1e-3, 1e-3], [4e-10, 4e-10, 4e-10]])
+    norms = torch.tensor([0.89, 2.5e-4])
+    eps = 1e-6
+    out = get_method("fisher").fn(_x("w", t, FisherParams(), f, norms=norms))
+    expected = (4e-10 + eps) / (1e-3 + eps + 4e-10 + eps)  # sum_i F~_i theta_i / sum_i F~_i by hand
+    assert torch.allclose(out, torch.full((3,), expected), rtol=1e-5)
+    assert out.max() < 0.01
+    normalized = get_method("fisher").fn(_x("w", t, FisherParams(normalize=True), f, norms=norms))
+    assert normalized.min() > 0.7  # the tiny-Fisher model wins: why normalisation is not the default

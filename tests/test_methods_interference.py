@@ -188,3 +188,42 @@ def test_wudi_fallback_is_base_plus_mean(tensor_name, shape):
     tensors = base + rand(3, *shape, seed=17)
     out = run("wudi", tensors, base, {"solver": "closed_form"}, tensor_name=tensor_name)
     torch.testing.assert_close(out, tensors.mean(0), atol=1e-6, rtol=1e-6)
+
+
+def near_singular_tasks() -> torch.Tensor:
+    """Four [24, 96] task matrices whose rows share a 12-dimensional input subspace, plus 1e-5 of
+    task-specific noise: G's condition number is about 1e15, like an FFN output matrix (384 x 1536)
+    of four real MiniLM fine-tunes (issue 16: 5.8e12)."""
+    g = torch.Generator().manual_seed(0)
+    shared = torch.randn(12, 96, generator=g)
+    return torch.stack([0.01 * (torch.randn(24, 12, generator=g) @ shared + 1e-5 * torch.randn(24, 96, generator=g))
+                        for _ in range(4)])
+
+
+def test_wudi_closed_form_default_is_sound_on_near_singular_systems():
+    tau = near_singular_tasks()
+    g, _ = wudi_system(tau)
+    eig = torch.linalg.eigvalsh(g)
+    assert float(eig.max() / eig.min().abs().clamp_min(1e-300)) > 1e12  # the input is as ill-conditioned as claimed
+    start = tau.sum(0)
+    exact = wudi_closed_form(tau, ridge=0.0)  # the unregularised solve blows up along the near-null directions
+    assert float(exact.norm() / start.norm()) > 100
+    default = run("wudi", tau, torch.zeros(24, 96), {"solver": "closed_form"})
+    assert float(default.norm() / start.norm()) < 1.0  # bounded: no amplification of the noise directions
+    # and it does what WUDI asks within the tasks' subspace: far less interference than sum_i tau_i or Adam
+    assert wudi_loss(default.double(), tau.double()) < 0.5 * wudi_loss(start.double(), tau.double())
+    assert wudi_loss(default.double(), tau.double()) < wudi_loss(wudi_adam(tau, 300, 1e-5).double(), tau.double())
+    # insensitive to the ridge over two decades: the solution is determined by the well-conditioned directions
+    for ridge in (1e-3, 0.1):
+        other = wudi_closed_form(tau, ridge)
+        assert float((other - default).norm() / default.norm()) < 0.02
+
+
+def test_wudi_closed_form_ridge_pulls_toward_the_sum_of_task_vectors():
+    """M = (B + eps M0)(G + eps I)^-1 with M0 = sum_i tau_i, eps = ridge * trace(G) / in, by hand; a huge ridge gives M0."""
+    tau = 0.1 * rand(3, 6, 4, seed=18).double()
+    g, b = wudi_system(tau)
+    eps = 0.3 * float(g.trace()) / 4
+    want = (b + eps * tau.sum(0)) @ torch.linalg.inv(g + eps * torch.eye(4, dtype=torch.float64))
+    torch.testing.assert_close(wudi_closed_form(tau, 0.3), want, atol=1e-10, rtol=1e-8)
+    torch.testing.assert_close(wudi_closed_form(tau.float(), 1e9), tau.sum(0).float(), atol=1e-6, rtol=1e-5)

@@ -35,7 +35,7 @@ def vocab(folder):
 
 def test_pieces_rows_by_hand(pair, tmp_path):
     model, donor = pair
-    out = tokensurgeon(model, donor, tmp_path / "out", progress=False)
+    out = tokensurgeon(model, donor, tmp_path / "out", method="pieces", progress=False)
     got, m = load_file(str(out / "model.safetensors")), load_file(str(model / "model.safetensors"))
     vo, vm = vocab(out), vocab(model)
     assert vo == vocab(donor) and len(vo) == 300 + 17
@@ -110,7 +110,13 @@ def test_tied_model_and_cli_forms(tmp_path):
     r = subprocess.run([*cli, str(model), str(donor), str(tmp_path / "o2"), "-a", "subword", "-q"], capture_output=True,
                        text=True)
     assert r.returncode == 0, r.stderr
-    assert torch.equal(load_file(str(tmp_path / "o2" / "model.safetensors"))[EMB], got[EMB])  # subword = pieces
+    # the default is omp (as mergekit-tokensurgeon's); -a subword means pieces
+    omp_ref = tokensurgeon(model, donor, tmp_path / "omp", method="omp", progress=False)
+    assert torch.equal(load_file(str(omp_ref / "model.safetensors"))[EMB], got[EMB])
+    pieces_ref = tokensurgeon(model, donor, tmp_path / "pieces", method="pieces", progress=False)
+    assert torch.equal(load_file(str(tmp_path / "o2" / "model.safetensors"))[EMB],
+                       load_file(str(pieces_ref / "model.safetensors"))[EMB])
+    assert not torch.equal(load_file(str(pieces_ref / "model.safetensors"))[EMB], got[EMB])
     r = subprocess.run([*cli, str(model), str(tmp_path / "o3"), "-q"], capture_output=True, text=True)
     assert r.returncode == 2 and "MODEL DONOR OUT" in r.stderr
 

@@ -16,14 +16,15 @@ from alloykit.plan.planner import make_plan
 from alloykit.vocab.surgeon import attach_surgery
 
 
-def tokensurgeon(model: str | os.PathLike, donor: str | os.PathLike, out: str | os.PathLike, *, method: str = "pieces",
+def tokensurgeon(model: str | os.PathLike, donor: str | os.PathLike, out: str | os.PathLike, *, method: str = "omp",
                  k: int = 64, overwrite: bool = False, progress: bool = True, allow_pickle: bool = False) -> Path:
     """Write ``model`` with ``donor``'s tokenizer into ``out``; returns the output folder.
 
-    ``method``: how the rows of tokens the model lacks are built: ``pieces`` (the mean of
-    the rows of the pieces the model's tokenizer splits the token into), ``omp`` (mergekit-
-    tokensurgeon's default: orthogonal matching pursuit with ``k`` shared tokens, reading
-    the donor's weights) or ``mean``.
+    ``method``: how the rows of tokens the model lacks are built: ``omp`` (the default, as
+    mergekit-tokensurgeon's: orthogonal matching pursuit with ``k`` shared tokens, reading
+    the donor's weights; measured far closer to the true rows than ``pieces``, see
+    docs/tokenizers.md), ``pieces`` (the mean of the rows of the pieces the model's
+    tokenizer splits the token into; ignores the donor's weights) or ``mean``.
     """
     what = f"{method}, k={k}" if method == "omp" else method
     recipe = {"merge_method": "passthrough", "models": [{"model": str(model)}],

@@ -17,10 +17,10 @@ def add_parser(sub) -> None:
                                    "or MODEL --donor DONOR OUT.")
     p.add_argument("paths", nargs="+", metavar="MODEL [DONOR] OUT")
     p.add_argument("--donor", help="the model whose tokenizer is transplanted")
-    p.add_argument("--method", "-a", "--approximation-method", dest="method", default="pieces",
-                   help="rows of new tokens: pieces (default: mean of the rows of the token's pieces in the model's "
-                        "tokenizer), omp (orthogonal matching pursuit over shared tokens, mergekit-tokensurgeon's "
-                        "default; reads the donor's weights), mean; mergekit's 'subword' means pieces")
+    p.add_argument("--method", "-a", "--approximation-method", dest="method", default="omp",
+                   help="rows of new tokens: omp (default, as mergekit-tokensurgeon's: orthogonal matching pursuit "
+                        "over shared tokens, fitted on the donor's weights), pieces (mean of the rows of the token's "
+                        "pieces in the model's tokenizer), mean; mergekit's 'subword' means pieces")
     p.add_argument("-k", "--k", type=int, default=64, help="omp: shared tokens per new token (default 64)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
     p.add_argument("--quiet", "-q", action="store_true")

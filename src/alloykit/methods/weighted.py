@@ -34,8 +34,12 @@ def weighted_mean(x: MergeInput, coeff: torch.Tensor) -> torch.Tensor:
 class FisherParams(Params):
     epsilon: float = Field(1e-6, ge=0, description="added to every Fisher entry (and to the norms): "
                            "parameters no model's data moves are averaged instead of divided by 0")
-    normalize: bool = Field(True, description="divide each model's Fisher by its L2 norm over all tensors "
-                            "(FusionBench/MergeLM's normalize_fisher_weight), so no model dominates by scale alone")
+    # Off by default (the paper's formula; MergeLM's default): with it, a model that fits its data
+    # near-perfectly has a tiny Fisher norm, epsilon / norm then outweighs every other model's
+    # entries and the merge is that model (measured in docs/data-dependent.md).
+    normalize: bool = Field(False, description="multiply each model's coefficient by 1 / (||F_i|| + epsilon), "
+                            "renormalised over the models: FusionBench/MergeLM's normalize_fisher_weight, "
+                            "exactly (FusionBench's configs turn it on)")
 
 
 class FisherModelParams(Params):

@@ -34,7 +34,7 @@ def _product(shared: dict[str, list], per_model: dict[str, list]) -> list[Point]
 KNOWN: dict[str, tuple[dict[str, list], dict[str, list]]] = {
     "linear": ({}, {}),  # the simple average (normalize on)
     "task_arithmetic": ({"lambda": list(LAMBDAS)}, {}),
-    "ties": ({"lambda": [0.3, 0.5, 0.7, 1.0, 1.5]}, {"density": [0.2, 0.5]}),  # disjoint mean (normalize on)
+    "ties": ({"lambda": [0.3, 0.5, 0.7, 1.0, 1.5]}, {"density": [0.2]}),  # disjoint mean (normalize on); 0.2 won before
     "ties_fusionbench": ({"lambda": SUM_SCALES}, {"density": [0.2]}),  # disjoint sum
     "ties_peft": ({}, {"density": [0.2], "weight": [1.0, 1.5, 2.0, 3.0]}),  # disjoint mean, scaled by the weight
     "dare_linear": ({"lambda": SUM_SCALES}, {"density": [0.5]}),
@@ -64,7 +64,7 @@ KNOWN: dict[str, tuple[dict[str, list], dict[str, list]]] = {
     # scale here sat at the low end of the mean scales, so the grid reaches down to 0.3. WUDI has no
     # scale to tune (the paper's point), only the solver
     "pcb": ({"density": [0.2], "lambda": [0.3, 0.5, 0.7, 1.0, 1.5]}, {}),
-    "wudi": ({"solver": ["adam", "closed_form"]}, {}),
+    "wudi": ({"solver": ["adam", "closed_form"]}, {}),  # closed_form: Tikhonov toward sum_i tau_i (issue 16)
     # tuning-free; the Bench scores each task on its own rebuilt model (unified + mask + rescaler)
     "emr": ({}, {}),
 }
