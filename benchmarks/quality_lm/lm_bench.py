@@ -75,6 +75,9 @@ class Bench:
         cached = json.loads(path.read_text()) if path.is_file() else self._larger(key, split, n)
         if cached is not None:
             self.last_cost = cached["cost"]
+            if not path.is_file():  # the cost of scoring the larger set this row was read from
+                first = next(iter(cached["tasks"].values()))
+                self.last_cost = {**cached["cost"], "examples": len(first["correct"]), "skills": len(cached["tasks"])}
             return {t: from_lists({k: v[:n] for k, v in cached["tasks"][t].items()}) for t in self.data}
         if self.cached_only:
             raise NotCached(key)

@@ -252,7 +252,9 @@ def notes(results: dict) -> str:
     for name, c in sorted(results.get("merge_cost", {}).items()):
         lines.append(f"- merge {name}: {c['wall_s']:.0f} s wall, {c['cpu_s']:.0f} CPU s (alloykit merge, 1 thread)")
     for name, c in sorted(results.get("score_cost", {}).items()):
-        lines.append(f"- scoring {name}: {c['cpu_s']:.0f} CPU s")
+        larger = f" (scoring {c['examples']} examples of each of {c['skills']} skills in an earlier run; this page " \
+                 "uses the first of them)" if "examples" in c else ""
+        lines.append(f"- scoring {name}: {c['cpu_s']:.0f} CPU s{larger}")
     return "\n".join(lines)
 
 
@@ -285,6 +287,16 @@ def harness_tasks(data: dict[str, Path], folder: Path) -> list[str]:
         write_choice_task(folder, f"alloykit_lm_{task}", lm_tasks.read(f, "test"), group="alloykit_lm")
         names.append(f"alloykit_lm_{task}")
     return names
+
+
+def command(args: argparse.Namespace) -> str:
+    run = "nice -n 15 python benchmarks/quality_lm/run.py" + ("" if args.preset == "full" else f" --preset {args.preset}")
+    methods = f" --methods {args.methods}" if args.methods else ""
+    if not args.cached_only:
+        return run + methods
+    return (f"{run}{methods}   # scores every row not cached (here side by side: one process for the reference rows,\n"
+            f"#   one per method with --stage rows --no-references --methods M)\n"
+            f"{run}{methods} --cached-only   # this page, from the scored rows alone")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -347,10 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage == "rows":
         return 0
     results = {"preset": args.preset, "settings": p, "base": gguf.name, "tasks": list(data),
-               "command": "nice -n 15 python benchmarks/quality_lm/run.py" + ("" if args.preset == "full" else f" --preset {args.preset}")
-               + (f" --methods {args.methods}" if args.methods else "")
-               + ("   # the report from the cached rows; they were scored by the same command without --cached-only"
-                  " (one process per method side by side: --stage rows --no-references --methods M)" if args.cached_only else ""),
+               "command": command(args),
                "finetune": {f.name.split("-")[0] + ":" + n: json.loads((f / "finetune.json").read_text())
                             for group in (full, lora, multi) for n, f in group.items()},
                **out}
