@@ -66,18 +66,24 @@ def paired(results: dict, a: str, b: str) -> dict:
 
 
 def comparisons(results: dict, stats: dict, names: list[str], refs: list[str]) -> list[str]:
-    lines = ["| row | " + " | ".join(f"mean acc − {r} [95% CI]" for r in refs) + " |", "|---|" + "---|" * len(refs)]
+    refs = [r for r in refs if r in results["rows"]]
+    head = [f"mean acc − {r} [95% CI]" for r in refs] + [f"mean loss − {r} [95% CI]" for r in refs]
+    lines = ["| row | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
     for n in names:
-        cells = []
+        acc, loss = [], []
         for r in refs:
-            if n == r or r not in results["rows"]:
-                cells.append("")
+            if n == r:
+                acc.append("")
+                loss.append("")
                 continue
-            c = paired(results, n, r)["acc_ci"]
-            d = stats[n]["acc"] - stats[r]["acc"]
+            pc = paired(results, n, r)
+            c, d = pc["acc_ci"], stats[n]["acc"] - stats[r]["acc"]
             mark = " (better)" if c[0] > 0 else " (worse)" if c[1] < 0 else ""
-            cells.append(f"{100 * d:+.1f} [{100 * c[0]:+.1f}, {100 * c[1]:+.1f}]{mark}")
-        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+            acc.append(f"{100 * d:+.1f} [{100 * c[0]:+.1f}, {100 * c[1]:+.1f}]{mark}")
+            c, d = pc["loss_ci"], stats[n]["loss"] - stats[r]["loss"]
+            mark = " (better)" if c[1] < 0 else " (worse)" if c[0] > 0 else ""
+            loss.append(f"{d:+.3f} [{c[0]:+.3f}, {c[1]:+.3f}]{mark}")
+        lines.append(f"| {n} | " + " | ".join(acc + loss) + " |")
     return lines
 
 
@@ -141,7 +147,7 @@ def markdown(results: dict, plots: list[Path], header: str, footer: str) -> str:
     merges = by_group.get("merge", []) + by_group.get("search", [])
     if merges:
         lines += ["### Paired differences (same test examples, bootstrap over them)", "",
-                  "Marked better/worse only where the 95% interval of the difference excludes 0.", ""]
+                  "Marked better/worse only where the 95% interval of the difference excludes 0 (loss: lower is better).", ""]
         lines += comparisons(results, stats, merges, ["task_arithmetic", "linear", "base"]) + [""]
     lora = by_group.get("lora-merge", [])
     if lora:

@@ -233,6 +233,11 @@ def scope(results: dict) -> str:
         gaps.append(f"the {', '.join(missing)} skill (its fine-tune did not fit the CPU time)")
     if "multi-task" not in rows:
         gaps.append("the multi-task reference fine-tune")
+    from lm_bench import METHODS
+
+    not_run = [m for m in METHODS if m not in rows]
+    if not_run:
+        gaps.append("the merge methods " + ", ".join(not_run))
     if not any(r["group"] == "search" for r in rows.values()):
         gaps.append("AdaMerging")
     if not any(r["group"].startswith("lora") for r in rows.values()):
