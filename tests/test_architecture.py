@@ -20,7 +20,8 @@ LAYERS = [
     ("methods", ["alloykit.methods"]),
     ("plan", ["alloykit.plan"]),
     ("output", ["alloykit.request", "alloykit.output", "alloykit.merge", "alloykit.card"]),
-    ("features", ["alloykit.lora", "alloykit.stats", "alloykit.search", "alloykit.analysis", "alloykit.eval", "alloykit.transplant"]),
+    ("features", ["alloykit.lora", "alloykit.stats", "alloykit.search", "alloykit.analysis", "alloykit.eval", "alloykit.transplant",
+                  "alloykit.align", "alloykit.moe"]),
     ("entry", ["alloykit.cli", "alloykit.testing"]),
 ]
 #: the package root (``alloykit/__init__.py``) is the composition root: it may import anything

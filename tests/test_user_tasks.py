@@ -472,3 +472,23 @@ def test_a_masked_lm_folder_read_as_an_encoder_keeps_its_checkpoint_names(tmp_pa
          "--kind", "gram", "--out", tmp_path / "mlm.stats")
     names = set(load_file(tmp_path / "mlm.stats" / "gram.safetensors"))
     assert "bert.encoder.layer.0.attention.self.query.weight" in names and names <= set(_sd(tmp_path / "mlm"))
+
+
+def test_texts_longer_than_the_position_table_are_truncated_to_it(user, tmp_path, capsys):
+    """The fixture's BERTs have 64 positions; task texts of ~180 tokens used to raise an index error."""
+    rows = _read(user / "mood-test.jsonl")[:12]
+    long_rows = [{"text": " ".join([r["text"]] * 60), "label": r["label"]} for r in rows]
+    _write_jsonl(tmp_path / "long-test.jsonl", long_rows)
+    (tmp_path / "long.yaml").write_text(f"data: {{test: long-test.jsonl}}\nhead: {user / 'ft-mood'}\n")
+    assert len(_tokenizer()(long_rows[0]["text"])["input_ids"]) > 64
+    out = _cli(capsys, "eval", user / "ft-mood", "--task", tmp_path / "long.yaml", "--json")
+    r = json.loads(out.out)["results"][0]
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(str(user / "ft-mood")).eval()
+    with torch.no_grad():
+        enc = _tokenizer()([x["text"] for x in long_rows], padding=True, truncation=True, max_length=64,
+                           return_tensors="pt")
+        pred = model(**enc).logits.argmax(-1)
+    label2id = model.config.label2id
+    assert r["correct"] == int((pred == torch.tensor([label2id[x["label"]] for x in long_rows])).sum())

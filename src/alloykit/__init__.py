@@ -12,7 +12,7 @@ import importlib
 import sys
 import types
 
-from alloykit.plan.steps import register_plan_step
+from alloykit.plan.steps import register_merge_step, register_plan_step
 
 __version__ = "0.1.0"
 
@@ -26,13 +26,22 @@ _API = {
     "merge_state_dicts": "alloykit.merge",
     "plan_recipe": "alloykit.merge",
     "load_task_model": "alloykit.methods.emr",
+    "build_moe": "alloykit.moe.build",
+    "load_routed_model": "alloykit.moe.routed",
+    "save_routed": "alloykit.moe.routed",
 }
 
-__all__ = sorted([*_API, "__version__"])
+#: feature packages that are also callable: ``alloykit.align(...)`` runs ``alloykit.align.align``, while
+#: ``alloykit.align.lmc`` and ``import alloykit.align as A`` still reach the package (so not in _API)
+_CALLABLE_PACKAGES = {"align": "alloykit.align"}
+
+__all__ = sorted([*_API, *_CALLABLE_PACKAGES, "__version__"])
 
 # data-dependent methods (``needs_stats``) read each model's statistics: attached at plan time
 register_plan_step("stats", "alloykit.stats.attach:attach_stats_step", applies=lambda spec: spec.needs_stats is not None,
                    replace=True)
+# a recipe's ``align:`` (alloykit extension): align the inputs to base_model, merge the aligned copies, REPAIR
+register_merge_step("align", "alloykit.align.step:merge_aligned", replace=True)
 
 
 def __getattr__(name: str):
@@ -40,11 +49,13 @@ def __getattr__(name: str):
         value = getattr(importlib.import_module(_API[name]), name)
         globals()[name] = value
         return value
+    if name in _CALLABLE_PACKAGES:
+        return importlib.import_module(_CALLABLE_PACKAGES[name])
     raise AttributeError(f"module 'alloykit' has no attribute '{name}'")
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_API))
+    return sorted(set(globals()) | set(_API) | set(_CALLABLE_PACKAGES))
 
 
 class _Package(types.ModuleType):

@@ -36,9 +36,24 @@ ParamSetting = Union[Scalar, list[Scalar], Conditional, list[Conditional]]
 ParamDict = dict[str, ParamSetting]
 
 
+class AlignStep(_Strict):
+    """alloykit extension: permute an input's hidden units to match base_model before merging
+    (``alloykit.align``); at top level it applies to every model, per model it overrides."""
+
+    method: Literal["weight_matching", "activation_matching"] = "weight_matching"
+    #: calibration text (.txt/.jsonl): activation matching and REPAIR read it
+    data: str | None = None
+    samples: int = Field(256, ge=1)
+    max_iter: int = Field(100, ge=1)
+    #: top level only: after merging, rescale the merged units to the inputs' statistics on ``data`` (REPAIR)
+    repair: bool = False
+
+
 class InputModel(_Strict):
     model: str
     parameters: ParamDict | None = None
+    #: alloykit extension: align this model to base_model before merging (``false``: not this one)
+    align: AlignStep | bool | None = None
     #: alloykit extension: the model's statistics folder (``alloykit stats collect``), read by
     #: data-dependent methods (fisher, regmean); ignored by the others
     stats: str | None = None
@@ -110,6 +125,16 @@ DTYPES = ("float32", "float16", "bfloat16")
 _DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16", "float": "float32"}
 
 
+def dtype_name(v: str | None) -> str | None:
+    """A dtype as recipes spell it (aliases such as bf16 accepted), validated; None stays None."""
+    if v is None:
+        return v
+    v = _DTYPE_ALIASES.get(v, v)
+    if v not in DTYPES:
+        raise ValueError(f"dtype '{v}' is not one of {', '.join(DTYPES)}{did_you_mean(v, DTYPES)}")
+    return v
+
+
 class Recipe(_Strict):
     merge_method: str
     base_model: str | None = None
@@ -126,16 +151,13 @@ class Recipe(_Strict):
     name: str | None = None
     #: alloykit extension: the seed of randomized methods (the CLI's --seed overrides it)
     seed: int | None = None
+    #: alloykit extension: align every model to base_model before merging (see AlignStep)
+    align: AlignStep | None = None
 
     @field_validator("dtype", "out_dtype")
     @classmethod
     def _dtype(cls, v: str | None) -> str | None:
-        if v is None:
-            return v
-        v = _DTYPE_ALIASES.get(v, v)
-        if v not in DTYPES:
-            raise ValueError(f"dtype '{v}' is not one of {', '.join(DTYPES)}{did_you_mean(v, DTYPES)}")
-        return v
+        return dtype_name(v)
 
     @model_validator(mode="after")
     def _one_layout(self) -> "Recipe":
@@ -154,7 +176,22 @@ class Recipe(_Strict):
                         "(give it a larger weight to count it more)"
                     )
                 seen.add(m.model)
+        if self.wants_alignment:
+            if self.models is None or self.base_model is None:
+                raise ValueError("'align' aligns each of 'models' to 'base_model': give both (slices cannot be aligned)")
+            if any(isinstance(m.align, AlignStep) and m.align.repair for m in self.models):
+                raise ValueError("'repair' runs once on the merged model: set it in the top-level 'align', not per model")
+            steps = [self.align] + [m.align for m in self.models if isinstance(m.align, AlignStep)]
+            if any(st is not None and (st.method == "activation_matching" or st.repair) and not st.data for st in steps):
+                raise ValueError("'align': activation_matching and repair read calibration text; add 'data: FILE.txt'")
         return self
+
+    @property
+    def wants_alignment(self) -> bool:
+        """Does the recipe ask for its inputs to be aligned to base_model before merging?"""
+        if self.align is not None:
+            return True
+        return any(isinstance(m.align, AlignStep) or m.align is True for m in self.models or [])
 
     @property
     def tokenizer_source_resolved(self) -> str | None:

@@ -24,6 +24,7 @@ from alloykit.output.folder import temp_dir_for
 from alloykit.output.model import DEFAULT_SHARD_SIZE, WriteOptions, Written, default_threads, write_model
 from alloykit.plan.executor import DEFAULT_BUDGET, run_jobs
 from alloykit.plan.planner import Plan
+from alloykit.plan.steps import merge_step
 from alloykit.request import MergeRequest
 
 __all__ = ["DEFAULT_SHARD_SIZE", "WriteOptions", "default_threads", "merge", "merge_state_dicts", "plan_recipe", "run_merge",
@@ -64,6 +65,7 @@ def merge(
     output_lora: int | None = None,
     lora_save_others: bool = True,
     gguf_type: str | None = None,
+    preloaded: dict[str, Any] | None = None,
 ) -> Path:
     """Merge the models a recipe names into ``out_dir`` (a Hugging Face model folder).
 
@@ -79,22 +81,34 @@ def merge(
     An interrupted merge leaves that folder; ``resume=True`` continues from its
     verified complete shards (or, when ``out_dir`` already holds this very merge,
     does nothing), otherwise it is cleaned and the merge starts over.
+
+    ``preloaded`` maps model references to open checkpoints that stand in for them (the
+    aligned copies of a recipe's ``align:`` step).
     """
     request = MergeRequest.of(recipe, recipe_dir=recipe_dir, seed=seed, allow_pickle=allow_pickle)
     options = WriteOptions(device=device, threads=threads, max_shard_size=max_shard_size, overwrite=overwrite, resume=resume,
                            progress=progress, fail_on_nonfinite=fail_on_nonfinite, budget_bytes=budget_bytes,
                            copy_tokenizer=copy_tokenizer, gguf_type=gguf_type)
-    return run_merge(request, out_dir, options, output_lora=output_lora, lora_save_others=lora_save_others).path
+    return run_merge(request, out_dir, options, output_lora=output_lora, lora_save_others=lora_save_others,
+                     preloaded=preloaded).path
 
 
 def run_merge(request: MergeRequest, out_dir: str | os.PathLike, options: WriteOptions = WriteOptions(), *,
-              output_lora: int | None = None, lora_save_others: bool = True) -> Written:
+              output_lora: int | None = None, lora_save_others: bool = True,
+              preloaded: dict[str, Any] | None = None) -> Written:
     """``merge`` for a prepared request; returns what was written (the CLI reports from it).
 
-    The one place where the output kind is chosen: a model folder, or a LoRA adapter."""
+    The one place where the output kind is chosen: a model folder, or a LoRA adapter; a
+    recipe with an ``align:`` step is handed to that step, which merges back through here."""
+    if preloaded is None and request.recipe.wants_alignment:
+        if output_lora is not None:
+            raise AlloyError("--output-lora: not available for recipes with an 'align' step; merge to a model folder, "
+                             "then run 'alloykit extract-lora' on it")
+        request.plan().close()  # validate against the inputs' headers before aligning anything
+        return merge_step("align")(request, out_dir, options)
     if output_lora is not None:
         return _merge_to_adapter(request, out_dir, output_lora, lora_save_others, options)
-    plan = request.plan()
+    plan = request.plan(preloaded=preloaded)
     try:
         return write_model(plan, out_dir, options, names_dir=request.recipe_dir)
     finally:

@@ -83,7 +83,7 @@ PRESETS = {
                                  pretrain=PretrainRecipe(epochs=1, batch_size=64, max_images=1024),
                                  vit=ViTConfig(dim=32, depth=2, heads=2, mlp=64)),
         },
-        rows=[*BASELINES, "linear", "task_arithmetic", "regmean", "emr", "adamerging_task", "greedy_soup", "slerp"],
+        rows=[*BASELINES, "linear", "task_arithmetic", "regmean", "emr", "adamerging_task", "greedy_soup", "slerp", "smile", "wemoe"],
         seeded_rows=[*BASELINES, "task_arithmetic"],
         search={"text": SearchConfig(steps=4, record_every=2), "image": SearchConfig(steps=6, record_every=2)},
         curve={"text": ["task_arithmetic"], "image": ["task_arithmetic"]},

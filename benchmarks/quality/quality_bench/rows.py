@@ -236,3 +236,6 @@ def _soup(bench: Bench, seed: int, greedy: bool) -> dict:
 register_row("greedy_soup", description="greedy soup on validation accuracy")(lambda bench, seed: _soup(bench, seed, True))
 register_row("uniform_soup", description="the uniform average of every fine-tune")(lambda bench, seed: _soup(bench, seed, False))
 SEARCH_ROWS = ["adamerging_task", "adamerging_layer", "greedy_soup", "uniform_soup"]
+
+# routing rows (alloykit.moe: SMILE, WEMoE) register themselves on import
+from quality_bench import routing  # noqa: E402,F401

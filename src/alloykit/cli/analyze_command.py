@@ -7,11 +7,14 @@ import json
 import sys
 from pathlib import Path
 
+from alloykit.cli.lmc_command import add_lmc_arguments, cmd_lmc
+from alloykit.errors import AlloyError
+
 
 def add_parser(sub) -> None:
     a = sub.add_parser("analyze", help="interference of task vectors: cosine, sign conflicts, what TIES would trim")
-    a.add_argument("models", nargs="+", help="fine-tuned models of one base (folders or .safetensors files)")
-    a.add_argument("--base", required=True, help="the base model they were fine-tuned from")
+    a.add_argument("models", nargs="*", help="fine-tuned models of one base (folders or .safetensors files)")
+    a.add_argument("--base", help="the base model they were fine-tuned from (required without --lmc)")
     a.add_argument("--out", help="folder for report.json and the PNG plots (default: print the summary only)")
     a.add_argument("--density", type=float, default=0.2, help="TIES density for the trim statistics (default 0.2)")
     a.add_argument("--names", nargs="+",
@@ -20,10 +23,15 @@ def add_parser(sub) -> None:
     a.add_argument("--no-plots", action="store_true", help="write report.json only (no matplotlib needed)")
     a.add_argument("--json", action="store_true", help="print the whole report as JSON on stdout")
     a.add_argument("--allow-pickle", action="store_true", help="accept PyTorch .bin/.pt inputs (weights_only=True)")
+    add_lmc_arguments(a)  # --lmc A B: linear mode connectivity (alloykit.cli.lmc_command)
     a.set_defaults(func=cmd_analyze)
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
+    if args.lmc:
+        return cmd_lmc(args)
+    if not args.models or not args.base:
+        raise AlloyError("analyze: give the fine-tuned models and --base (or --lmc A B --data FILE)")
     from alloykit.analysis import analyze
 
     if args.out and not args.no_plots:  # an optional dependency missing: say so before reading any model

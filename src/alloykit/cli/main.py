@@ -17,8 +17,8 @@ import sys
 import warnings
 
 from alloykit import __version__
-from alloykit.cli import (analyze_command, clean_command, commands, eval_command, gguf_command, lora_command, search_command,
-                         stats_command, tokensurgeon_command)
+from alloykit.cli import (align_command, analyze_command, clean_command, commands, eval_command, gguf_command, lora_command,
+                          moe_command, search_command, stats_command, tokensurgeon_command)
 from alloykit.errors import AlloyError
 from alloykit.progress import show_logs
 
@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # commands with their own module: each adds its parser(s), with ``func`` set the same way
     for module in (lora_command, clean_command, analyze_command, stats_command, search_command, eval_command,
-                   tokensurgeon_command, gguf_command):
+                   tokensurgeon_command, align_command, moe_command, gguf_command):
         module.add_parser(sub)
     return ap
 

@@ -98,6 +98,10 @@ class TaskSuite:
             length = max_len or task.max_len or causal_max_len
         else:
             length = max_len or task.max_len or (BUILTIN_MAX_LEN if task.builtin else CLASSIFIER_MAX_LEN)
+        # a model with learned positions cannot read past its table (BERT's index error otherwise)
+        positions = model.folder.config.get("max_position_embeddings")
+        if isinstance(positions, int) and positions > 0:
+            length = min(length, positions)
         return BoundTask(task, net, self._class_map(task, net), length)
 
     @staticmethod

@@ -56,3 +56,24 @@ def unregister_plan_step(name: str) -> None:
 def plan_steps() -> list[PlanStep]:
     """The registered steps, in the order they run."""
     return list(_STEPS.values())
+
+
+# -- steps around a whole merge -------------------------------------------------------------
+#: name -> a step that runs a whole merge its own way when the recipe asks for it, e.g. ``align``
+#: (align the inputs to base_model, merge the aligned copies, REPAIR: ``alloykit.align.step``);
+#: ``fn(request, out_dir, options: WriteOptions) -> Written``, called by ``alloykit.merge.run_merge``
+_MERGE_STEPS: dict[str, PlanStep] = {}
+
+
+def register_merge_step(name: str, step: Callable[..., Any] | str, *, replace: bool = False) -> None:
+    """Let ``alloykit.merge`` hand a recipe that asks for ``name`` to ``step`` (``"module:function"``: imported when first used)."""
+    if name in _MERGE_STEPS and not replace:
+        raise ValueError(f"merge step {name!r} registered twice (pass replace=True to swap it)")
+    _MERGE_STEPS[name] = PlanStep(name, lambda spec: True, step)
+
+
+def merge_step(name: str) -> Callable[..., Any]:
+    try:
+        return _MERGE_STEPS[name].function()
+    except KeyError:
+        raise KeyError(f"no merge step {name!r} is registered (alloykit/__init__.py wires the built-in ones)") from None
