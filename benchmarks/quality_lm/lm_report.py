@@ -104,7 +104,7 @@ def plot(results: dict, stats: dict, out: Path) -> list[Path]:
     ax.set_yticks(y, names, fontsize=8)
     ax.axvline(100 * stats["base"]["acc"], color="k", lw=0.8, ls=":", label="base")
     ax.axvline(25, color="r", lw=0.8, ls="--", label="chance (4 choices)")
-    ax.legend(loc="lower right", fontsize=7)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7)  # outside: bars reach the right edge
     ax.set_xlabel("mean multiple-choice accuracy over the skills (%), 95% bootstrap CI")
     ax.set_title(f"{results['base']} as base: {len(results['tasks'])} skills, fine-tuned and merged", fontsize=9)
     fig.tight_layout()
