@@ -30,8 +30,9 @@ PY = sys.executable
 ALLOYKIT = [PY, "-m", "alloykit.cli.main"]
 MERGEKIT = [str(Path(PY).parent / "mergekit-yaml")]
 
-#: method -> (number of fine-tunes used, per-model parameters, shared parameters, needs base)
-METHODS: dict[str, tuple[int, dict, dict, bool]] = {
+#: method -> (fine-tunes used, per-model parameters (one dict, or one per model), shared parameters, base_model)
+METHODS: dict[str, tuple[int, dict | list[dict], dict, bool]] = {
+    # mergekit's methods
     "linear": (3, {"weight": 1.0}, {}, False),
     "task_arithmetic": (3, {"weight": 0.5}, {}, True),
     "ties": (3, {"weight": 0.5, "density": 0.5}, {}, True),
@@ -40,16 +41,35 @@ METHODS: dict[str, tuple[int, dict, dict, bool]] = {
     "breadcrumbs": (3, {"weight": 0.5, "density": 0.9, "gamma": 0.01}, {}, True),
     "breadcrumbs_ties": (3, {"weight": 0.5, "density": 0.9, "gamma": 0.01}, {}, True),
     "della": (3, {"weight": 0.5, "density": 0.5, "epsilon": 0.1}, {}, True),
+    "della_linear": (3, {"weight": 0.5, "density": 0.5, "epsilon": 0.1}, {}, True),
+    "sce": (3, {}, {"select_topk": 0.5}, True),
     "model_stock": (3, {}, {}, True),
     "slerp": (1, {}, {"t": 0.5}, True),
+    "nuslerp": (2, [{"weight": 0.4}, {"weight": 0.6}], {}, True),
+    "multislerp": (3, [{"weight": 0.2}, {"weight": 0.3}, {"weight": 0.5}], {}, True),
+    "karcher": (3, {}, {}, False),
+    # alloykit only: interference and subspace methods
+    "pcb": (3, {}, {}, True),
+    "magmax": (3, {}, {}, True),
+    "consensus_ta": (3, {}, {}, True),
+    "tsv_m": (3, {}, {}, True),
+    "iso_c": (3, {}, {}, True),
+    "iso_cts": (3, {}, {}, True),
+    "cart": (3, {}, {}, False),
 }
+#: methods mergekit 0.1.5 has (the others run in alloykit only)
+MERGEKIT_METHODS = {"linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della",
+            "della_linear", "sce", "model_stock", "slerp", "nuslerp", "multislerp", "karcher"}
+#: the mergekit family the targets are set for (issue 17)
+FAMILY = sorted(MERGEKIT_METHODS - {"linear", "task_arithmetic"})
 
 
 def recipe(method: str, root: Path, n: int | None = None) -> dict:
     k, per, shared, base = METHODS[method]
     k = n or k
-    r = {"merge_method": method, "models": [{"model": str(root / f"ft{i + 1}"), **({"parameters": per} if per else {})} for i in range(k)],
-         "dtype": "bfloat16"}
+    pers = per if isinstance(per, list) else [per] * k
+    r = {"merge_method": method, "dtype": "bfloat16",
+         "models": [{"model": str(root / f"ft{i + 1}"), **({"parameters": pers[i]} if pers[i] else {})} for i in range(k)]}
     if base:
         r["base_model"] = str(root / "base")
     if shared:
@@ -144,25 +164,38 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--mergekit-repeats", type=int, default=1)
     ap.add_argument("--no-mergekit", action="store_true")
+    ap.add_argument("--no-alloykit", action="store_true", help="mergekit only (e.g. a second invocation after an alloykit-only one)")
+    ap.add_argument("--no-baselines", action="store_true", help="keep the baselines already in --results")
+    ap.add_argument("--warmup-root", type=Path, help="run each alloykit method once on these (smaller) inputs first, "
+                    "unmeasured, so that numba's on-disk cache holds every kernel before timing")
     ap.add_argument("--results", type=Path, default=Path("docs/benchmarks.json"))
+    ap.add_argument("--work", type=Path, help="scratch folder for recipes and outputs (default ROOT/work; "
+                    "give each concurrent invocation its own)")
     a = ap.parse_args()
     root = a.root / a.size
     from generate import generate  # noqa: E402 (benchmarks/ is on sys.path when run as a script)
 
     generate(a.size, 3, root)
-    work = a.root / "work"
+    work = a.work or a.root / "work"
     work.mkdir(parents=True, exist_ok=True)
     warm(root)
     results = json.loads(a.results.read_text()) if a.results.exists() else {}
     entry = results.setdefault(a.size, {})
     entry["hardware"] = f"{os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM"
-    print(f"== {a.size}: baselines", flush=True)
-    entry["read-sum-write"] = bench_baseline("read-sum-write", root, work, a.repeats)
-    entry["copy"] = bench_baseline("copy", root, work, a.repeats)
-    for method in a.methods.split(","):
+    methods = a.methods.split(",")
+    if a.warmup_root and not a.no_alloykit:
+        for method in methods:
+            print(f"== warm-up (not measured): {method} on {a.warmup_root}", flush=True)
+            bench_tool("alloykit", method, a.warmup_root, work, 1)
+    if not a.no_baselines:
+        print(f"== {a.size}: baselines", flush=True)
+        entry["read-sum-write"] = bench_baseline("read-sum-write", root, work, a.repeats)
+        entry["copy"] = bench_baseline("copy", root, work, a.repeats)
+    for method in methods:
         print(f"== {a.size}: {method}", flush=True)
-        entry.setdefault("alloykit", {})[method] = bench_tool("alloykit", method, root, work, a.repeats)
-        if not a.no_mergekit:
+        if not a.no_alloykit:
+            entry.setdefault("alloykit", {})[method] = bench_tool("alloykit", method, root, work, a.repeats)
+        if not a.no_mergekit and method in MERGEKIT_METHODS:
             entry.setdefault("mergekit", {})[method] = bench_tool("mergekit", method, root, work, a.mergekit_repeats)
         a.results.write_text(json.dumps(results, indent=1))
     a.results.write_text(json.dumps(results, indent=1))

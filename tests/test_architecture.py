@@ -21,7 +21,7 @@ LAYERS = [
     ("plan", ["alloykit.plan"]),
     ("output", ["alloykit.request", "alloykit.output", "alloykit.merge", "alloykit.card"]),
     ("features", ["alloykit.lora", "alloykit.stats", "alloykit.search", "alloykit.analysis", "alloykit.eval", "alloykit.transplant",
-                  "alloykit.align", "alloykit.moe"]),
+                  "alloykit.align", "alloykit.moe", "alloykit.distributed"]),
     ("entry", ["alloykit.cli", "alloykit.testing"]),
 ]
 #: the package root (``alloykit/__init__.py``) is the composition root: it may import anything

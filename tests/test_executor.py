@@ -1,8 +1,9 @@
 """The optimised paths of the executor and of the hot ops give the reference path's bytes.
 
-Each test runs the same merge two ways (whole tensors vs row blocks, one worker vs four,
-stacks from the slab vs fresh memory, passes in blocks vs over the whole tensor) and
-asserts bit-identical results, comparing raw bits so that signed zeros count too.
+Each test runs the same merge two ways (whole tensors vs streamed row blocks, one worker
+vs four, stacks from the slab vs fresh memory, passes in blocks vs over the whole tensor)
+and asserts bit-identical results, comparing raw bits so that signed zeros count too.
+The methods' fast paths against their references: tests/test_fast_paths.py.
 """
 
 from __future__ import annotations
@@ -76,28 +77,32 @@ def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
         assert torch.equal(bits(a[name]), bits(b[name])), name
 
 
+def whole_tensors(monkeypatch) -> None:
+    """Run every job whole (the methods' reference functions on full float32 stacks)."""
+    monkeypatch.setattr(executor, "streams", lambda job, plan, device: False)
+
+
 @pytest.mark.parametrize("method", ["linear", "task_arithmetic"])
 def test_row_blocks_equal_whole_tensors(bf16_family, method, monkeypatch):
     r = recipe(bf16_family, method)
-    monkeypatch.setattr(executor, "BLOCK_ELEMENTS", 1 << 40)
-    whole = run(r, threads=1)
-    plan = plan_recipe(r)
-    for elements in (1000, 64 * 48, 5000):  # 20 rows, 64 rows, 104 -> 64 rows per block
+    with monkeypatch.context() as mp:
+        whole_tensors(mp)
+        whole = run(r, threads=1)
+    for elements in (1000, 64 * 48, 5000, 1 << 40):  # 20 rows, 64 rows, 104 rows, everything per block
         monkeypatch.setattr(executor, "BLOCK_ELEMENTS", elements)
-        assert any(executor.block_rows(j, plan, torch.device("cpu")) for j in plan.jobs)
         assert_same(whole, run(r, threads=1))
         assert_same(whole, run(r, threads=3))
-    plan.close()
 
 
-def test_only_elementwise_methods_run_in_blocks(bf16_family, monkeypatch):
-    monkeypatch.setattr(executor, "BLOCK_ELEMENTS", 1000)
+def test_which_jobs_stream(bf16_family):
+    """On the CPU: methods with a fast path (numba available) and elementwise ones; never a
+    copied tensor, never on another device."""
     cpu = torch.device("cpu")
-    for method, blocked in (("linear", True), ("task_arithmetic", True), ("ties", False), ("model_stock", False)):
+    for method, streamed in (("linear", True), ("task_arithmetic", True), ("ties", True), ("tsv_m", False)):
         plan = plan_recipe(recipe(bf16_family, method))
         embed = next(j for j in plan.jobs if j.name == "model.embed_tokens.weight")
-        assert (executor.block_rows(embed, plan, cpu) is not None) == blocked, method
-        assert executor.block_rows(embed, plan, torch.device("meta")) is None
+        assert executor.streams(embed, plan, cpu) == streamed, method
+        assert not executor.streams(embed, plan, torch.device("meta"))
         plan.close()
 
 
@@ -113,6 +118,7 @@ def test_one_worker_equals_four_and_the_slab_equals_fresh_memory(bf16_family, me
 def test_passes_in_blocks_equal_one_pass(bf16_family, method, monkeypatch):
     """The ops' block sizes change how a tensor is cut, never a bit of the result."""
     r = recipe(bf16_family, method)
+    whole_tensors(monkeypatch)  # the reference functions' own blocks
     monkeypatch.setattr(sparsify, "BLOCK", 1 << 40)
     monkeypatch.setattr(sparse, "_BLOCK", 1 << 40)
     ref = run(r, threads=1)
@@ -195,22 +201,6 @@ def test_della_ranks_by_sorting_keys_equal_the_stable_argsort():
         ranks = torch.empty(rows.shape).scatter_(1, order, torch.arange(rows.shape[1], dtype=torch.float32).expand_as(order).contiguous())
         ref = ((0.5 - 0.2) + ranks / max(1, rows.shape[1] - 1) * 2 * 0.2).clamp_(0, 1).reshape(t.shape)
         assert torch.equal(bits(fast), bits(ref))
-
-
-@pytest.mark.parametrize("fast", [True, False])
-def test_bernoulli_mask_draws_like_torch_bernoulli(fast, monkeypatch):
-    """In blocks, in order, with the uniform-draw fast path or without: torch.bernoulli's draws."""
-    assert sparsify._rand_is_bernoulli()  # the fast path is live with this torch
-    if not fast:
-        monkeypatch.setattr(sparsify, "_rand_is_bernoulli", lambda: False)
-    p = torch.rand(50, 70, generator=torch.Generator().manual_seed(3))
-    p[0, :5] = torch.tensor([0.0, 1.0, 0.5, 1e-30, 1 - 2**-24])
-    gen, ref_gen = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
-    for _ in range(2):  # and the generator goes on from the same state
-        ref = torch.bernoulli(p, generator=ref_gen)
-        got = torch.cat([sparsify.bernoulli_mask(p[r : r + 13], gen, torch.float32) for r in range(0, 50, 13)])
-        assert torch.equal(got, ref)
-        assert torch.equal(sparsify.bernoulli_mask(p, gen), torch.bernoulli(p, generator=ref_gen).bool())
 
 
 def test_slab_first_fit_and_coalescing():

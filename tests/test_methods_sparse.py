@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from alloykit.methods import get_method
 from alloykit.methods.registry import MergeInput
-from alloykit.ops import consensus, sparsify
+from alloykit.ops import consensus, philox, sparsify
 
 mergekit_api = pytest.importorskip("mergekit.merge_methods.api")
 from mergekit import merge_methods as mk_methods  # noqa: E402
@@ -298,7 +298,8 @@ def test_ties_fusionbench_zero_sign_takes_the_tensor_majority():
 
 def test_dare_golden_given_the_mask():
     t = T([[1.0, -2.0, 3.0, -4.0, 5.0, -6.0]])
-    mask = torch.bernoulli(torch.full((6,), 0.5), generator=torch.Generator().manual_seed(7)).bool()
+    mask = philox.keep_mask(0.5, 7, 0, 0, 6)  # model 0 of the stream keyed by the tensor's seed
+    assert 0 < int(mask.sum()) < 6
     kept = t[0] * mask
     per = {"weight": [1.0], "density": [0.5]}
     l1 = run("dare_linear", t, torch.zeros(6), {}, per, seed=7)
@@ -312,7 +313,7 @@ def test_dare_golden_given_the_mask():
 def test_della_golden_given_the_mask():
     t = T([[0.1, -0.4, 0.3, 0.2]])
     p = T([0.3, 0.7, 0.3 + 0.4 * 2 / 3, 0.3 + 0.4 / 3])
-    mask = torch.bernoulli(p, generator=torch.Generator().manual_seed(3)).bool()
+    mask = philox.keep_mask(p, 3, 0, 0, 4)
     per = {"weight": [1.0], "density": [0.5], "epsilon": [0.2]}
     out = run("della_linear", t, Z4, {"rescale_mode": "inverse_probability"}, per, seed=3)
     torch.testing.assert_close(out, torch.where(mask, t[0] / p, 0.0))
@@ -381,33 +382,52 @@ def test_ties_matches_mergekit_on_small_tensors_with_ties():
             torch.testing.assert_close(ours, theirs, msg=f"{name} trial {trial}")
 
 
-def test_large_tensor_ties_differ_from_mergekit_only_at_the_threshold():
-    """Beyond 16 entries mergekit keeps whichever tied entries its sort kernel puts first;
-    we keep the lower index. Same count, same kept magnitudes, differences only at ties."""
-    from mergekit.sparsify import magnitude
+def test_large_tensor_ties_at_the_cut_kept_as_mergekit_keeps_them():
+    """Beyond 16 entries mergekit keeps whichever tied entries torch's sort puts first: the
+    "sort" tie rule keeps the same ones; the "flat" rule (lower index first) differs only
+    among the tied entries."""
+    from mergekit.sparsify import magnitude, magnitude_outliers
 
     d = torch.randint(-20, 21, (4000,), generator=torch.Generator().manual_seed(5)).float()
-    ours = d * sparsify.magnitude_mask(d, 0.3)
     theirs = magnitude(d, 0.3)
-    assert int((ours != 0).sum()) == int((theirs != 0).sum()) == 1200
-    assert torch.equal(ours.abs().sort().values, theirs.abs().sort().values)
-    differ = ours != theirs
-    threshold = ours.abs()[ours != 0].min()
-    assert (d.abs()[differ] == threshold).all()
+    assert torch.equal(sparsify.magnitude_trim_(d.clone(), 0.3, ties="sort"), theirs)
+    flat = d * sparsify.magnitude_mask(d, 0.3)
+    assert int((flat != 0).sum()) == int((theirs != 0).sum()) == 1200
+    differ = flat != theirs
+    assert differ.any() and (d.abs()[differ] == flat.abs()[flat != 0].min()).all()
+    for density, gamma in ((0.5, 0.1), (0.9, 0.01), (0.3, 0.5)):
+        theirs = magnitude_outliers(d, density, gamma=gamma)
+        assert torch.equal(sparsify.outlier_trim_(d.clone(), density, gamma, ties="sort"), theirs)
+
+
+def stream_bernoulli(monkeypatch, seed: int) -> None:
+    """Make ``torch.bernoulli`` draw from alloykit's stream: call i is model i's task vector
+    (mergekit and PEFT draw one mask per model, in order), entry e of it kept when U48(e) <
+    ceil(p * 2^48). The oracles then compute with alloykit's masks."""
+    calls = itertools.count()
+
+    def bernoulli(p, *args, **kwargs):
+        keep = philox.keep_mask(p.float(), seed, next(calls), 0, p.numel())
+        return keep.view(p.shape).to(p.dtype)
+
+    monkeypatch.setattr(torch, "bernoulli", bernoulli)
 
 
 @pytest.mark.parametrize("name", ["dare_linear", "dare_ties", "della", "della_linear"])
 @pytest.mark.parametrize("shape", [(50,), (33, 17), (3, 4, 5)], ids=str)
-def test_randomized_match_mergekit_draw_for_draw(name, shape):
-    """Same calls, same draw order: our generator seeded like mergekit's global RNG gives equal tensors."""
+def test_randomized_match_mergekit_given_the_same_draws(name, shape, monkeypatch):
+    """mergekit's DARE/DELLA with its bernoulli drawing from our stream gives our tensors:
+    the rest of the pipeline (probabilities, rescale, election, normalize) is mergekit's.
+    Densities are binary fractions, so mergekit's float32 probabilities are ours."""
     tensors, base = distinct_case(shape, seed=3)
-    per = {"weight": [0.7, 0.3, 1.4], "density": [0.3, 0.55, 0.7]}
+    per = {"weight": [0.7, 0.3, 1.4], "density": [0.25, 0.5, 0.625]}
     if name.startswith("della"):
         per["epsilon"] = [0.1, 0.2, 0.05]
     for shared in ({}, {"rescale": False}, {"normalize": True, "lambda": 0.7}):
         ours = run(name, tensors, base, shared, per, seed=1234)
-        torch.manual_seed(1234)
-        theirs = run_mergekit(name, tensors, base, shared, per)
+        with monkeypatch.context() as mp:
+            stream_bernoulli(mp, 1234)
+            theirs = run_mergekit(name, tensors, base, shared, per)
         torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6, msg=f"{name} {shared}")
 
 
@@ -434,13 +454,13 @@ def test_ties_peft_and_magnitude_prune_match_peft(shape, density):
         torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
 
 
-def test_dare_linear_inverse_probability_matches_peft_draw_for_draw():
+def test_dare_linear_inverse_probability_matches_peft_given_the_same_draws(monkeypatch):
     tensors, base = distinct_case((20, 9), seed=4)
     w = [0.7, 0.3, 1.4]
     ours = run("dare_linear", tensors, base, {"rescale_mode": "inverse_probability"},
-               {"weight": w, "density": [0.4] * 3}, seed=99)
-    torch.manual_seed(99)
-    theirs = base + peft_merge.dare_linear(list(tensors - base), T(w), 0.4)
+               {"weight": w, "density": [0.375] * 3}, seed=99)
+    stream_bernoulli(monkeypatch, 99)
+    theirs = base + peft_merge.dare_linear(list(tensors - base), T(w), 0.375)
     torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
 
 

@@ -239,3 +239,4 @@ SEARCH_ROWS = ["adamerging_task", "adamerging_layer", "greedy_soup", "uniform_so
 
 # routing rows (alloykit.moe: SMILE, WEMoE) register themselves on import
 from quality_bench import routing  # noqa: E402,F401
+from quality_bench import evolve_row  # noqa: E402,F401  (registers the "evolve" row: alloykit search evolve's CMA-ES)

@@ -40,7 +40,11 @@ def cmd_merge(args: Namespace) -> int:
                            gguf_type=args.gguf_type if args.output_format == "gguf" else None)
     t0 = time.monotonic()
     with interrupt_on_sigterm():
-        written = run_merge(request, args.out, options, output_lora=args.output_lora, lora_save_others=not args.lora_skip_others)
+        if getattr(args, "ray", None) is not None:
+            written = _merge_on_ray(args, request, options)
+        else:
+            written = run_merge(request, args.out, options, output_lora=args.output_lora,
+                                lora_save_others=not args.lora_skip_others)
     if written.already_done:
         print(f"nothing to do: '{written.path}' already holds this merge (same recipe, inputs and options)")
     elif written.reports is not None:
@@ -48,6 +52,17 @@ def cmd_merge(args: Namespace) -> int:
     elif not args.quiet:
         print(f"merged with {request.recipe.merge_method} in {time.monotonic() - t0:.1f}s -> {written.path}")
     return 0
+
+
+def _merge_on_ray(args: Namespace, request, options):
+    from alloykit.distributed.cluster import import_ray
+
+    import_ray()  # one line naming the pip command when ray is absent, before anything else
+    from alloykit.distributed.merge import RayOptions, merge_on_ray
+
+    if args.output_lora is not None:
+        raise RecipeError("--ray with --output-lora: adapters are written on one machine; drop one of the two flags")
+    return merge_on_ray(request, args.out, options, RayOptions(args.ray, args.ray_cpus))
 
 
 def _merge_flags(args: Namespace) -> None:

@@ -103,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--gguf-type", default="f16", help="with --output-format gguf: f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0 (default f16)")
     m.add_argument("--lora-skip-others", action="store_true",
                    help="with --output-lora: skip changed embeddings and norms instead of saving them as modules_to_save")
+    m.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="compute the shards on a Ray cluster: no ADDRESS starts a local one, 'auto' joins this machine's, "
+                        "else the head's HOST:PORT (inputs and output on storage every node sees; docs/distributed.md)")
+    m.add_argument("--ray-cpus", type=int, metavar="N", help="with --ray and no ADDRESS: CPUs of the local cluster (default: all)")
     for flag, why in MERGEKIT_NO_OPS.items():
         dest = "copy_tokenizer" if flag == "--copy-tokenizer" else None
         m.add_argument(flag, action="store_true", help=f"accepted for mergekit compatibility, no effect: {why}",

@@ -59,6 +59,18 @@ def add_parser(sub) -> None:
         if action.dest == "tasks":
             action.required = False
 
+    e = ss.add_parser("evolve", help="CMA-ES over merge recipes, candidates merged in memory and scored on tasks "
+                                     "(serially, or on Ray workers); docs/distributed.md")
+    e.add_argument("config", help="evolve config YAML: base_model, models, tasks, methods, layer_groups, max_evals, seed...")
+    e.add_argument("--out", required=True, help="the best recipe (YAML); beside it OUT.evaluations.csv, OUT.fitness.png "
+                                                "and the search state OUT.evolve-state.json")
+    e.add_argument("--workers", type=int, default=1, help="evaluations in parallel, on Ray actors (default 1: in this process)")
+    e.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="evaluate on a Ray cluster: no ADDRESS starts a local one, 'auto' joins this machine's, else HOST:PORT")
+    e.add_argument("--resume", action="store_true", help="continue an interrupted search from its saved state")
+    e.add_argument("--quiet", "-q", action="store_true")
+    e.set_defaults(func=cmd_evolve)
+
 
 def _write(out: str, text: str) -> None:
     path = Path(out)
@@ -101,4 +113,20 @@ def cmd_uniform_soup(args) -> int:
     if res["score"] is not None:
         print(f"uniform soup of {len(args.models)} models: validation score {res['score']:.4f}")
     _write(args.out, text)
+    return 0
+
+
+def cmd_evolve(args) -> int:
+    from alloykit.distributed.evolve import evolve
+
+    if args.workers < 1:
+        raise AlloyError(f"--workers {args.workers}: give 1 or more")
+    log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr))
+    res = evolve(args.config, args.out, workers=args.workers, ray_address=args.ray, resume=args.resume,
+                 progress=not args.quiet, log=log)
+    best = res.best
+    print(f"evolve: best of {len(res.evaluations)} evaluations: {best['method']}, validation score {best['score']:.4f} "
+          f"(evaluation {best['eval']})")
+    print(f"wrote {res.paths['recipe']} ({res.paths['csv'].name}, {res.paths['plot'].name}); merge it with: "
+          f"alloykit merge {res.paths['recipe']} OUT_FOLDER")
     return 0

@@ -151,20 +151,40 @@ class Checkpoint(TensorIndex):
             out = torch.empty(info.shape, dtype=info.dtype)
         elif out.dtype != info.dtype or tuple(out.shape) != tuple(info.shape) or not out.is_contiguous():
             raise ValueError(f"read '{name}' into {out.dtype}{list(out.shape)}: need a contiguous {info.dtype}{list(info.shape)}")
-        if info.nbytes == 0:
-            return out
+        self._pread(info, 0, info.nbytes, out)
+        return out
+
+    def read_range(self, name: str, start: int, count: int, out: torch.Tensor) -> torch.Tensor:
+        """Entries ``start .. start + count - 1`` of tensor ``name`` in flat (row-major) order
+        into ``out`` (contiguous, the tensor's dtype, ``count`` entries): a block of rows
+        read without the rest of the tensor."""
+        info = self.info(name)
+        if not 0 <= start <= start + count <= info.numel:
+            raise ValueError(f"read '{name}' entries {start}..{start + count}: it has {info.numel}")
+        if out.dtype != info.dtype or out.numel() != count or not out.is_contiguous():
+            raise ValueError(f"read '{name}' into {out.dtype}[{out.numel()}]: need a contiguous {info.dtype}[{count}]")
+        if info.offset < 0:
+            return out.view(-1).copy_(self._pickled[info.path][name].reshape(-1)[start : start + count])
+        itemsize = info.nbytes // max(1, info.numel)
+        self._pread(info, start * itemsize, count * itemsize, out)
+        return out
+
+    def _pread(self, info: TensorInfo, skip: int, nbytes: int, out: torch.Tensor) -> None:
+        """``nbytes`` of the tensor's data from byte ``skip`` on, into ``out``'s memory."""
+        if nbytes == 0:
+            return
         buf = memoryview(out.view(-1).view(torch.uint8).numpy())
         fd = self._fd(info.path)
         done = 0
+        name = info.name
         try:
-            while done < info.nbytes:
-                n = os.preadv(fd, [buf[done:]], info.offset + done)
+            while done < nbytes:
+                n = os.preadv(fd, [buf[done:nbytes]], info.offset + skip + done)
                 if n <= 0:
                     raise CheckpointError(f"model '{self.label}': tensor '{name}' in {Path(info.path).name}: file ended early (truncated?)")
                 done += n
         except OSError as err:
             raise CheckpointError(f"model '{self.label}': tensor '{name}' in {Path(info.path).name}: read failed: {err.strerror or err}") from None
-        return out
 
     def close(self) -> None:
         with self._lock:
@@ -172,6 +192,22 @@ class Checkpoint(TensorIndex):
                 os.close(fd)
             self._fds.clear()
         self._pickled.clear()
+
+    # -- pickling (a plan sent to other processes: distributed merges) -----------
+    def __getstate__(self) -> dict:
+        """The index travels, open files and the lock do not (the receiver opens its own);
+        pickle checkpoints are re-indexed by the receiver rather than shipping their tensors."""
+        state = {k: v for k, v in self.__dict__.items() if k not in ("_fds", "_lock", "_pickled")}
+        state["_had_pickled"] = bool(self._pickled)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        had_pickled = state.pop("_had_pickled", False)
+        self.__dict__.update(state)
+        self._fds, self._lock, self._pickled = {}, threading.Lock(), {}
+        if had_pickled:
+            self.tensors = {}
+            self._index()
 
     # -- metadata ---------------------------------------------------------------
     @property

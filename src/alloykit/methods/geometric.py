@@ -6,7 +6,9 @@ when the inputs point in different directions.
 
 Every method here reproduces mergekit 0.1.5's method of the same name in float32 (same
 parameters, defaults, scopes and edge cases; bit for bit on the tests' tensors, within
-float rounding in general). None of them treats a tensor differently by its name or its
+float rounding in general). Each also has a fast path (``geometric_fast.py``: two passes
+over blocks of rows, the per-tensor inner products computed once), which these functions
+specify. None of them treats a tensor differently by its name or its
 number of dimensions, except where noted (model_stock's ``filter_wise`` on 1-D tensors).
 """
 
@@ -16,8 +18,10 @@ import torch
 from pydantic import Field
 
 from alloykit.errors import PlanError
+from alloykit.methods import geometric_fast
 from alloykit.methods.registry import MergeInput, Params, register
-from alloykit.ops.interpolate import karcher_mean, slerp_flat, slerp_rows
+from alloykit.methods.stream import Streamed
+from alloykit.ops.interpolate import karcher_mean, slerp_flat, slerp_rows, stock_combine, stock_ratio
 
 # --------------------------------------------------------------------------------------
 # slerp
@@ -33,6 +37,7 @@ class SlerpParams(Params):
 
 @register(
     "slerp",
+    streamed=Streamed(geometric_fast.slerp, jit=False),
     params=SlerpParams,
     base="required",
     min_models=1,
@@ -73,6 +78,7 @@ class NonBaseWeight(Params):
 
 @register(
     "nuslerp",
+    streamed=Streamed(geometric_fast.nuslerp, jit=False),
     params=NuSlerpParams,
     model_params=NonBaseWeight,
     base="optional",
@@ -128,6 +134,7 @@ def _multislerp_check(params: MultiSlerpParams, models: list[NonBaseWeight]) -> 
 
 @register(
     "multislerp",
+    streamed=Streamed(geometric_fast.multislerp, jit=False),
     params=MultiSlerpParams,
     model_params=NonBaseWeight,
     base="optional",
@@ -198,6 +205,7 @@ class KarcherParams(Params):
 
 @register(
     "karcher",
+    streamed=Streamed(geometric_fast.karcher, jit=False),
     params=KarcherParams,
     base="ignored",
     min_models=1,
@@ -234,6 +242,7 @@ class ModelStockParams(Params):
 
 @register(
     "model_stock",
+    streamed=Streamed(geometric_fast.model_stock, jit=False),
     params=ModelStockParams,
     base="required",
     min_models=2,
@@ -258,17 +267,5 @@ def model_stock(x: MergeInput) -> torch.Tensor:
         base, ws = base.reshape(-1), ws.reshape(x.k, -1)
     offsets = ws - base.unsqueeze(0)
     norms = [torch.linalg.vector_norm(o, dim=-1) for o in offsets]
-    cos = []
-    for i in range(x.k):
-        for j in range(i + 1, x.k):
-            dot = (offsets[i] * offsets[j]).sum(dim=-1)
-            cos.append((dot / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1))
-    c = torch.stack(cos).mean(dim=0).unsqueeze(-1)
-    den = 1 + (x.k - 1) * c
-    singular = den.abs() < 1e-6
-    t = torch.where(singular, torch.zeros_like(c), x.k * c / torch.where(singular, torch.ones_like(den), den))
-    average = ws[0].clone()
-    for i in range(1, x.k):
-        average += ws[i]
-    average /= x.k
-    return (t * average + (1 - t) * base).reshape(shape)
+    t = stock_ratio(norms, lambda i, j: (offsets[i] * offsets[j]).sum(dim=-1), x.k)
+    return stock_combine(ws, base, t, x.k).reshape(shape)

@@ -30,6 +30,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from alloykit.errors import RecipeError, did_you_mean
+from alloykit.methods.stream import Streamed
 from alloykit.roles import TensorRole, role_of
 
 _log = logging.getLogger(__name__)
@@ -86,6 +87,11 @@ class MergeInput:
     side: dict[str, torch.Tensor] = field(default_factory=dict)
     #: the tensor's role, as the planner tagged it (from the name, when called directly)
     role: TensorRole | None = None
+    #: the dtype mergekit would merge this tensor in (the recipe's ``dtype``, else the inputs'),
+    #: or None when unknown. alloykit computes in float32 whatever it is; a method reads it only
+    #: to follow mergekit where mergekit's result can be matched (which of several equal
+    #: magnitudes a trim keeps: only in float32)
+    compute_dtype: torch.dtype | None = None
 
     def __post_init__(self) -> None:
         if self.role is None:
@@ -149,6 +155,9 @@ class MethodSpec:
     #: plan-time check of one tensor's resolved parameters; returns an error message or None
     #: (e.g. "weights sum to 0" for a method that divides by their sum)
     check: Callable[[Any, list[Any]], str | None] | None = None
+    #: the method's fast path, streamed over blocks of rows (``alloykit.methods.stream``); the
+    #: function stays the specification it is tested against
+    streamed: Streamed | None = None
 
     @property
     def summary(self) -> str:

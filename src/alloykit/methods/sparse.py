@@ -13,10 +13,18 @@ arithmetic, TIES, DARE, Model Breadcrumbs, DELLA, SCE) follow one pipeline, merg
 4. sum; with ``normalize`` divide by the sum of the (agreeing) weights;
 5. multiply by ``lambda`` and add to the base.
 
-Deterministic methods reproduce mergekit 0.1.5 in float32 up to rounding; the randomized
-ones (DARE, DELLA) draw their masks from ``MergeInput.generator`` only, with the same
-calls and draw order as mergekit. ``ties_peft``, ``magnitude_prune`` and
-``ties_fusionbench`` reproduce the other tools' TIES computations (docs/ties-variants.md).
+Deterministic methods reproduce mergekit 0.1.5 in float32 up to rounding, including which
+of several equal magnitudes a trim keeps where they straddle its cut (the order of torch's
+sort, as mergekit's ``argsort``: ``ops.sparsify``'s ``ties="sort"``; where mergekit would
+compute in bfloat16 or float16 its trim sees rounded magnitudes that no tie order can
+match, and the lower flat index is kept, without a sort). The randomized ones
+(DARE, DELLA) draw their masks from a counter-based stream keyed by the tensor's seed
+(``ops.philox``: the same bits at any thread count or block size), mergekit's draws in
+distribution. ``ties_peft``, ``magnitude_prune`` and ``ties_fusionbench`` reproduce the
+other tools' TIES computations (docs/ties-variants.md).
+
+Each mergekit-family method also has a fast path (``sparse_fast.py``), streamed over
+blocks of rows; these functions are its specification.
 """
 
 from __future__ import annotations
@@ -39,14 +47,18 @@ from alloykit.ops.consensus import (
     elected_disjoint,
     fill_zero_signs,
 )
+from alloykit.methods import sparse_fast
+from alloykit.methods.stream import Streamed
+from alloykit.ops.philox import seed_of
 from alloykit.ops.sparsify import (
-    bernoulli_mask,
     della_keep_probability,
     magnitude_mask,
     magnitude_trim_,
     outlier_trim_,
     rescale_inverse_probability,
     rescale_l1_,
+    stream_mask,
+    TieRule,
     threshold_mask,
     variance_topk_mask,
 )
@@ -215,15 +227,16 @@ def _check_della_linear(params: Any, model_params: list[Any]) -> str | None:
 # The shared pipeline
 # --------------------------------------------------------------------------------------
 
-Trim = Callable[[torch.Tensor, Any], torch.Tensor]
+#: ``trim(delta_i, model_params_i, i)``: model i's sparsified task vector
+Trim = Callable[[torch.Tensor, Any, int], torch.Tensor]
 
 
 def _trimmed_deltas(x: MergeInput, trim: Trim | None) -> torch.Tensor:
-    """Task vectors [K, ...], each sparsified by ``trim(delta_i, model_params_i)``."""
+    """Task vectors [K, ...], each sparsified by ``trim(delta_i, model_params_i, i)``."""
     deltas = x.deltas()
     if trim is not None:
-        for delta, mp in zip(deltas, x.model_params):
-            kept = trim(delta, mp)
+        for i, (delta, mp) in enumerate(zip(deltas, x.model_params)):
+            kept = trim(delta, mp, i)
             if kept is not delta:
                 delta.copy_(kept)
     return deltas
@@ -270,24 +283,30 @@ def _masked(
     return rescale_l1_(trim_(delta), before, scratch=scratch[0])
 
 
-def _magnitude_trim(rescale: bool) -> Trim:
+def _tie_rule(x: MergeInput) -> TieRule:
+    """mergekit's order of equal magnitudes at a trim's cut where mergekit computes in
+    float32 (``sparse_fast.mergekit_tie_order``), else the lower flat index."""
+    return "sort" if sparse_fast.mergekit_tie_order(x.compute_dtype) else "flat"
+
+
+def _magnitude_trim(rescale: bool, ties: TieRule) -> Trim:
     scratch: list[torch.Tensor] = []
 
-    def trim(delta: torch.Tensor, mp: Any) -> torch.Tensor:
+    def trim(delta: torch.Tensor, mp: Any, i: int) -> torch.Tensor:
         if mp.density >= 1:
             return delta
-        return _masked(delta, lambda d: magnitude_trim_(d, mp.density), rescale, scratch)
+        return _masked(delta, lambda d: magnitude_trim_(d, mp.density, ties=ties), rescale, scratch)
 
     return trim
 
 
-def _outlier_trim(rescale: bool) -> Trim:
+def _outlier_trim(rescale: bool, ties: TieRule) -> Trim:
     scratch: list[torch.Tensor] = []
 
-    def trim(delta: torch.Tensor, mp: Any) -> torch.Tensor:
+    def trim(delta: torch.Tensor, mp: Any, i: int) -> torch.Tensor:
         if mp.density >= 1:
             return delta
-        return _masked(delta, lambda d: outlier_trim_(d, mp.density, mp.gamma), rescale, scratch)
+        return _masked(delta, lambda d: outlier_trim_(d, mp.density, mp.gamma, ties=ties), rescale, scratch)
 
     return trim
 
@@ -295,31 +314,35 @@ def _outlier_trim(rescale: bool) -> Trim:
 def _random_trim(x: MergeInput, probability: Callable[[torch.Tensor, Any], torch.Tensor]) -> Trim:
     """Keep each entry with its probability; rescale per ``rescale`` / ``rescale_mode``.
 
-    ``probability`` must treat rows (dim 0) independently. On the CPU the draws are made a
-    block of rows at a time, in order: one draw per entry in flat order, so the same
-    draws as over the whole tensor, without full-size probabilities and mask.
+    Draws come from the tensor's stream (``ops.philox``, keyed by its generator's seed):
+    entry e of model i is kept when its 48-bit uniform is below the probability, whatever
+    the order of computation. ``probability`` must treat rows (dim 0) independently; on the
+    CPU it is computed a block of rows at a time, without full-size probabilities and mask.
     """
+    seed = seed_of(x.generator)
 
-    def drop_(delta: torch.Tensor, mp: Any) -> torch.Tensor:
+    def drop_(delta: torch.Tensor, mp: Any, i: int) -> torch.Tensor:
         rows = delta.reshape(1, -1) if delta.dim() < 2 else delta
-        step = max(1, _BLOCK // max(1, rows[0].numel()))
+        row_len = rows[0].numel()
+        step = max(1, _BLOCK // max(1, row_len))
         for r0 in range(0, rows.shape[0], step):
             block = rows[r0 : r0 + step]
-            block.mul_(bernoulli_mask(probability(block, mp), x.generator, block.dtype))
+            block.mul_(stream_mask(probability(block, mp), seed, i, r0 * row_len, tuple(block.shape), block.dtype))
         return delta
 
     scratch: list[torch.Tensor] = []
 
-    def trim(delta: torch.Tensor, mp: Any) -> torch.Tensor:
+    def trim(delta: torch.Tensor, mp: Any, i: int) -> torch.Tensor:
         if mp.density >= 1:
             return delta
         if mp.density <= 0:
             return torch.zeros_like(delta)
         inverse = x.params.rescale and x.params.rescale_mode == "inverse_probability"
         if delta.device.type == "cpu" and delta.is_contiguous() and not inverse:
-            return _masked(delta, lambda d: drop_(d, mp), x.params.rescale, scratch)
+            return _masked(delta, lambda d: drop_(d, mp, i), x.params.rescale, scratch)
         prob = probability(delta, mp)
-        mask = bernoulli_mask(prob, x.generator, delta.dtype)  # 1/0: multiplies without a conversion
+        # 1/0 in the delta's dtype: multiplies without a conversion
+        mask = stream_mask(prob, seed, i, 0, tuple(delta.shape), delta.dtype, delta.device)
         if x.params.rescale and x.params.rescale_mode == "inverse_probability":
             return rescale_inverse_probability(delta * mask, prob)
         del prob  # before _masked's temporaries
@@ -328,10 +351,8 @@ def _random_trim(x: MergeInput, probability: Callable[[torch.Tensor, Any], torch
     return trim
 
 
-def _dare_probability(delta: torch.Tensor, mp: Any) -> torch.Tensor:
-    if delta.device.type == "cpu":  # one value expanded: the same draws as full_like, without its memory
-        return torch.full((), mp.density, dtype=delta.dtype).expand(delta.shape)
-    return torch.full_like(delta, mp.density)
+def _dare_probability(delta: torch.Tensor, mp: Any) -> float:
+    return mp.density
 
 
 def _della_probability(delta: torch.Tensor, mp: Any) -> torch.Tensor:
@@ -339,6 +360,7 @@ def _della_probability(delta: torch.Tensor, mp: Any) -> torch.Tensor:
 
 
 _NEEDS_BASE = dict(base="required")
+_TIE_KEYS = dict(scratch_bytes=sparse_fast.tie_scratch)
 
 # --------------------------------------------------------------------------------------
 # mergekit's generalized task arithmetic family
@@ -347,6 +369,7 @@ _NEEDS_BASE = dict(base="required")
 
 @register(
     "task_arithmetic",
+    streamed=Streamed(sparse_fast.task_arithmetic),
     params=TaskArithmeticParams,
     model_params=TaskWeight,
     check=_check_weight_sum,
@@ -366,6 +389,7 @@ def task_arithmetic(x: MergeInput) -> torch.Tensor:
 
 @register(
     "ties",
+    streamed=Streamed(sparse_fast.ties, **_TIE_KEYS),
     params=TiesParams,
     model_params=TaskWeightDensity,
     check=_check_any_weight,
@@ -384,15 +408,17 @@ def ties(x: MergeInput) -> torch.Tensor:
              a divisor of 0 becomes 1)
 
     This is mergekit's TIES: weights are applied before the sign election and the mean is
-    weighted. Ties at the trim threshold keep the lower flat index (mergekit's order there
-    is the sort kernel's). For PEFT's and FusionBench's TIES see ``ties_peft`` and
-    ``ties_fusionbench``.
+    weighted. Equal magnitudes straddling the trim's cut are kept as mergekit keeps them
+    (the order of torch's sort) where mergekit computes in float32; see ``_tie_rule``. For
+    PEFT's and FusionBench's TIES see ``ties_peft`` and ``ties_fusionbench``.
     """
-    return _merge_weighted(x, _trimmed_deltas(x, _magnitude_trim(x.params.rescale)), x.params.consensus_method)
+    trim = _magnitude_trim(x.params.rescale, _tie_rule(x))
+    return _merge_weighted(x, _trimmed_deltas(x, trim), x.params.consensus_method)
 
 
 @register(
     "breadcrumbs",
+    streamed=Streamed(sparse_fast.breadcrumbs, **_TIE_KEYS),
     params=TrimParams,
     model_params=BreadcrumbsModelParams,
     check=_check_weight_sum,
@@ -411,11 +437,12 @@ def breadcrumbs(x: MergeInput) -> torch.Tensor:
     When int(gamma * n) == 0 no outliers are dropped and the int(density * n) largest are
     kept, as in mergekit 0.1.5 (earlier mergekit zeroed the whole task vector there).
     """
-    return _merge_weighted(x, _trimmed_deltas(x, _outlier_trim(x.params.rescale)), None)
+    return _merge_weighted(x, _trimmed_deltas(x, _outlier_trim(x.params.rescale, _tie_rule(x))), None)
 
 
 @register(
     "breadcrumbs_ties",
+    streamed=Streamed(sparse_fast.breadcrumbs_ties, **_TIE_KEYS),
     params=TrimConsensusParams,
     model_params=BreadcrumbsModelParams,
     check=_check_any_weight,
@@ -430,11 +457,13 @@ def breadcrumbs_ties(x: MergeInput) -> torch.Tensor:
     merged = theta_0 + lambda * sum_i [sign(d_i) == s] d_i
              (divided per entry by the agreeing weights if normalize; off by default).
     """
-    return _merge_weighted(x, _trimmed_deltas(x, _outlier_trim(x.params.rescale)), x.params.consensus_method)
+    trim = _outlier_trim(x.params.rescale, _tie_rule(x))
+    return _merge_weighted(x, _trimmed_deltas(x, trim), x.params.consensus_method)
 
 
 @register(
     "dare_linear",
+    streamed=Streamed(sparse_fast.dare_linear),
     params=DropParams,
     model_params=TaskWeightDensity,
     check=_check_weight_sum,
@@ -458,6 +487,7 @@ def dare_linear(x: MergeInput) -> torch.Tensor:
 
 @register(
     "dare_ties",
+    streamed=Streamed(sparse_fast.dare_ties),
     params=DropConsensusParams,
     model_params=TaskWeightDensity,
     check=_check_any_weight,
@@ -479,6 +509,7 @@ def dare_ties(x: MergeInput) -> torch.Tensor:
 
 @register(
     "della",
+    streamed=Streamed(sparse_fast.della, sparse_fast.della_mask_bytes),
     params=DellaParams,
     model_params=DellaModelParams,
     check=_check_della,
@@ -508,6 +539,7 @@ def della(x: MergeInput) -> torch.Tensor:
 
 @register(
     "della_linear",
+    streamed=Streamed(sparse_fast.della_linear, sparse_fast.della_mask_bytes),
     params=DropParams,
     model_params=DellaModelParams,
     check=_check_della_linear,
@@ -528,6 +560,7 @@ def della_linear(x: MergeInput) -> torch.Tensor:
 
 @register(
     "sce",
+    streamed=Streamed(sparse_fast.sce),
     params=SceParams,
     model_params=NoParams,
     reproduces="mergekit sce",
@@ -568,7 +601,7 @@ def sce(x: MergeInput) -> torch.Tensor:
 def _peft_trimmed_deltas(x: MergeInput) -> torch.Tensor:
     """PEFT's magnitude pruning: keep int(density * n) largest |tau| (possibly none)."""
 
-    def trim(delta: torch.Tensor, mp: Any) -> torch.Tensor:
+    def trim(delta: torch.Tensor, mp: Any, i: int) -> torch.Tensor:
         if mp.density >= 1:
             return delta
         return delta * magnitude_mask(delta, mp.density, at_least_one=False)
@@ -640,7 +673,7 @@ def ties_fusionbench(x: MergeInput) -> torch.Tensor:
     tie-breaking sign are global; alloykit applies both per tensor (identical for a
     one-tensor model).
     """
-    deltas = _trimmed_deltas(x, lambda d, mp: d * threshold_mask(d, mp.density))
+    deltas = _trimmed_deltas(x, lambda d, mp, i: d * threshold_mask(d, mp.density))
     sign = fill_zero_signs(torch.sign(deltas.sum(0)))
     agree = agreement_mask(deltas, sign)
     aggregate = x.params.aggregate

@@ -8,7 +8,7 @@ float rounding everywhere).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -67,16 +67,24 @@ def slerp_flat(
     # normalise before multiplying: the raw dot product of two large tensors can overflow
     dot = torch.stack(
         [((fa[s : s + chunk].to(dtype) / na) * (fb[s : s + chunk].to(dtype) / nb)).sum() for s in range(0, n, chunk)]
-    ).sum().clamp(-1, 1)
-    colinear = dot.abs() > dot_threshold
-    theta = torch.acos(torch.where(colinear, torch.zeros_like(dot), dot))
-    sin_theta = torch.sin(theta)
-    coef_a = torch.where(colinear, 1 - tt, torch.sin((1 - tt) * theta) / sin_theta)
-    coef_b = torch.where(colinear, tt, torch.sin(tt * theta) / sin_theta)
+    ).sum()
+    coef_a, coef_b = slerp_coefficients(dot, tt, dot_threshold)
     out = torch.empty(n, dtype=a.dtype, device=a.device)
     for s in range(0, n, chunk):
         out[s : s + chunk] = coef_a * fa[s : s + chunk].to(dtype) + coef_b * fb[s : s + chunk].to(dtype)
     return out.reshape(a.shape)
+
+
+def slerp_coefficients(dot: torch.Tensor, t: torch.Tensor, dot_threshold: float = 0.9995) -> tuple[torch.Tensor, torch.Tensor]:
+    """(coef_a, coef_b) of ``slerp_flat`` from the cosine ``dot`` of the two unit vectors (a
+    0-d tensor; clamped to [-1, 1] here) and t (0-d, the compute dtype)."""
+    dot = dot.clamp(-1, 1)
+    colinear = dot.abs() > dot_threshold
+    theta = torch.acos(torch.where(colinear, torch.zeros_like(dot), dot))
+    sin_theta = torch.sin(theta)
+    coef_a = torch.where(colinear, 1 - t, torch.sin((1 - t) * theta) / sin_theta)
+    coef_b = torch.where(colinear, t, torch.sin(t * theta) / sin_theta)
+    return coef_a, coef_b
 
 
 def slerp_rows(a: torch.Tensor, b: torch.Tensor, t: float, eps: float = 1e-8) -> torch.Tensor:
@@ -86,10 +94,23 @@ def slerp_rows(a: torch.Tensor, b: torch.Tensor, t: float, eps: float = 1e-8) ->
     vector has angle pi/2 to anything); pairs with 1 - cos^2 theta <= eps^2 (colinear or
     antipodal) use lerp.
     """
-    cos = (unit_rows(a) * unit_rows(b)).sum(-1, keepdim=True).clamp(-1, 1)
+    cos = (unit_rows(a) * unit_rows(b)).sum(-1, keepdim=True)
+    return slerp_rows_apply(a, b, t, *slerp_rows_coefficients(cos, t, eps))
+
+
+def slerp_rows_coefficients(cos: torch.Tensor, t: float, eps: float = 1e-8) -> tuple[torch.Tensor, ...]:
+    """(colinear, sin((1-t) theta), sin(t theta), sin(theta)) of ``slerp_rows`` from the
+    cosines of the pairs (clamped to [-1, 1] here)."""
+    cos = cos.clamp(-1, 1)
     colinear = (1 - cos.square()) <= eps**2
     theta = torch.acos(torch.where(colinear, torch.zeros_like(cos), cos))
-    spherical = (torch.sin((1 - t) * theta) * a + torch.sin(t * theta) * b) / torch.sin(theta)
+    return colinear, torch.sin((1 - t) * theta), torch.sin(t * theta), torch.sin(theta)
+
+
+def slerp_rows_apply(a: torch.Tensor, b: torch.Tensor, t: float, colinear: torch.Tensor, sin_a: torch.Tensor,
+                     sin_b: torch.Tensor, sin_theta: torch.Tensor) -> torch.Tensor:
+    """The interpolated vectors, given ``slerp_rows_coefficients`` (entry by entry)."""
+    spherical = (sin_a * a + sin_b * b) / sin_theta
     return torch.where(colinear, lerp(a, b, t), spherical)
 
 
@@ -144,3 +165,26 @@ def karcher_mean(
     for a, n in zip(alphas[1:], norms[1:]):
         scale = scale + a * n
     return (scale * mean).reshape(vectors[0].shape)
+
+
+def stock_ratio(norms: list[torch.Tensor], dot: Callable[[int, int], torch.Tensor], k: int) -> torch.Tensor:
+    """Model Stock's t (Jang et al. 2024, eq. 5) from the task vectors' norms and pairwise dot products (one per
+    tensor, or per row): t = K c / (1 + (K-1) c), c the mean pairwise cosine; 0 where the
+    denominator vanishes. Shape: the norms' shape plus a trailing 1."""
+    cos = []
+    for i in range(k):
+        for j in range(i + 1, k):
+            cos.append((dot(i, j) / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1))
+    c = torch.stack(cos).mean(dim=0).unsqueeze(-1)
+    den = 1 + (k - 1) * c
+    singular = den.abs() < 1e-6
+    return torch.where(singular, torch.zeros_like(c), k * c / torch.where(singular, torch.ones_like(den), den))
+
+
+def stock_combine(ws: torch.Tensor, base: torch.Tensor, t: torch.Tensor, k: int) -> torch.Tensor:
+    """t * (1/K) sum_i theta_i + (1 - t) * base, entry by entry (the average summed in order)."""
+    average = ws[0].clone()
+    for i in range(1, k):
+        average += ws[i]
+    average /= k
+    return t * average + (1 - t) * base

@@ -4,20 +4,21 @@ Every function here works on a single tensor (one model's task vector; only
 ``variance_topk_mask`` takes the [K, ...] stack), returns a new tensor and never
 modifies its input. Masks are boolean tensors of the input's shape.
 
-Selection by magnitude never sorts: it finds the one or two threshold magnitudes by a
-radix select (``kth_smallest``, linear time) and settles ties at a threshold by
-position, so the result is fully determined by the values:
+Selection by magnitude finds the one or two threshold magnitudes by a radix select
+(``kth_smallest``, linear time). Where the cut falls inside a group of equal magnitudes,
+the members kept depend on the tie rule (``ties``):
 
-* ``top_magnitude_mask(t, k)`` keeps the k largest ``|t|``; among entries tied at the
-  k-th largest magnitude the ones with the lower flat index are kept.
-* ``magnitude_window_mask(t, start, stop)`` keeps the entries whose position in the
-  ascending order of ``|t|`` lies in ``[start, stop)``, tied magnitudes ordered by flat
-  index (the order a stable sort gives).
-
-mergekit sorts with ``torch.argsort``, which is stable on CPU only for tensors of at
-most 16 entries; beyond that the order of tied magnitudes is an accident of the sort
-kernel. Our rule equals mergekit's wherever its order is defined (no ties at the
-threshold, or small tensors) and is deterministic everywhere.
+* ``"flat"``: the lower flat index first, as a stable sort orders ties:
+  ``top_magnitude_mask(t, k)`` keeps the k largest ``|t|``, and among entries tied at the
+  k-th largest magnitude those with the lower flat index; ``magnitude_window_mask(t,
+  start, stop)`` keeps the entries whose position in the stable ascending order of ``|t|``
+  lies in ``[start, stop)``. Fully determined by the values, on any device.
+* ``"sort"``: mergekit's rule, the order of torch's own (unstable) sort of ``|t|``:
+  ``argsort(|t|, descending=True)[:k]``, ``sort(|t|).indices[start:stop]``. It depends on
+  the whole tensor, the device and torch's C++ library, so the sort is run, only when a
+  group of equal nonzero magnitudes straddles the cut (kept zeros change nothing): no cost
+  otherwise. On the CPU the fast path follows the sort's partitions instead of running it
+  (``alloykit.ops.tie_order``), with the same result.
 
 The passes over a tensor run a block of ``BLOCK`` entries at a time: the only
 full-size allocation of a mask function is the mask itself (one byte an entry), and a
@@ -27,12 +28,18 @@ depend on the block size.
 
 from __future__ import annotations
 
-import functools
+import math
+from typing import Literal
 
 import torch
 
+from alloykit.ops import philox
+
 #: entries per block in the passes over a tensor
 BLOCK = 1 << 18
+
+#: how a cut inside a group of equal magnitudes is settled (module docstring)
+TieRule = Literal["flat", "sort"]
 
 
 def _blocks(flat: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
@@ -149,16 +156,17 @@ def _magnitude_select(
     return t if apply else keep.reshape(t.shape)
 
 
-def magnitude_window_mask(t: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+def magnitude_window_mask(t: torch.Tensor, start: int, stop: int, ties: TieRule = "flat") -> torch.Tensor:
     """Keep the entries ranked ``start <= r < stop`` by ascending ``|t|``.
 
-    The rank of an entry is the number of smaller magnitudes plus the number of equal
-    ones before it in flat order (the order of a stable sort).
+    ``ties="flat"``: the rank of an entry is the number of smaller magnitudes plus the
+    number of equal ones before it in flat order (the order of a stable sort);
+    ``"sort"``: its position in ``torch.sort(|t|)`` (mergekit), where a tie group is cut.
     """
-    return _magnitude_window(t, start, stop, apply=False)
+    return _magnitude_window(t, start, stop, apply=False, ties=ties)
 
 
-def _magnitude_window(t: torch.Tensor, start: int, stop: int, apply: bool) -> torch.Tensor:
+def _magnitude_window(t: torch.Tensor, start: int, stop: int, apply: bool, ties: TieRule = "flat") -> torch.Tensor:
     n = t.numel()
     start, stop = max(0, start), min(n, stop)
     if start >= stop or start == 0 and stop == n:
@@ -176,24 +184,37 @@ def _magnitude_window(t: torch.Tensor, start: int, stop: int, apply: bool) -> to
         if not edges or hi[1] != edges[0][1]:
             edges.append(hi)
     # equal values hold ranks n_less .. n_less + n_equal - 1
-    ties = [(value, max(0, start - n_less), min(n_equal, stop - n_less), n_equal) for value, n_less, n_equal in edges]
-    return _magnitude_select(flat, above, below, ties, apply=apply).reshape(t.shape)
+    groups = [(value, max(0, start - n_less), min(n_equal, stop - n_less), n_equal) for value, n_less, n_equal in edges]
+    if ties == "sort" and any(0 < b - a < n_eq and value != 0 for value, a, b, n_eq in groups):
+        return _sorted_keep(t, flat, torch.sort(flat.abs()).indices[start:stop], apply)
+    return _magnitude_select(flat, above, below, groups, apply=apply).reshape(t.shape)
 
 
-def top_magnitude_mask(t: torch.Tensor, k: int) -> torch.Tensor:
+def top_magnitude_mask(t: torch.Tensor, k: int, ties: TieRule = "flat") -> torch.Tensor:
     """Keep the ``k`` entries of largest ``|t|``; among entries tied at the k-th largest
-    magnitude the lower flat index wins (the order of a stable descending sort)."""
-    return _top_magnitude(t, k, apply=False)
+    magnitude the lower flat index wins (``ties="flat"``: a stable descending sort), or
+    those ``torch.argsort(|t|, descending=True)[:k]`` keeps (``"sort"``: mergekit)."""
+    return _top_magnitude(t, k, apply=False, ties=ties)
 
 
-def _top_magnitude(t: torch.Tensor, k: int, apply: bool) -> torch.Tensor:
+def _top_magnitude(t: torch.Tensor, k: int, apply: bool, ties: TieRule = "flat") -> torch.Tensor:
     n = t.numel()
     if k <= 0 or k >= n:
         return _constant(t, k > 0, apply)
     flat = t.reshape(-1) if t.dtype == torch.float32 else t.reshape(-1).float()
     value, n_less, n_equal = _kth_magnitude(flat, n - k)
     n_tied_kept = k - (n - n_less - n_equal)
+    if ties == "sort" and 0 < n_tied_kept < n_equal and value != 0:
+        return _sorted_keep(t, flat, torch.argsort(flat.abs(), descending=True)[:k], apply)
     return _magnitude_select(flat, value, None, [(value, 0, n_tied_kept, n_equal)], apply=apply).reshape(t.shape)
+
+
+def _sorted_keep(t: torch.Tensor, flat: torch.Tensor, kept: torch.Tensor, apply: bool) -> torch.Tensor:
+    """The mask of the flat indices ``kept`` (chosen by torch's sort), or ``t`` times it."""
+    mask = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+    mask[kept] = True
+    mask = mask.reshape(t.shape)
+    return t.mul_(mask) if apply else mask
 
 
 def _constant(t: torch.Tensor, keep: bool, apply: bool) -> torch.Tensor:
@@ -207,21 +228,25 @@ def _can_apply(t: torch.Tensor) -> bool:
     return t.dtype == torch.float32 and t.is_contiguous()
 
 
-def magnitude_trim_(t: torch.Tensor, density: float, *, at_least_one: bool = True) -> torch.Tensor:
+def magnitude_trim_(t: torch.Tensor, density: float, *, at_least_one: bool = True, ties: TieRule = "flat") -> torch.Tensor:
     """``t.mul_(magnitude_mask(t, density))``: the same numbers, computed a block at a time
     without the full-size mask (nor its float32 copy that the multiplication would make)."""
     if density >= 1:
         return t
     k = keep_count(t.numel(), density, at_least_one=at_least_one)
-    return _top_magnitude(t, k, apply=True) if _can_apply(t) else t.mul_(top_magnitude_mask(t, k))
+    if _can_apply(t):
+        return _top_magnitude(t, k, apply=True, ties=ties)
+    return t.mul_(top_magnitude_mask(t, k, ties))
 
 
-def outlier_trim_(t: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+def outlier_trim_(t: torch.Tensor, density: float, gamma: float, ties: TieRule = "flat") -> torch.Tensor:
     """``t.mul_(outlier_mask(t, density, gamma))``, a block at a time (see ``magnitude_trim_``)."""
     if density >= 1:
         return t
-    start, stop = _outlier_window(t.numel(), density, gamma)
-    return _magnitude_window(t, start, stop, apply=True) if _can_apply(t) else t.mul_(magnitude_window_mask(t, start, stop))
+    start, stop = outlier_window(t.numel(), density, gamma)
+    if _can_apply(t):
+        return _magnitude_window(t, start, stop, apply=True, ties=ties)
+    return t.mul_(magnitude_window_mask(t, start, stop, ties))
 
 
 def magnitude_mask(t: torch.Tensor, density: float, *, at_least_one: bool = True) -> torch.Tensor:
@@ -247,10 +272,11 @@ def outlier_mask(t: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
     """
     if density >= 1:
         return torch.ones(t.shape, dtype=torch.bool, device=t.device)
-    return magnitude_window_mask(t, *_outlier_window(t.numel(), density, gamma))
+    return magnitude_window_mask(t, *outlier_window(t.numel(), density, gamma))
 
 
-def _outlier_window(n: int, density: float, gamma: float) -> tuple[int, int]:
+def outlier_window(n: int, density: float, gamma: float) -> tuple[int, int]:
+    """Ascending ranks [bottom, bottom + n_keep) that ``outlier_mask`` keeps."""
     n_keep = keep_count(n, density, at_least_one=False)
     n_top = int(gamma * n)
     bottom = max(0, n - n_keep - n_top)
@@ -272,36 +298,15 @@ def threshold_mask(t: torch.Tensor, density: float) -> torch.Tensor:
     return _magnitude_select(flat, _kth_magnitude(flat, rank - 1)[0], None, [], strict=False).reshape(t.shape)
 
 
-def bernoulli_mask(
-    prob: torch.Tensor, generator: torch.Generator | None, dtype: torch.dtype = torch.bool
-) -> torch.Tensor:
-    """Independent keep/drop draws: entry i is kept with probability ``prob[i]``.
-
-    Draws ``torch.bernoulli(prob)`` from ``generator`` (the global generator when None),
-    the same call and draw order as mergekit and PEFT. A boolean mask, or 1/0 in
-    ``dtype`` (what a multiplication needs; on the CPU the draws go straight into it).
-    """
-    if prob.device.type == "cpu":
-        if prob.dtype == torch.float32 and _rand_is_bernoulli():
-            keep = torch.rand(prob.shape, generator=generator) < prob  # the same draws, 5x faster
-            return keep if dtype == torch.bool else keep.to(dtype)
-        return torch.empty(prob.shape, dtype=dtype).bernoulli_(prob, generator=generator)
-    return torch.bernoulli(prob, generator=generator).to(dtype)
-
-
-@functools.cache
-def _rand_is_bernoulli() -> bool:
-    """Whether ``torch.rand(n) < p`` draws what ``torch.bernoulli(p)`` draws (float32, CPU).
-
-    True of ATen's CPU generator: both take one 32-bit draw per entry in flat order and
-    keep ``u = (draw & 0xFFFFFF) / 2**24``; bernoulli keeps the entry when ``u < p``. The
-    uniform kernel runs about five times faster than the bernoulli one. Checked once on a
-    sample (the generator states after must agree too); otherwise bernoulli is used.
-    """
-    p = torch.linspace(0, 1, 1001)
-    g1, g2 = torch.Generator().manual_seed(20240611), torch.Generator().manual_seed(20240611)
-    same = torch.equal(torch.bernoulli(p, generator=g1), (torch.rand(p.shape, generator=g2) < p).float())
-    return same and torch.equal(torch.rand(64, generator=g1), torch.rand(64, generator=g2))
+def stream_mask(prob: torch.Tensor | float, seed: int, model: int, start: int, shape: tuple[int, ...],
+                dtype: torch.dtype = torch.bool, device: torch.device | None = None) -> torch.Tensor:
+    """Independent keep/drop draws from the counter-based stream (``alloykit.ops.philox``):
+    entry e of the block (flat index ``start + e`` in model ``model``'s task vector) is kept
+    with probability ``prob[e]`` (or ``prob``). A boolean mask of ``shape``, or 1/0 in
+    ``dtype`` (what a multiplication needs)."""
+    count = math.prod(shape)
+    keep = philox.keep_mask(prob, seed, model, start, count, device).view(shape)
+    return keep if dtype == torch.bool else keep.to(dtype)
 
 
 def della_keep_probability(t: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:

@@ -32,6 +32,7 @@ def digest(text: str) -> str:
 
 #: how each part of a fingerprint is named in a message
 _PART_NAMES = {"recipe": "the recipe", "seed": "the seed", "alloykit": "the alloykit version",
+               "stream": "the random stream of the DARE/DELLA masks",
                "layout": "the output layout (tensors, dtypes, shard size)", "options": "the options"}
 
 
@@ -48,7 +49,9 @@ def describe_change(old: Fingerprint | None, new: Fingerprint) -> str:
             what = ("is new" if key not in old else "is no longer an input" if key not in new
                     else "changed (its files, sizes, dates or tensor headers)")
             changed.append(f"input '{label}' {what}")
-        elif key in ("seed", "alloykit"):
+        elif key == "stream" and key not in old:  # before the counter-based stream: torch's generator
+            changed.append(f"{_PART_NAMES[key]} changed (torch's generator then, {new.get(key)} now: other bytes)")
+        elif key in ("seed", "alloykit", "stream"):
             changed.append(f"{_PART_NAMES[key]} changed ({old.get(key)} then, {new.get(key)} now)")
         else:
             changed.append(f"{_PART_NAMES.get(key, key)} changed")

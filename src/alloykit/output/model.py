@@ -22,6 +22,7 @@ from alloykit.io.durable import file_sha256
 from alloykit.io.gguf_write import check_type, folder_to_gguf
 from alloykit.io.side import SideOutputs
 from alloykit.io.writer import ShardedWriter, ShardLayout, plan_shards
+from alloykit.ops.philox import STREAM as RANDOM_STREAM
 from alloykit.output.faults import after_tensors, fault_point
 from alloykit.output.folder import OutputFolder
 from alloykit.output.journal import Fingerprint, Journal, digest
@@ -66,9 +67,12 @@ def input_digest(ck: Any) -> str:
 
 
 def plan_fingerprint(plan: Plan, layout: str, options: str = "") -> Fingerprint:
-    """What decides the output bytes, in named parts: recipe, seed, version, every input (its
+    """What decides the output bytes, in named parts: recipe, seed, version, the random
+    stream of a randomized method (``alloykit.ops.philox.STREAM``), every input (its
     tensor headers, files, sizes and dates), the output layout, and the writer's options."""
     parts: Fingerprint = {"recipe": digest(plan.recipe.to_yaml()), "seed": str(plan.seed), "alloykit": __version__}
+    if plan.method.randomized:  # DARE/DELLA masks: the bytes follow the random stream's version
+        parts["stream"] = RANDOM_STREAM
     for label, ck in zip(plan.labels, plan.checkpoints):
         parts[f"input:{label}"] = input_digest(ck)
     jobs = "".join(f"{j.name}|{j.out_dtype}|{j.shape}|{j.sources}|{j.base}|{j.params!r}|{j.model_params!r};"

@@ -9,10 +9,14 @@ times the number of inputs, whatever the model size.
 Two things keep the CPU path near the cost of reading and writing the bytes
 (measured in docs/benchmarks.md):
 
-* Row blocks. A method declared ``elementwise`` (rows independent) gets large tensors
-  in blocks of about ``BLOCK_ELEMENTS`` entries per input: the inputs stay in their
-  file dtype, only one block is float32, and the block's temporaries stay in the CPU
-  cache. Results are bit-identical to the whole-tensor path (same ops per element).
+* Streaming. On the CPU a tensor is read from its checkpoint file in blocks of rows
+  (``Checkpoint.read_range``, about ``BLOCK_ELEMENTS`` entries per input), converted
+  to float32 a block at a time, so its float32 working set is a few blocks, whatever its
+  size, when its method has a fast path (``MethodSpec.streamed``: passes over the blocks
+  with fused numba kernels, ``alloykit.methods.stream``; when numba is available,
+  ``alloykit.ops.jit``) or is declared ``elementwise`` (rows independent: the reference
+  function runs on each block). Either gives the reference's bytes; a fast path may
+  decline a tensor, which then runs whole, as on other devices.
 * The allocator. glibc serves every allocation above 32 MB with a fresh ``mmap`` and
   unmaps it on free, so each large temporary pays page faults and zeroing again
   (half the CPU time of a TIES merge went to the kernel). During ``run_jobs`` malloc
@@ -37,7 +41,8 @@ import torch
 from alloykit.errors import NonFiniteError
 from alloykit.io.checkpoint import Checkpoint
 from alloykit.methods.registry import MergeInput
-from alloykit.plan.planner import Plan, TensorJob, tensor_seed
+from alloykit.methods.stream import StreamInput
+from alloykit.plan.planner import TORCH_DTYPES, Plan, TensorJob, tensor_seed
 from alloykit.progress import Progress
 
 Sink = Callable[[str, torch.Tensor], None]
@@ -48,8 +53,9 @@ SideSink = Callable[[str, dict[str, torch.Tensor]], None]
 #: the heap's slack on top, a 4-input 1.1B merge stays under 2 GB resident at this figure
 DEFAULT_BUDGET = 3 << 29  # 1.5 GiB
 
-#: entries per input in one row block of an elementwise job (1 MiB of float32)
-BLOCK_ELEMENTS = 1 << 18
+#: entries per input in one block of a streamed job (256 KiB of float32: with its
+#: temporaries a block of four inputs stays in the CPU's L2 cache)
+BLOCK_ELEMENTS = 1 << 16
 
 #: keep freed memory in the heap while merging (see ``_tuned_malloc``)
 TUNE_MALLOC = True
@@ -59,43 +65,50 @@ def _numel(shape: tuple[int, ...]) -> int:
     return math.prod(shape)
 
 
-def block_rows(job: TensorJob, plan: Plan, device: torch.device) -> int | None:
-    """Rows per block when ``job`` runs in row blocks, or None to run it whole.
-
-    Only CPU jobs of ``elementwise`` methods with more than one block of entries; a block
-    is a multiple of 64 rows where it can be, so that vector loops see the same lanes.
-    """
-    block_elements = BLOCK_ELEMENTS
+def streams(job: TensorJob, plan: Plan, device: torch.device) -> bool:
+    """Whether ``job`` is computed streamed (blocks of rows): on the CPU, for a method
+    with a fast path (numba available) or an ``elementwise`` one, unless the job needs
+    its whole tensor (statistics, a vocabulary remap, side outputs)."""
     method = plan.method
-    if (job.copy or device.type != "cpu" or not method.elementwise or method.side_outputs or len(job.shape) == 0
-            or job.stats or job.vocab is not None):
+    fast = method.streamed is not None and method.streamed.usable()
+    return ((fast or method.elementwise) and device.type == "cpu" and not job.copy and not job.stats
+            and plan.stats_norms is None and not method.side_outputs and job.vocab is None
+            and _numel(job.shape) > 0)
+
+
+def block_rows(job: TensorJob, plan: Plan, device: torch.device) -> int | None:
+    """Rows per block when ``job`` is streamed in more than one block, else None."""
+    if not streams(job, plan, device):
         return None
-    rows = job.shape[0]
-    row_len = _numel(job.shape[1:])
-    if rows < 2 or row_len == 0 or rows * row_len <= block_elements:
-        return None
-    step = max(1, block_elements // row_len)
-    if step >= 64:
-        step -= step % 64
+    rows = job.shape[0] if len(job.shape) >= 2 else 1
+    step = max(1, BLOCK_ELEMENTS // max(1, _numel(job.shape) // rows))
     return step if step < rows else None
 
 
 def job_cost(plan: Plan, job: TensorJob, device: torch.device | None = None) -> int:
     """Working bytes of one job: the float32 stack and base, the output, and room for two
-    float32 temporaries of one input's size in the method (for a job in row blocks: its
-    inputs in their file dtype, the output, and one block of all that)."""
+    float32 temporaries of one input's size in the method; for a streamed job the output,
+    a few blocks, the fast path's scratch and the inputs it cannot read by rows."""
     n = _numel(job.shape)
     k = len(job.sources) + (1 if job.base else 0)
-    step = block_rows(job, plan, device or torch.device("cpu"))
-    if step is None:
-        stats = sum(_numel(plan.checkpoints[s.model].info(s.tensor).shape) for s in job.stats or ())
-        remap = n * 4 * 2 * k if job.vocab is not None else 0  # the gathered rows and each model's own
-        return n * (4 * k + 8) + 4 * stats + job.out_bytes + remap
-    cks = plan.checkpoints
-    srcs = job.sources + ([job.base] if job.base else [])
-    in_bytes = sum(cks[s.model].info(s.tensor).nbytes for s in srcs)
-    block = step * _numel(job.shape[1:])
-    return in_bytes + job.out_bytes + block * (4 * k + 8)
+    if streams(job, plan, device or torch.device("cpu")):
+        cks = plan.checkpoints
+        srcs = job.sources + ([job.base] if job.base else [])
+        whole = sum(cks[s.model].info(s.tensor).nbytes for s in srcs if not _can_read_range(cks[s.model], s.tensor))
+        fast = plan.method.streamed
+        scratch = fast.scratch_bytes(n, len(job.sources), mergekit_dtype(plan, job)) if fast and fast.usable() else 0
+        return job.out_bytes + whole + scratch + 4 * (2 * k + 8) * min(n, BLOCK_ELEMENTS)
+    stats = sum(_numel(plan.checkpoints[s.model].info(s.tensor).shape) for s in job.stats or ())
+    remap = n * 4 * 2 * k if job.vocab is not None else 0  # the gathered rows and each model's own
+    return n * (4 * k + 8) + 4 * stats + job.out_bytes + remap
+
+
+def mergekit_dtype(plan: Plan, job: TensorJob) -> torch.dtype | None:
+    """The dtype mergekit would merge ``job`` in: the recipe's ``dtype``, else its inputs'."""
+    if plan.recipe.dtype:
+        return TORCH_DTYPES[plan.recipe.dtype]
+    src = job.sources[0] if job.sources else job.base
+    return plan.checkpoints[src.model].info(src.tensor).dtype if src is not None else None
 
 
 def stack_numel(job: TensorJob) -> int:
@@ -116,9 +129,10 @@ def compute_job(
     cks = plan.checkpoints
     if job.copy:
         return cks[job.sources[0].model].read(job.sources[0].tensor).to(job.out_dtype)
-    step = block_rows(job, plan, device)
-    if step is not None:
-        return _compute_blocks(plan, job, step, fail_on_nonfinite)
+    if streams(job, plan, device):
+        out = _compute_streamed(plan, job, fail_on_nonfinite)
+        if out is not None:
+            return out
     # the output buffer first: inputs in its dtype are read through it (no temporary per read)
     out = torch.empty(job.shape, dtype=job.out_dtype)
     k, n = len(job.sources), _numel(job.shape)
@@ -149,7 +163,7 @@ def compute_job(
     if plan.stats_norms is not None:
         norms = torch.tensor(plan.stats_norms, dtype=torch.float32, device=device)
     x = MergeInput(job.name, stack, base, job.params, job.model_params, gen, owned=True, stats=stats, stats_norms=norms,
-                   role=job.role)
+                   role=job.role, compute_dtype=mergekit_dtype(plan, job))
     result = plan.method.fn(x)
     if tuple(result.shape) != tuple(job.shape):
         raise AssertionError(f"method {plan.method.name} returned shape {list(result.shape)} for '{job.name}' {list(job.shape)}")
@@ -169,49 +183,95 @@ def _read(ck, name: str, scratch: torch.Tensor) -> torch.Tensor:
     return ck.read(name)
 
 
-def _compute_blocks(plan: Plan, job: TensorJob, step: int, fail_on_nonfinite: bool) -> torch.Tensor:
-    """``compute_job`` for an elementwise method, ``step`` rows at a time.
+def _can_read_range(ck, name: str) -> bool:
+    return isinstance(ck, Checkpoint) and ck.info(name).offset >= 0
 
-    The same operations run on each block as on the whole tensor, so the result is
-    bit-identical; only one block of the float32 stack exists at a time.
+
+class _RowSource:
+    """Rows of one input tensor, read a block at a time from its file (whole tensors only
+    for inputs that are not safetensors files: pickles, LoRA folds, state dicts)."""
+
+    def __init__(self, ck, name: str, shape: tuple[int, ...], block_entries: int):
+        self.ck, self.name = ck, name
+        self.row_len = _numel(shape[1:]) if len(shape) >= 2 else _numel(shape)
+        info = ck.info(name)
+        if _can_read_range(ck, name):
+            self.whole = None
+            self.raw = torch.empty(block_entries, dtype=info.dtype)
+        else:
+            self.whole = ck.read(name).reshape(-1)
+
+    def read(self, r0: int, r1: int, into: torch.Tensor) -> None:
+        start, count = r0 * self.row_len, (r1 - r0) * self.row_len
+        if self.whole is not None:
+            into.copy_(self.whole[start : start + count])
+            return
+        raw = self.raw[:count]
+        if raw.dtype == into.dtype:
+            self.ck.read_range(self.name, start, count, into)
+        else:
+            into.copy_(self.ck.read_range(self.name, start, count, raw))
+
+
+def _compute_streamed(plan: Plan, job: TensorJob, fail_on_nonfinite: bool) -> torch.Tensor | None:
+    """``compute_job`` through the method's fast path; None if it declines the tensor.
+
+    Inputs are checked for NaN/Inf block by block on the first pass (later passes reread
+    the same rows), with the whole-tensor path's messages.
     """
     cks = plan.checkpoints
-    inputs = [cks[s.model].read(s.tensor) for s in job.sources]  # file dtype: 2 bytes an entry for bf16
-    base = cks[job.base.model].read(job.base.tensor) if job.base is not None else None
-    rows, rest = job.shape[0], tuple(job.shape[1:])
-    row_len = _numel(rest)
-    k = len(inputs)
-    stack_buf = torch.empty(k * step * row_len, dtype=torch.float32)
-    base_buf = torch.empty(step * row_len, dtype=torch.float32) if base is not None else None
     out = torch.empty(job.shape, dtype=job.out_dtype)
-    bad = {"an input": False, "the base": False, "the merged result": False}
-    for r0 in range(0, rows, step):
-        r1 = min(rows, r0 + step)
-        n = (r1 - r0) * row_len
-        stack = stack_buf[: k * n].view(k, r1 - r0, *rest)  # contiguous, also for the last, shorter block
-        for i, t in enumerate(inputs):
-            stack[i].copy_(t[r0:r1])
-        b = None
-        if base_buf is not None:
-            b = base_buf[:n].view(r1 - r0, *rest)
-            b.copy_(base[r0:r1])
-        for label, t in (("an input", stack), ("the base", b)):
-            if t is not None and not bad[label] and not _all_finite(t):
-                where = _culprits(plan, job, t is b, t)
-                bad[label] = where or True
-                if fail_on_nonfinite:  # the whole-tensor path raises before computing, too
-                    _nonfinite(f"tensor '{job.name}': {label} holds NaN or Inf{where}", True)
-        x = MergeInput(job.name, stack, b, job.params, job.model_params, None, owned=True, role=job.role)
-        res = plan.method.fn(x)
-        if tuple(res.shape) != tuple(stack.shape[1:]):
-            raise AssertionError(f"method {plan.method.name} returned shape {list(res.shape)} for a block of '{job.name}' {list(stack.shape[1:])}")
-        if not bad["the merged result"] and not _all_finite(res):
-            bad["the merged result"] = True
-        out[r0:r1].copy_(res)
-    for label, found in bad.items():  # one warning per tensor, in the whole-tensor path's order
-        if found:
-            _nonfinite(f"tensor '{job.name}': {label} holds NaN or Inf{found if isinstance(found, str) else ''}", fail_on_nonfinite)
+    seed = tensor_seed(plan.seed, job.name) if plan.method.randomized else None
+    x = StreamInput(job.name, tuple(job.shape), len(job.sources), job.base is not None, job.params, job.model_params,
+                    seed, lambda *a: None, out, BLOCK_ELEMENTS, mergekit_dtype(plan, job), job.role)
+    sources = [_RowSource(cks[s.model], s.tensor, tuple(job.shape), x.block_size) for s in job.sources]
+    base = _RowSource(cks[job.base.model], job.base.tensor, tuple(job.shape), x.block_size) if job.base else None
+    bad: dict[str, str] = {}  # label -> which model(s), once a block holds NaN or Inf
+    checked = [0]
+
+    def read_rows(r0: int, r1: int, stack: torch.Tensor, base_buf: torch.Tensor | None) -> None:
+        for src, row in zip(sources, stack):
+            src.read(r0, r1, row)
+        if base is not None:
+            base.read(r0, r1, base_buf)
+        if r0 >= checked[0]:  # first pass: check what was read
+            checked[0] = r1
+            for label, t in (("an input", stack), ("the base", base_buf)):
+                if t is not None and label not in bad and not _all_finite(t):
+                    where = _culprits(plan, job, t is base_buf, t)
+                    bad[label] = where
+                    if fail_on_nonfinite:
+                        _nonfinite(f"tensor '{job.name}': {label} holds NaN or Inf{where}", True)
+
+    x._read = read_rows
+    fast = plan.method.streamed
+    if fast is not None and fast.usable():
+        if not fast.run(x):
+            return None
+    else:
+        _rowwise(plan, job, x)
+    for label in ("an input", "the base"):  # one warning per tensor, in the whole-tensor path's order
+        if label in bad:
+            _nonfinite(f"tensor '{job.name}': {label} holds NaN or Inf{bad[label]}", fail_on_nonfinite)
+    if not _all_finite(out):
+        _nonfinite(f"tensor '{job.name}': the merged result holds NaN or Inf", fail_on_nonfinite)
     return out
+
+
+def _rowwise(plan: Plan, job: TensorJob, x: StreamInput) -> None:
+    """An ``elementwise`` method's function on each block of rows: the same operations on
+    each entry as on the whole tensor, so the same bytes."""
+    rest = tuple(job.shape[1:]) if len(job.shape) >= 2 else ()
+    for block in x.blocks():
+        rows = (block.row1 - block.row0, *rest) if rest or len(job.shape) >= 2 else tuple(job.shape)
+        stack = torch.from_numpy(block.stack).view(x.k, *rows)
+        base = torch.from_numpy(block.base).view(rows) if block.base is not None else None
+        res = plan.method.fn(MergeInput(job.name, stack, base, job.params, job.model_params, None, owned=True,
+                                        role=job.role, compute_dtype=x.compute_dtype))
+        if tuple(res.shape) != rows:
+            raise AssertionError(f"method {plan.method.name} returned shape {list(res.shape)} for a block of "
+                                 f"'{job.name}' {list(rows)}")
+        x.write(block, res)
 
 
 def _all_finite(t: torch.Tensor) -> bool:
@@ -375,7 +435,7 @@ class _Slab:
         """A float32 buffer for ``job``'s stack and base, or None (the job allocates its own;
         a copy or a job in row blocks needs none)."""
         numel = stack_numel(job)
-        whole = not job.copy and device.type == "cpu" and numel > 0 and block_rows(job, plan, device) is None
+        whole = not job.copy and device.type == "cpu" and numel > 0 and not streams(job, plan, device)
         off = self._take(numel) if whole else None
         if off is None:
             yield None

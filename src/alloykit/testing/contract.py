@@ -280,25 +280,52 @@ def _compare(spec: MethodSpec, got: dict[str, torch.Tensor], want: dict[str, tor
             raise AssertionError(f"{spec.name}: tensor '{name}' {how} differs from the direct call by up to {diff:.3g}{hint}")
 
 
+#: how far a method's fast path (``register(..., streamed=...)``) may be from its reference:
+#: sums over a whole tensor (norms, energies, inner products) are taken in another order,
+#: row by row and then added exactly; relative to the tensor's largest entry
+FAST_PATH_TOLERANCE = 1e-5
+
+
 def check_through_engine(spec: MethodSpec) -> None:
     """Through the real planner and executor the method gives exactly what the direct call
-    gives: on 1, 2 and 3 threads, and, if it declares ``elementwise``, in small row blocks."""
+    gives: on 1, 2 and 3 threads, and, if it declares ``elementwise``, in small row blocks.
+    A fast path, if it declares one, is checked after: within ``FAST_PATH_TOLERANCE`` of the
+    direct call, and the same bytes at any thread count and block size."""
     plan, _ = engine_plan(spec)
+    fast = spec.streamed
     try:
         want = direct_results(plan)
+        plan.method = dataclasses.replace(plan.method, streamed=None)  # the reference through the executor
         for threads in THREAD_COUNTS:
             _compare(spec, _run(plan, threads), want, f"through the executor on {threads} thread(s)")
-        if not spec.elementwise:
-            return
-        with forced_row_blocks():
-            blocked = [j.name for j in plan.jobs if executor.block_rows(j, plan, torch.device("cpu")) is not None]
-            assert blocked, f"{spec.name}: no tensor ran in row blocks; the check cannot test 'elementwise'"
-            for threads in THREAD_COUNTS[:2]:
-                _compare(spec, _run(plan, threads), want, f"in row blocks of {ENGINE_BLOCK_ELEMENTS} entries",
-                         "; the method declares elementwise=True, so each output row may depend only on the same "
-                         "row of the inputs (no statistic over the whole tensor): fix the method or drop elementwise")
+        if spec.elementwise:
+            with forced_row_blocks():
+                blocked = [j.name for j in plan.jobs if executor.block_rows(j, plan, torch.device("cpu")) is not None]
+                assert blocked, f"{spec.name}: no tensor ran in row blocks; the check cannot test 'elementwise'"
+                for threads in THREAD_COUNTS[:2]:
+                    _compare(spec, _run(plan, threads), want, f"in row blocks of {ENGINE_BLOCK_ELEMENTS} entries",
+                             "; the method declares elementwise=True, so each output row may depend only on the same "
+                             "row of the inputs (no statistic over the whole tensor): fix the method or drop elementwise")
+        plan.method = spec
+        if fast is not None and fast.usable():
+            _check_fast_path(spec, plan, want)
     finally:
+        plan.method = spec
         plan.close()
+
+
+def _check_fast_path(spec: MethodSpec, plan: Plan, want: dict[str, torch.Tensor]) -> None:
+    first = _run(plan, 1)
+    assert set(first) == set(want), f"{spec.name}: the fast path wrote tensors {sorted(set(first) ^ set(want))} differently"
+    for name, ref in want.items():
+        diff = float((first[name].float() - ref.float()).abs().max()) if ref.numel() else 0.0
+        scale = float(ref.float().abs().max()) if ref.numel() else 0.0
+        assert diff <= FAST_PATH_TOLERANCE * max(scale, 1e-30), (
+            f"{spec.name}: tensor '{name}' from the fast path differs from the direct call by {diff:.3g} "
+            f"(more than {FAST_PATH_TOLERANCE:g} of its largest entry {scale:.3g})")
+    _compare(spec, _run(plan, THREAD_COUNTS[-1]), first, f"from the fast path on {THREAD_COUNTS[-1]} threads (against 1)")
+    with forced_row_blocks():
+        _compare(spec, _run(plan, 2), first, f"from the fast path in blocks of {ENGINE_BLOCK_ELEMENTS} entries (against whole)")
 
 
 def check_plan_time_check(spec: MethodSpec) -> None:

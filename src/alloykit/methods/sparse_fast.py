@@ -1,0 +1,469 @@
+"""Fast paths of the task-vector merges (``sparse.py``), streamed over blocks of rows.
+
+Each computes the same tensor as its reference in ``sparse.py`` in as few passes over
+the inputs as the trim allows:
+
+* task arithmetic: one pass (delta, weight, sum, add: ``ops.fast_merge.combine``);
+* TIES, Model Breadcrumbs: the magnitude thresholds of every model by radix select
+  (``ops.fast_select``: a pass for the histogram of the high key bits, a pass for the low
+  bits in the bucket of the cut), then one fused pass that masks, weights, elects and
+  sums. Where equal magnitudes straddle a cut, one more pass per model collects that
+  model's magnitudes as int32 keys and ``ops.tie_order`` follows torch's sort to the
+  cut, as mergekit does;
+* DARE: masks from the counter-based stream (``ops.fast_random``); with L1 rescaling one
+  pass for the norms (masks drawn), one to merge (the same masks drawn again: cheaper
+  than storing them);
+* DELLA: the same, the keep probability of an entry set by its magnitude rank in its
+  row (rows sorted by numpy); the masks of the first pass are kept as bits for the second;
+* SCE: the variance threshold by radix select, a pass for the selected task vectors'
+  energies, then the reference's election and disjoint mean on each block.
+
+Per entry the arithmetic is the reference's, so the bytes are the reference's; only the
+L1 norms of rescaling are sums over the whole tensor, taken here in float64 in another
+order than torch's float32 sum (the rescaled entries then differ in the last bits).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from alloykit.methods.stream import Block, RowSums, StreamInput
+from alloykit.ops.consensus import agreeing_weight, agreement_mask, disjoint_sum, elect_sign
+from alloykit.ops import fast_merge, fast_random, fast_select, philox, tie_order
+from alloykit.ops.fast_select import KeepRule
+from alloykit.ops.sparsify import keep_count, outlier_window
+
+_ZERO_WEIGHT_SUM = 1e-8
+_RESCALE_EPS = 1e-7
+
+#: a model's trim: its KeepRule over ascending magnitude ranks, or None to keep everything
+RuleOf = Callable[[int, Any], KeepRule | None]
+
+
+def _weights(x: StreamInput) -> np.ndarray:
+    return np.array([float(m.weight) for m in x.model_params], dtype=np.float32)
+
+
+def _sum_divisor(x: StreamInput, w: np.ndarray) -> np.float32:
+    """normalize without election divides by sum_i w_i (a float32 sum, as torch's), or by 1 near 0."""
+    total = np.float32(0.0)
+    for v in w:
+        total = np.float32(total + v)
+    return total if abs(float(total)) >= _ZERO_WEIGHT_SUM else np.float32(1.0)
+
+
+class _Scratch:
+    """Per-tensor buffers of one block's size."""
+
+    def __init__(self, x: StreamInput):
+        m = x.block_size
+        self.keep = np.ones((x.k, m), dtype=np.float32)
+        self.total = np.empty(m, dtype=np.float32)
+        self.merged = np.empty(m, dtype=np.float32)
+        self.agree = np.empty(m, dtype=np.float32)
+        self.lanes = np.empty(8 * (m // 8 + 2), dtype=np.uint32)
+
+    def keep_of(self, block: Block) -> np.ndarray:
+        return self.keep[:, : block.size] if block.size == self.keep.shape[1] else np.ascontiguousarray(
+            self.keep[:, : block.size])
+
+
+def _deltas(block: Block) -> np.ndarray:
+    np.subtract(block.stack, block.base, out=block.stack)
+    return block.stack
+
+
+def _combine(x: StreamInput, block: Block, sc: _Scratch, keep: np.ndarray | None, scale: np.ndarray,
+             rescaled: np.ndarray, w: np.ndarray, mode: int, normalize: bool, divisor: np.float32) -> None:
+    out = x.result_buffer(block)
+    m = block.size
+    fast_merge.combine(block.stack, keep if keep is not None else sc.keep[:, :1], keep is not None, scale, rescaled, w,
+                       mode, normalize, divisor, np.float32(x.params.lambda_), block.base, out, sc.total[:m],
+                       sc.merged[:m], sc.agree[:m])
+    x.write(block, out)
+
+
+def _mode(consensus: str | None) -> int:
+    if consensus is None:
+        return fast_merge.SUM
+    return fast_merge.ELECT_SUM if consensus == "sum" else fast_merge.ELECT_COUNT
+
+
+# --------------------------------------------------------------------------------------
+# magnitude trims (TIES, Breadcrumbs): thresholds by radix select, then one fused pass
+# --------------------------------------------------------------------------------------
+
+
+def _l1(x: StreamInput, block: Block, values: np.ndarray) -> np.ndarray:
+    """Per row of the block: each model's sum of |values| ([rows, K] float64)."""
+    return np.abs(x.by_rows(values, block)).sum(axis=2, dtype=np.float64)
+
+
+def _locate_edges(x: StreamInput, rules: list[KeepRule | None], with_sums: bool) -> np.ndarray:
+    """Two passes of histograms: every rule's edges located. Returns each model's sum of
+    |delta| (float64, the same at any block size; zeros unless ``with_sums``)."""
+    k = x.k
+    counts = np.zeros((k, fast_select.HIGH_BUCKETS), dtype=np.int64)
+    sums = RowSums(x, (k,))
+    unused = np.zeros((k, 1), dtype=np.float64)
+    for block in x.blocks():
+        d = _deltas(block)
+        fast_select.count_high(d.view(np.int32), d, counts, unused, False)
+        if with_sums:
+            sums.add(block, _l1(x, block, d))
+    for i, rule in enumerate(rules):
+        for edge in rule.edges if rule else ():
+            edge.locate_bucket(counts[i])
+    buckets = np.full((k, 2), -1, dtype=np.int64)
+    for i, rule in enumerate(rules):
+        for e, edge in enumerate(rule.edges if rule else ()):
+            buckets[i, e] = edge.bucket
+    if (buckets >= 0).any():
+        low = np.zeros((k, 2, fast_select.LOW_BINS), dtype=np.int64)
+        unused = np.zeros((k, 2, 1), dtype=np.float64)
+        for block in x.blocks():
+            d = _deltas(block)
+            fast_select.count_low(d.view(np.int32), d, buckets, low, unused, False)
+        for i, rule in enumerate(rules):
+            for e, edge in enumerate(rule.edges if rule else ()):
+                edge.locate_key(low[i, e])
+    return sums.total() if with_sums else np.zeros(k)
+
+
+def _model_keys(x: StreamInput, model: int) -> np.ndarray:
+    """One model's magnitude keys in flat order (int32, 4 bytes an entry)."""
+    keys = np.empty(x.numel, dtype=np.int32)
+    for block in x.blocks():
+        d = _deltas(block)
+        fast_select.magnitude_keys(d.view(np.int32), model, keys, block.start)
+    return keys
+
+
+def _torch_sort_flags(x: StreamInput, model: int, key: int, descending: bool, start: int, stop: int) -> np.ndarray:
+    """The members of tie group ``key`` that torch's sort puts at positions [start, stop):
+    mergekit's own computation, for where the sort cannot be followed (other C++ library)."""
+    keys = _model_keys(x, model)
+    mags = torch.from_numpy(keys).view(torch.float32)
+    order = torch.sort(mags, descending=descending).indices[start:stop]
+    kept = torch.zeros(x.numel, dtype=torch.bool)
+    kept[order] = True
+    ties = torch.from_numpy(keys == key)
+    return kept[ties].numpy().astype(np.uint8)
+
+
+def _mergekit_tie_flags(x: StreamInput, model: int, rule: KeepRule) -> dict[int, np.ndarray]:
+    """Flags of the tie groups a rule cuts, in mergekit's order (a zero magnitude's do not
+    matter: a kept zero adds nothing, so flat order stands there)."""
+    flags: dict[int, np.ndarray] = {}
+    groups = [g for g in rule.cut_groups() if g[0] != 0]
+    if not groups:
+        return flags
+    # top-k: mergekit keeps positions [0, k) of a descending sort; Breadcrumbs a window of an ascending one
+    start, stop = (0, rule.n - rule.start) if rule.descending else (rule.start, rule.stop)
+    if tie_order.torch_sort_is_introsort():
+        keys = _model_keys(x, model)
+        for key, *_ in groups:
+            found = tie_order.sort_kept_ties(keys if len(groups) == 1 else keys.copy(), key, rule.descending,
+                                             start, stop)
+            if found is None:
+                break
+            flags[key] = found
+        else:
+            return flags
+    for key, *_ in groups:
+        flags[key] = _torch_sort_flags(x, model, key, rule.descending, start, stop)
+    return flags
+
+
+def _rule_arrays(rules: list[KeepRule | None]) -> tuple[np.ndarray, ...]:
+    k = len(rules)
+    lower = np.full(k, fast_select.NO_EDGE, dtype=np.int64)
+    upper = np.full(k, fast_select.TOP, dtype=np.int64)
+    tie_keys = np.full((k, 2), -1, dtype=np.int64)
+    tie_lo = np.zeros((k, 2), dtype=np.int64)
+    tie_hi = np.zeros((k, 2), dtype=np.int64)
+    offsets = np.full((k, 2), -1, dtype=np.int64)
+    chunks, used = [], 0
+    for i, rule in enumerate(rules):
+        if rule is None:
+            continue
+        lower[i], upper[i] = rule.lower, rule.upper
+        for e, (key, a, b, flags) in enumerate(rule.ties):
+            tie_keys[i, e], tie_lo[i, e], tie_hi[i, e] = key, a, b
+            if flags is not None:
+                offsets[i, e] = used
+                chunks.append(flags)
+                used += flags.size
+    tie_flags = np.concatenate(chunks) if chunks else np.zeros(1, dtype=np.uint8)
+    return lower, upper, tie_keys, tie_lo, tie_hi, offsets, tie_flags
+
+
+def mergekit_tie_order(dtype: torch.dtype | None) -> bool:
+    """Whether a trim keeps equal magnitudes at its cut in mergekit's order (torch's sort):
+    where mergekit computes in float32 (or unknown). mergekit in bfloat16 or float16 trims
+    magnitudes rounded to that dtype, which alloykit (float32) does not compute: no tie
+    order would reproduce its choice, so the lower flat index is kept (no sort)."""
+    return dtype is None or dtype in (torch.float32, torch.float64)
+
+
+def trim_merge(x: StreamInput, rule_of: RuleOf, consensus: str | None, *, mergekit_ties: bool | None = None) -> bool:
+    """Magnitude trim of each task vector (``rule_of``), then the weighted (elected) sum."""
+    if mergekit_ties is None:
+        mergekit_ties = mergekit_tie_order(x.compute_dtype)
+    rules = [rule_of(x.numel, mp) for mp in x.model_params]
+    rescale = bool(getattr(x.params, "rescale", False))
+    if any(r is not None for r in rules):
+        before = _locate_edges(x, rules, with_sums=rescale)
+    else:
+        before = np.zeros(x.k)
+    for i, rule in enumerate(rules):
+        if rule is not None:
+            rule.finish(_mergekit_tie_flags(x, i, rule) if mergekit_ties else None)
+    arrays = _rule_arrays(rules)
+    sc = _Scratch(x)
+    scale = np.ones(x.k, dtype=np.float32)
+    rescaled = np.zeros(x.k, dtype=np.bool_)
+    trimmed = np.array([r is not None for r in rules], dtype=np.bool_)
+    if rescale and trimmed.any():
+        sums = RowSums(x, (x.k,))
+        ordinals = np.zeros((x.k, 2), dtype=np.int64)
+        for block in x.blocks():
+            d = _deltas(block)
+            keep = sc.keep_of(block)
+            fast_select.keep_flags(d.view(np.int32), *arrays, ordinals, keep)
+            sums.add(block, _l1(x, block, d * keep))
+        after = sums.total()
+        for i in range(x.k):
+            if trimmed[i] and before[i] >= _RESCALE_EPS and after[i] >= _RESCALE_EPS:
+                scale[i], rescaled[i] = np.float32(before[i]) / np.float32(after[i]), True
+    w = _weights(x)
+    normalize = bool(x.params.normalize)
+    mode = _mode(consensus)
+    divisor = _sum_divisor(x, w) if mode == fast_merge.SUM else np.float32(1.0)
+    ordinals = np.zeros((x.k, 2), dtype=np.int64)
+    for block in x.blocks():
+        d = _deltas(block)
+        keep = None
+        if trimmed.any():
+            keep = sc.keep_of(block)
+            fast_select.keep_flags(d.view(np.int32), *arrays, ordinals, keep)
+        _combine(x, block, sc, keep, scale, rescaled, w, mode, normalize, divisor)
+    return True
+
+
+def top_k_rule(numel: int, mp: Any) -> KeepRule | None:
+    """TIES' trim: the keep_count(numel, density) largest magnitudes (mergekit's count)."""
+    if mp.density >= 1:
+        return None
+    k = keep_count(numel, mp.density, at_least_one=True)
+    return KeepRule(numel, numel - k, numel, descending=True)
+
+
+def outlier_rule(numel: int, mp: Any) -> KeepRule | None:
+    """Model Breadcrumbs' trim: ascending ranks [b, b + int(density * n))."""
+    if mp.density >= 1:
+        return None
+    start, stop = outlier_window(numel, mp.density, mp.gamma)
+    return KeepRule(numel, start, stop)
+
+
+def task_arithmetic(x: StreamInput) -> bool:
+    return trim_merge(x, lambda n, mp: None, None)
+
+
+def ties(x: StreamInput) -> bool:
+    return trim_merge(x, top_k_rule, x.params.consensus_method)
+
+
+def breadcrumbs(x: StreamInput) -> bool:
+    return trim_merge(x, outlier_rule, None)
+
+
+def breadcrumbs_ties(x: StreamInput) -> bool:
+    return trim_merge(x, outlier_rule, x.params.consensus_method)
+
+
+def tie_scratch(numel: int, k: int, dtype: torch.dtype | None) -> int:
+    """Bytes to order one model's tied magnitudes as mergekit does: an int32 key an entry."""
+    return 4 * numel if mergekit_tie_order(dtype) else 0
+
+
+# --------------------------------------------------------------------------------------
+# random drops (DARE, DELLA): counter-based draws, masks recomputed or kept as bits
+# --------------------------------------------------------------------------------------
+
+#: per block: writes model i's keep flags (float32 1/0) for the block's entries
+DrawFn = Callable[[StreamInput, Block, int, Any, np.ndarray, _Scratch], None]
+
+
+def _draw_dare(x: StreamInput, block: Block, i: int, mp: Any, keep_row: np.ndarray, sc: _Scratch) -> None:
+    threshold = np.array([philox.threshold48(mp.density)], dtype=np.int64)
+    fast_random.keep_draws(x.seed, i, block.start, threshold, True, sc.lanes, keep_row)
+
+
+def random_merge(x: StreamInput, draw: DrawFn, consensus: str | None, store_masks: bool = False) -> bool:
+    """Random drop of each task vector (``draw``), optional L1 rescale, weighted (elected) sum."""
+    p = x.params
+    if p.rescale and p.rescale_mode == "inverse_probability":
+        return False  # a per-entry divisor: left to the reference
+    drop = [0 < mp.density < 1 for mp in x.model_params]
+    zero = [mp.density <= 0 for mp in x.model_params]
+    sc = _Scratch(x)
+    scale = np.ones(x.k, dtype=np.float32)
+    rescaled = np.zeros(x.k, dtype=np.bool_)
+    # DELLA's masks between its passes: bit-packed, one row of bytes per model, blocks at byte boundaries
+    stored = np.empty((x.k, x.numel // 8 + x.rows + 1), dtype=np.uint8) if store_masks and p.rescale else None
+
+    def masks(block: Block, d: np.ndarray) -> np.ndarray:
+        keep = sc.keep_of(block)
+        for i, mp in enumerate(x.model_params):
+            if drop[i]:
+                draw(x, block, i, mp, keep[i], sc)
+            else:
+                keep[i] = 0.0 if zero[i] else 1.0
+        return keep
+
+    if p.rescale and any(drop):
+        sums_before, sums_after = RowSums(x, (x.k,)), RowSums(x, (x.k,))
+        offset = 0
+        for block in x.blocks():
+            d = _deltas(block)
+            keep = masks(block, d)
+            if stored is not None:
+                packed = np.packbits(keep > 0, axis=1)
+                stored[:, offset : offset + packed.shape[1]] = packed
+                offset += packed.shape[1]
+            sums_before.add(block, _l1(x, block, d))
+            sums_after.add(block, _l1(x, block, d * keep))
+        before, after = sums_before.total(), sums_after.total()
+        for i in range(x.k):
+            if drop[i] and before[i] >= _RESCALE_EPS and after[i] >= _RESCALE_EPS:
+                scale[i], rescaled[i] = np.float32(before[i]) / np.float32(after[i]), True
+    w = _weights(x)
+    mode = _mode(consensus)
+    divisor = _sum_divisor(x, w) if mode == fast_merge.SUM else np.float32(1.0)
+    offset = 0
+    for block in x.blocks():
+        d = _deltas(block)
+        if stored is not None and rescaled.any():
+            keep = sc.keep_of(block)
+            width = (block.size + 7) // 8
+            keep[:] = np.unpackbits(stored[:, offset : offset + width], axis=1, count=block.size)
+            offset += width
+        else:
+            keep = masks(block, d)
+        _combine(x, block, sc, keep, scale, rescaled, w, mode, bool(p.normalize), divisor)
+    return True
+
+
+def dare_linear(x: StreamInput) -> bool:
+    return random_merge(x, _draw_dare, None)
+
+
+def dare_ties(x: StreamInput) -> bool:
+    return random_merge(x, _draw_dare, x.params.consensus_method)
+
+
+def _draw_della(x: StreamInput, block: Block, i: int, mp: Any, keep_row: np.ndarray, sc: _Scratch) -> None:
+    """DELLA's keep probability of each entry from its magnitude rank in its row (as
+    ``sparsify.della_keep_probability``: ties by column), then the stream's draws."""
+    rows = block.stack[i].reshape(block.row1 - block.row0, x.row_len)
+    n_row = x.row_len
+    col_bits = max(1, (n_row - 1).bit_length())
+    keys = np.minimum(rows.view(np.int32) & 0x7FFFFFFF, fast_select.NAN_KEY).astype(np.int64)
+    keys <<= col_bits
+    keys |= np.arange(n_row, dtype=np.int64)
+    keys.sort(axis=1)
+    thresholds = np.empty(block.size, dtype=np.int64)
+    fast_random.della_thresholds(keys, col_bits, np.float32(mp.density - mp.epsilon), np.float32(mp.epsilon),
+                                 thresholds)
+    fast_random.keep_draws(x.seed, i, block.start, thresholds, False, sc.lanes, keep_row)
+
+
+def _della_streamable(x: StreamInput) -> bool:
+    return len(x.shape) <= 2 and (x.row_len - 1).bit_length() + 31 <= 62
+
+
+def della(x: StreamInput) -> bool:
+    return _della_streamable(x) and random_merge(x, _draw_della, x.params.consensus_method, store_masks=True)
+
+
+def della_linear(x: StreamInput) -> bool:
+    return _della_streamable(x) and random_merge(x, _draw_della, None, store_masks=True)
+
+
+def della_mask_bytes(numel: int, k: int, dtype: torch.dtype | None) -> int:
+    """The masks DELLA keeps between its passes: one bit per entry and model."""
+    return k * math.ceil(numel / 8)
+
+
+# --------------------------------------------------------------------------------------
+# SCE: variance selection (radix select on the variance), energies, disjoint mean
+# --------------------------------------------------------------------------------------
+
+
+def _variance(d: np.ndarray) -> np.ndarray:
+    """Per-entry population variance across the models (torch's, as the reference takes it)."""
+    return torch.var(torch.from_numpy(d), dim=0, unbiased=False).numpy()
+
+
+def sce(x: StreamInput) -> bool:
+    """Select (variance top-k, flat tie order as ``variance_topk_mask``), calculate (energy
+    of the selected task vectors, float64 sums), erase (elected sign, disjoint mean): the
+    reference's operations on each block, with the thresholds and energies found in passes."""
+    fraction = x.params.select_topk
+    rule: KeepRule | None = None
+    if fraction <= 0:
+        rule = KeepRule(x.numel, 0, 0)
+    elif fraction < 1:
+        counts = np.zeros((1, fast_select.HIGH_BUCKETS), dtype=np.int64)
+        unused = np.zeros((1, 1), dtype=np.float64)
+        nonzero = 0
+        for block in x.blocks():
+            var = _variance(_deltas(block))[None]
+            nonzero += int(np.count_nonzero(var))
+            fast_select.count_high(var.view(np.int32), var, counts, unused, False)
+        k = int(nonzero * fraction)
+        rule = KeepRule(x.numel, x.numel - k, x.numel, descending=True)
+        for edge in rule.edges:
+            edge.locate_bucket(counts[0])
+        if rule.edges:
+            buckets = np.array([[rule.edges[0].bucket, -1]], dtype=np.int64)
+            low = np.zeros((1, 2, fast_select.LOW_BINS), dtype=np.int64)
+            for block in x.blocks():
+                var = _variance(_deltas(block))[None]
+                fast_select.count_low(var.view(np.int32), var, buckets, low, np.zeros((1, 2, 1)), False)
+            rule.edges[0].locate_key(low[0, 0])
+        rule.finish()
+    arrays = _rule_arrays([rule])
+    keep = np.empty((1, x.block_size), dtype=np.float32)
+
+    def selected(block: Block) -> torch.Tensor:
+        d = torch.from_numpy(_deltas(block))
+        if rule is not None and not (rule.start == 0 and rule.stop == x.numel):
+            var = _variance(block.stack)[None]
+            flags = keep[:, : block.size]
+            fast_select.keep_flags(var.view(np.int32), *arrays, ordinals, flags)
+            d.mul_(torch.from_numpy(flags[0]).bool())
+        return d
+
+    sums = RowSums(x, (x.k,))
+    ordinals = np.zeros((1, 2), dtype=np.int64)
+    for block in x.blocks():
+        d = selected(block).numpy()
+        sums.add(block, np.square(x.by_rows(d, block), dtype=np.float64).sum(axis=2))
+    energy = sums.total() / max(1, x.numel)
+    total = float(energy.sum())
+    c = torch.tensor(energy / total if total > 0 else np.full(x.k, 1.0 / x.k), dtype=torch.float32).view(-1, 1)
+    ordinals[:] = 0
+    for block in x.blocks():
+        d = selected(block)
+        agree = agreement_mask(d, elect_sign(d, "sum"))
+        merged = disjoint_sum(d.mul_(c), agree) / agreeing_weight(agree, c).clamp_(min=1e-6)
+        x.write(block, torch.from_numpy(block.base) + merged)
+    return True
