@@ -37,6 +37,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 PAGE_INTRO = """# Merging quality: a text track and an image track, with intervals
 
+A language model instead (SmolLM2-135M-Instruct read from its GGUF, fine-tuned and merged): [results-lm.md](results-lm.md).
+
 Regenerate from scratch (fine-tunes and the image base are cached under `{cache}`; delete it to retrain):
 
 ```

@@ -61,7 +61,9 @@ def write_metadata(plan: Plan, out: Path, *, copy_tokenizer: bool = True, finger
         gen = src / "generation_config.json" if src else None
         if gen is not None and gen.is_file():
             shutil.copyfile(gen, out / gen.name)
-    tok_folder = _folder(plan.checkpoints[plan.tokenizer_source]) if plan.tokenizer_source is not None else None
+    tok_ck = plan.checkpoints[plan.tokenizer_source] if plan.tokenizer_source is not None else None
+    # a GGUF input carries its tokenizer in its metadata; it builds the files on request
+    tok_folder = tok_ck.tokenizer_folder() if hasattr(tok_ck, "tokenizer_folder") else _folder(tok_ck)
     write_tokenizer(out, vocab=plan.vocab, source_folder=tok_folder, copy=copy_tokenizer, chat_template=plan.chat_template)
     recipe = plan.recipe.model_copy(update={"seed": plan.seed})
     manifest = {

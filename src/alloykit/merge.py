@@ -64,6 +64,7 @@ def merge(
     recipe_dir: str | os.PathLike | None = None,
     output_lora: int | None = None,
     lora_save_others: bool = True,
+    gguf_type: str | None = None,
     preloaded: dict[str, Any] | None = None,
 ) -> Path:
     """Merge the models a recipe names into ``out_dir`` (a Hugging Face model folder).
@@ -71,7 +72,9 @@ def merge(
     ``output_lora=RANK`` writes, instead of the model, a PEFT LoRA adapter of that rank
     holding the merged model's delta from the recipe's base_model (per-layer errors in
     its ``alloykit_extract_report.json``); ``lora_save_others=False`` skips changed
-    embeddings and norms instead of saving them whole.
+    embeddings and norms instead of saving them whole. ``gguf_type`` (f32, f16, bf16, q8_0, ...):
+    the weights are written as one GGUF file ``model.TYPE.gguf`` instead of safetensors
+    (``alloykit.io.gguf_write``).
 
     The output is written into ``.NAME.alloykit-tmp`` beside the target and renamed
     into place only when complete: ``out_dir`` either does not exist or is whole.
@@ -85,7 +88,7 @@ def merge(
     request = MergeRequest.of(recipe, recipe_dir=recipe_dir, seed=seed, allow_pickle=allow_pickle)
     options = WriteOptions(device=device, threads=threads, max_shard_size=max_shard_size, overwrite=overwrite, resume=resume,
                            progress=progress, fail_on_nonfinite=fail_on_nonfinite, budget_bytes=budget_bytes,
-                           copy_tokenizer=copy_tokenizer)
+                           copy_tokenizer=copy_tokenizer, gguf_type=gguf_type)
     return run_merge(request, out_dir, options, output_lora=output_lora, lora_save_others=lora_save_others,
                      preloaded=preloaded).path
 

@@ -44,7 +44,8 @@ def cmd_merge(args: Namespace) -> int:
     check_device(device)
     options = WriteOptions(device=device, threads=args.threads, max_shard_size=args.max_shard_size, overwrite=args.overwrite,
                            resume=args.resume, progress=not args.quiet, fail_on_nonfinite=args.fail_on_nonfinite,
-                           budget_bytes=args.memory_budget, copy_tokenizer=args.copy_tokenizer)
+                           budget_bytes=args.memory_budget, copy_tokenizer=args.copy_tokenizer,
+                           gguf_type=args.gguf_type if args.output_format == "gguf" else None)
     t0 = time.monotonic()
     with interrupt_on_sigterm():
         if getattr(args, "ray", None) is not None:
@@ -268,8 +269,11 @@ def _bounds(info) -> str:
 def cmd_inspect(args: Namespace) -> int:
     from alloykit.io import hub
     from alloykit.io.checkpoint import Checkpoint
+    from alloykit.io.gguf import open_gguf
 
-    ck = Checkpoint(hub.locate(args.model, allow_pickle=args.allow_pickle), allow_pickle=args.allow_pickle)
+    # a .gguf file (or a folder with one) is read by the GGUF reader; anything else may be a Hub name
+    ck = open_gguf(Path(args.model), args.model) or Checkpoint(hub.locate(args.model, allow_pickle=args.allow_pickle),
+                                                                allow_pickle=args.allow_pickle)
     try:
         infos = list(ck.tensors.values())
         params = sum(t.numel for t in infos)
@@ -281,6 +285,8 @@ def cmd_inspect(args: Namespace) -> int:
             print(f"architecture: {', '.join(cfg.get('architectures') or [cfg.get('model_type', '?')])}")
         print(f"tensors: {len(infos)}   parameters: {params:,} ({params / 1e9:.3f}B)   bytes: {ck.total_bytes:,}")
         print("dtypes: " + ", ".join(f"{d} x{n}" for d, n in dtypes.most_common()))
+        if hasattr(ck, "stored_types"):  # a GGUF file: what it stores, dequantized on read
+            print("stored in GGUF as: " + ", ".join(f"{t} x{n}" for t, n in ck.stored_types.items()))
         print(f"shards: {len(files)}")
         for f, n in sorted(files.items()):
             print(f"  {f}: {n} tensors")

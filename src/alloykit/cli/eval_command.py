@@ -1,4 +1,5 @@
-"""``alloykit eval MODEL --task TASK...``: a model's metric on tasks (accuracy, macro F1, perplexity).
+"""``alloykit eval MODEL --task TASK...``: a model's metric on tasks (accuracy, macro F1, perplexity);
+``alloykit eval MODEL --lm-eval TASK...``: lm-evaluation-harness tasks (``cli/lm_eval_command.py``).
 
 ``alloykit stats evaluate`` is the same command under its first name.
 """
@@ -9,11 +10,14 @@ import argparse
 import json
 
 from alloykit.cli.data_args import DATA_HELP, TASK_HELP, add_max_len, add_model_args, add_threads, set_threads
+from alloykit.cli.lm_eval_command import add_lm_eval_args, cmd_lm_eval
 
 
 def add_parser(sub) -> None:
-    e = sub.add_parser("eval", help="a model's accuracy, macro F1 or perplexity on tasks (task files or built-in tasks)")
+    e = sub.add_parser("eval", help="a model's accuracy, macro F1 or perplexity on tasks (task files or built-in tasks), "
+                                    "or lm-evaluation-harness tasks (--lm-eval)")
     add_eval_args(e)
+    add_lm_eval_args(e)
 
 
 def add_eval_args(e: argparse.ArgumentParser) -> None:
@@ -43,6 +47,8 @@ def _line(model: str, r: dict, split: bool) -> str:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     set_threads(args)
+    if getattr(args, "lm_eval", None):
+        return cmd_lm_eval(args)
     from alloykit.errors import AlloyError
     from alloykit.eval.suite import evaluate_folder
 

@@ -17,8 +17,8 @@ import sys
 import warnings
 
 from alloykit import __version__
-from alloykit.cli import (align_command, analyze_command, clean_command, commands, eval_command, lora_command, moe_command,
-                          multi_command, search_command, stats_command, tokensurgeon_command)
+from alloykit.cli import (align_command, analyze_command, clean_command, commands, eval_command, gguf_command, lora_command,
+                          moe_command, multi_command, search_command, stats_command, tokensurgeon_command)
 from alloykit.errors import AlloyError
 from alloykit.progress import show_logs
 
@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refused: alloykit never runs code that comes with a checkpoint")
     m.add_argument("--output-lora", type=int, metavar="RANK",
                    help="write a PEFT LoRA adapter of rank RANK (the merged model minus base_model) instead of the model")
+    m.add_argument("--output-format", choices=["safetensors", "gguf"], default="safetensors",
+                   help="gguf: write the weights as one GGUF file (llama.cpp) of --gguf-type instead of safetensors")
+    m.add_argument("--gguf-type", default="f16", help="with --output-format gguf: f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0 (default f16)")
     m.add_argument("--lora-skip-others", action="store_true",
                    help="with --output-lora: skip changed embeddings and norms instead of saving them as modules_to_save")
     m.add_argument("--intermediate-dir", "-I", metavar="DIR",
@@ -139,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # commands with their own module: each adds its parser(s), with ``func`` set the same way
     for module in (lora_command, clean_command, analyze_command, stats_command, search_command, eval_command,
-                   tokensurgeon_command, align_command, moe_command):
+                   tokensurgeon_command, align_command, moe_command, gguf_command):
         module.add_parser(sub)
     multi_command.add_parser(sub, parse_size, parse_count, MERGEKIT_NO_OPS)  # merge's size options and no-ops
     return ap

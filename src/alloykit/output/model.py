@@ -19,6 +19,7 @@ from alloykit.card import write_metadata
 from alloykit.errors import OutputError
 from alloykit.io.checkpoint import Checkpoint
 from alloykit.io.durable import file_sha256
+from alloykit.io.gguf_write import check_type, folder_to_gguf
 from alloykit.io.side import SideOutputs
 from alloykit.io.writer import ShardedWriter, ShardLayout, plan_shards
 from alloykit.ops.philox import STREAM as RANDOM_STREAM
@@ -95,6 +96,7 @@ class WriteOptions:
     fail_on_nonfinite: bool = False
     budget_bytes: int = DEFAULT_BUDGET
     copy_tokenizer: bool = True
+    gguf_type: str | None = None  # write the weights as one GGUF file of this type instead of safetensors
 
 
 def write_model(plan: Plan, out: str | os.PathLike, options: WriteOptions = WriteOptions(), *,
@@ -104,9 +106,12 @@ def write_model(plan: Plan, out: str | os.PathLike, options: WriteOptions = Writ
     o = options
     if o.max_shard_size <= 0:
         raise OutputError(f"--max-shard-size {o.max_shard_size}: must be a positive number of bytes")
+    if o.gguf_type is not None:
+        check_type(o.gguf_type)
     folder = OutputFolder(out, overwrite=o.overwrite, what="merge")
     shards = plan_shards([(j.name, j.out_dtype, j.shape) for j in plan.jobs], o.max_shard_size)
-    fingerprint = plan_fingerprint(plan, "".join(f"{s.filename}|{s.size};" for s in shards))
+    fingerprint = plan_fingerprint(plan, "".join(f"{s.filename}|{s.size};" for s in shards),
+                                   f"gguf={o.gguf_type}" if o.gguf_type else "")
     if folder.already_done(fingerprint, o.resume):
         return Written(folder.target, already_done=True)
     folder.total_shards = len(shards)
@@ -118,6 +123,9 @@ def write_model(plan: Plan, out: str | os.PathLike, options: WriteOptions = Writ
         fault_point("tensors-written")
         write_metadata(plan, folder.tmp, copy_tokenizer=o.copy_tokenizer, fingerprint=fingerprint, names_dir=names_dir)
         fault_point("metadata-written")
+        if o.gguf_type is not None:  # inside the journal: an interrupted conversion can --resume
+            folder_to_gguf(folder.tmp, o.gguf_type, tokenizer_from=plan.checkpoints[plan.tokenizer_source]
+                           if plan.tokenizer_source is not None else None)
         folder.commit()
     return Written(folder.target, reused_shards=reused)
 

@@ -18,6 +18,7 @@ from alloykit.config import InputModel, Recipe, Slice, parse_recipe
 from alloykit.errors import CheckpointError, PlanError, RecipeError, did_you_mean
 from alloykit.io import hub
 from alloykit.io.checkpoint import Checkpoint
+from alloykit.io.gguf import GGUFCheckpoint, open_gguf
 from alloykit.io.lora import LoraCheckpoint, adapter_base, is_adapter
 from alloykit.methods.registry import MethodSpec, get_method
 from alloykit.plan.layout import DEFAULT, ModuleLayout, get_key, model_modules, owner
@@ -146,7 +147,11 @@ class _Models:
                     "name it as 'BASE+ADAPTER'"
                 )
             return self.add(ref, self._lora(ref, self.resolve_path(base_ref), path))
-        return self.add(ref, Checkpoint(path, allow_pickle=self.allow_pickle, label=ref))
+        return self.add(ref, self._open(path, ref))
+
+    def _open(self, path: Path, label: str):
+        # a .gguf file (or a folder holding one) is dequantized on read; anything else is a HF checkpoint
+        return open_gguf(path, label) or Checkpoint(path, allow_pickle=self.allow_pickle, label=label)
 
     def check_distinct(self, indices: list[int]) -> None:
         """Refuse one model folder named twice under different spellings (``m``, ``m/``,
@@ -154,7 +159,7 @@ class _Models:
         seen: dict[frozenset[str], int] = {}
         for i in indices:
             ck = self.checkpoints[i]
-            if type(ck) is not Checkpoint:  # in-memory state dicts and LoRA folds have no single file set
+            if type(ck) not in (Checkpoint, GGUFCheckpoint):  # in-memory state dicts and LoRA folds have no single file set
                 continue
             key = frozenset(os.path.realpath(f) for f in ck.files)
             if key in seen and seen[key] != i:
@@ -167,7 +172,7 @@ class _Models:
     def _lora(self, ref: str, base: Path, adapter: Path):
         if not is_adapter(adapter):
             raise RecipeError(f"model '{ref}': '{adapter}' is not a PEFT adapter folder (no adapter_config.json)")
-        return LoraCheckpoint(Checkpoint(base, allow_pickle=self.allow_pickle, label=str(base)), adapter, ref)
+        return LoraCheckpoint(self._open(base, str(base)), adapter, ref)
 
 
 @dataclass(frozen=True)
