@@ -150,11 +150,11 @@ def test_tokenizer_and_dtype(family, tmp_path):
 
 
 @pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties", "dare_ties", "della", "breadcrumbs", "model_stock"])
-def test_optimised_executor_path_is_bit_identical_to_the_reference(method, family):
+def test_optimised_executor_path_equals_the_reference(method, family):
     """The executor lends its stack (deltas computed in place) and runs jobs on threads;
     the reference path is the method's pure function on fresh tensors, one job at a time."""
     from alloykit.methods.registry import MergeInput
-    from alloykit.plan.executor import compute_job
+    from alloykit.plan.executor import compute_job, mergekit_dtype
     from alloykit.plan.planner import tensor_seed
 
     base, tunes = family
@@ -170,8 +170,14 @@ def test_optimised_executor_path_is_bit_identical_to_the_reference(method, famil
         stack = torch.stack([plan.checkpoints[s.model].read(s.tensor).float() for s in job.sources])
         b = plan.checkpoints[job.base.model].read(job.base.tensor).float() if job.base else None
         gen = torch.Generator().manual_seed(tensor_seed(3, job.name)) if plan.method.randomized else None
-        ref = plan.method.fn(MergeInput(job.name, stack, b, job.params, job.model_params, gen)).to(job.out_dtype)
-        assert torch.equal(fast, ref), job.name
+        ref = plan.method.fn(MergeInput(job.name, stack, b, job.params, job.model_params, gen, role=job.role,
+                                        compute_dtype=mergekit_dtype(plan, job))).to(job.out_dtype)
+        if method in ("model_stock", "dare_ties", "della"):
+            # their fast paths sum in another order (model_stock's inner products, the L1 norms of
+            # DARE/DELLA's rescaling): equal within 1e-6 relative, as tests/test_fast_paths.py holds
+            assert float((fast - ref).abs().max()) <= 1e-6 * float(ref.abs().max()), job.name
+        else:
+            assert torch.equal(fast, ref), job.name
     plan.close()
 
 
