@@ -19,6 +19,7 @@ from alloykit.methods import sparse
 from alloykit.ops import consensus, sparsify
 from alloykit.plan import executor
 from alloykit.testing.fixtures import LlamaShape, write_family
+from alloykit.testing.helpers import merge_in_memory
 
 # odd sizes: row blocks, slab regions and passes in blocks end mid-tensor
 SHAPE = LlamaShape(vocab=301, hidden=48, intermediate=100, layers=2, heads=4, kv_heads=2)
@@ -57,13 +58,7 @@ def recipe(family, method: str, **shared) -> dict:
 
 
 def run(r: dict, **kw) -> dict[str, torch.Tensor]:
-    plan = plan_recipe(r, seed=7)
-    out: dict[str, torch.Tensor] = {}
-    try:
-        executor.run_jobs(plan, out.__setitem__, progress=False, **kw)
-    finally:
-        plan.close()
-    return out
+    return merge_in_memory(r, seed=7, **kw)
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ from alloykit.merge import plan_recipe
 from alloykit.ops import fast_random, fast_select, jit, philox, sparsify
 from alloykit.plan import executor
 from alloykit.testing.fixtures import LlamaShape, write_family
-from alloykit.testing.helpers import run_cli
+from alloykit.testing.helpers import merge_in_memory, run_cli
 
 pytestmark = pytest.mark.skipif(not jit.available(), reason="numba is not installed")
 
@@ -175,13 +175,7 @@ def recipe(family, case: str) -> dict:
 
 
 def run(r: dict, **kw) -> dict[str, torch.Tensor]:
-    plan = plan_recipe(r, seed=11)
-    out: dict[str, torch.Tensor] = {}
-    try:
-        executor.run_jobs(plan, out.__setitem__, progress=False, **kw)
-    finally:
-        plan.close()
-    return out
+    return merge_in_memory(r, seed=11, **kw)
 
 
 def reference(r: dict, monkeypatch) -> dict[str, torch.Tensor]:

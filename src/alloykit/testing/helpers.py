@@ -19,6 +19,8 @@ import torch
 
 from alloykit.cli.main import main
 from alloykit.io.checkpoint import Checkpoint
+from alloykit.merge import plan_recipe
+from alloykit.plan import executor
 
 
 class CliResult(NamedTuple):
@@ -42,3 +44,15 @@ def read_state(path: str | os.PathLike, *, allow_pickle: bool = False) -> dict[s
         return {name: ck.read(name) for name in ck.tensors}
     finally:
         ck.close()
+
+
+def merge_in_memory(recipe: dict, *, seed: int = 0, **run_options: Any) -> dict[str, torch.Tensor]:
+    """A recipe merged through the planner and executor into a dict, nothing written
+    (``run_options``: the executor's, e.g. ``threads``)."""
+    plan = plan_recipe(recipe, seed=seed)
+    out: dict[str, torch.Tensor] = {}
+    try:
+        executor.run_jobs(plan, out.__setitem__, progress=False, **run_options)
+    finally:
+        plan.close()
+    return out
