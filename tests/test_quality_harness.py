@@ -487,3 +487,16 @@ def test_finetunes_skip_the_one_another_process_is_training(tmp_path, monkeypatc
     monkeypatch.setattr("quality_bench.bench.time.sleep", lambda s: None)
     ft = bench.finetunes(0)
     assert order == ["a", "c", "b"] and list(ft.heads) == ["a", "b", "c"]
+
+
+def test_gain_kept_is_the_ratio_of_the_task_averages_so_a_task_without_headroom_does_not_blow_it_up():
+    half = [True] * 500 + [False] * 500
+    ft_a, probe_a, merged_a = [True] * 900 + [False] * 100, half, [True] * 700 + [False] * 300
+    rows = {"fine-tuned (individual)": {0: {"a": ft_a, "b": half}},
+            "pretrained + linear probe": {0: {"a": probe_a, "b": [True] * 499 + [False] * 501}},
+            "m": {0: {"a": merged_a, "b": [True] * 400 + [False] * 600}}}
+    st = TrackStats(_results(rows), n_boot=500)
+    # by hand: kept ((0.7 - 0.5) + (0.4 - 0.499)) / 2, gained ((0.9 - 0.5) + (0.5 - 0.499)) / 2
+    assert st.interval("m", "gain").est == pytest.approx((0.2 - 0.099) / (0.4 + 0.001))
+    # task b alone: a gain of 0.001 makes its own ratio -99 (what a mean of per-task ratios would be dominated by)
+    assert st.per_task("m", "b", "gain").est == pytest.approx(-0.099 / 0.001, rel=1e-4)  # float32 accuracies

@@ -35,6 +35,8 @@ from quality_bench.study import adamerging_study, k_curve  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
+#: what regenerates the full page from scratch (both tracks, fine-tunes cached)
+FULL_COMMAND = "nice -n 15 python benchmarks/quality/run.py --jobs 2"
 PAGE_INTRO = """# Merging quality: a text track and an image track, with intervals
 
 A language model instead (SmolLM2-135M-Instruct read from its GGUF, fine-tuned and merged): [results-lm.md](results-lm.md).
@@ -135,8 +137,14 @@ def write_page(args) -> None:
               "on a 2-core machine shared with other jobs; ")
     timing += ("per track and stage under each track's Setup. Headroom: the fine-tuned average is "
                + "; ".join(f"{pct_gap(s)} points above the linear probe on the {t} track" for t, s in summaries.items()) + ".")
+    missing = [t for t in PRESETS[args.preset].tracks if t not in tracks]
+    if missing:  # say so, rather than let a reader take one track for the benchmark
+        timing += (f"\n\n**Not on this page: the {' and '.join(missing)} track(s)**, not run with these settings yet: "
+                   + "; ".join(f"`nice -n 15 python benchmarks/quality/run.py --track {t}` adds it" for t in missing)
+                   + ". Earlier rounds' pages are in this file's git history.")
     intro = PAGE_INTRO.format(cache=os.path.relpath(args.cache, ROOT) if str(args.cache).startswith(str(ROOT)) else args.cache,
-                              command=run_info.get("command") or command_line(args), timing=timing,
+                              command=run_info.get("command") or (FULL_COMMAND if args.from_json and args.preset == "full" else command_line(args)),
+                              timing=timing,
                               vit_params=f"{results_all['image']['base']['parameters'] / 1e6:.2f}M-parameter"
                               if "image" in results_all and "parameters" in results_all["image"].get("base", {}) else "small")
     args.md.parent.mkdir(parents=True, exist_ok=True)

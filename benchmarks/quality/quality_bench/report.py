@@ -208,7 +208,7 @@ def track_section(results: dict, plots: dict[str, str], n_boot: int = 2000) -> t
            f"Mean pairwise cosine between the task vectors of one seed: {', '.join(f'{c:.3f}' for c in cos)} (per seed).", "",
            "### Results (test accuracy, %, 95% intervals)", "",
            "Accuracy: mean over tasks. Normalized: merged / fine-tuned per task, averaged. Gain kept: (merged - probe) / "
-           "(fine-tuned - probe) per task, averaged: 0 is a linear probe on the frozen base, 100 is the fine-tunes. "
+           "(fine-tuned - probe) on the task averages (per task in its own table below): 0 is a linear probe on the frozen base, 100 is the fine-tunes. "
            "Rows with several seeds ran on each seed's fine-tunes (the interval resamples seeds and test examples); rows with 1 "
            "seed ran on seed 0's (test examples only).", "", *main_table(results, st), ""]
     na = {n: r for n, r in results["rows"].items() if n not in st.correct}

@@ -8,8 +8,11 @@ every row with those seeds). Percentile intervals at 95%.
 
 * accuracy: the mean over tasks of each task's accuracy (and over the row's seeds);
 * normalized: merged / fine-tuned per task (the same seed's fine-tune), averaged;
-* gain kept: (merged - probe) / (fine-tuned - probe) per task, averaged: the fraction of
-  what fine-tuning gained over a linear probe on the frozen base that the merge keeps;
+* gain kept: (merged - probe) / (fine-tuned - probe) on the task averages: the fraction of
+  what fine-tuning gained over a linear probe on the frozen base that the merge keeps (per
+  task in the per-task table; a row's figure is the ratio of averages, because a task where
+  fine-tuning gained nothing (mnist_sum: 0.1 points) makes a per-task ratio, and any mean
+  of them, meaningless);
 * a difference between two rows is *resolved* when its interval excludes 0 (computed on
   the seeds both rows ran on, paired by seed and by example).
 """
@@ -97,9 +100,11 @@ class TrackStats:
             ft = self._task_acc(FT, ft_seed)
             if metric == "normalized":
                 per_task = [acc[t] / np.maximum(ft[t], 1e-9) for t in self.tasks]
-            else:  # gain kept
+            else:  # gain kept: the ratio of the task averages
                 probe = self._task_acc(PROBE, self.seeds(PROBE)[0])
-                per_task = [(acc[t] - probe[t]) / _nonzero(ft[t] - probe[t]) for t in self.tasks]
+                gained = np.mean([ft[t] - probe[t] for t in self.tasks], axis=0)
+                kept = np.mean([acc[t] - probe[t] for t in self.tasks], axis=0)
+                return kept / _nonzero(gained)
         return np.mean(per_task, axis=0)
 
     def _over_seeds(self, values: dict[int, np.ndarray]) -> np.ndarray:
