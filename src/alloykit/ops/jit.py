@@ -34,7 +34,7 @@ def available() -> bool:
     if os.environ.get("ALLOYKIT_NO_JIT", "") not in ("", "0"):
         return False
     if importlib.util.find_spec("numba") is None:
-        _log.info("numba is not installed: merges use the reference kernels (pip install numba for the fast ones)")
+        _log.info("numba is not installed: merges use the reference kernels (pip install 'alloykit[fast]' for the fast ones)")
         return False
     return True
 
