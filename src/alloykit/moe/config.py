@@ -22,7 +22,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from alloykit.config import dtype_name, load_yaml
+from alloykit.config import dtype_name, explain, load_yaml
 from alloykit.errors import RecipeError, did_you_mean
 
 #: gate modes: mergekit's documented three, its ``uniform_random`` (torch.nn.Linear's initialisation),
@@ -74,40 +74,17 @@ class MoEConfig(_Strict):
         return out + [(f"shared_experts[{i}]", e) for i, e in enumerate(self.shared_experts or [])]
 
 
-def _where(loc: tuple[Any, ...]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += ("." if out else "") + str(part)
-    return out
-
-
-def _allowed_at(loc: tuple[Any, ...]) -> list[str]:
-    inside_expert = any(p in ("experts", "shared_experts") for p in loc[:-1])
-    return list((Expert if inside_expert else MoEConfig).model_fields)
-
-
 def _message(err: ValidationError) -> str:
-    errors = err.errors()
-    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
-    loc = tuple(first["loc"])
-    where = _where(loc)
-    if first["type"] == "extra_forbidden":
-        allowed = _allowed_at(loc)
-        return (f"moe config: unknown key '{where}'{did_you_mean(str(loc[-1]), allowed)}; "
-                f"allowed here: {', '.join(allowed)}")
-    if first["type"] == "missing":
-        return f"moe config: missing required key '{where}'"
-    if first["type"] == "literal_error" and loc and loc[-1] == "gate_mode":
-        got = str(first.get("input"))
+    """The project's one reading of a pydantic error (``alloykit.config.explain``), with the two
+    literal choices mergekit-moe users get wrong said in their terms."""
+    problem = explain(err, MoEConfig)
+    if problem.kind == "invalid" and problem.key == "gate_mode":
+        got = str(problem.value)
         return f"moe config: gate_mode '{got}' is not one of {', '.join(GATE_MODES)}{did_you_mean(got, GATE_MODES)}"
-    if first["type"] == "literal_error" and loc and loc[-1] == "tokenizer_source":
+    if problem.kind == "invalid" and problem.key == "tokenizer_source":
         return ("moe config: tokenizer_source must be 'base' (the experts are routed by the base model's tokens; "
                 "mergekit-moe always copies the base's tokenizer)")
-    msg = first["msg"].removeprefix("Value error, ")
-    return f"moe config: '{where}' = {first.get('input')!r:.80}: {msg}" if where else f"moe config: {msg}"
+    return problem.line("moe config")
 
 
 def parse_moe_config(data: Any) -> MoEConfig:
