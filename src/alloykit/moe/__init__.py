@@ -4,9 +4,11 @@
   Mixtral / Qwen MoE model folder out (dense experts' MLPs behind the base's attention,
   routers from prompts or random);
 * routed merges for the Python API (:mod:`~alloykit.moe.routing`): experts kept apart and
-  chosen per input -- :func:`smile` (training-free) and :func:`wemoe` (routers trained on
-  unlabelled inputs) -- saved by :func:`save_routed` as safetensors plus a small JSON config
-  that :func:`load_routed_model` rebuilds (:mod:`~alloykit.moe.routed`).
+  chosen per input -- :func:`smile` (training-free), :func:`wemoe` (routers trained on
+  unlabelled inputs) and :func:`twin_merging` (a shared merge plus low-rank exclusive parts,
+  mixed per input by a router trained on task-labelled inputs, :mod:`~alloykit.moe.twin`) --
+  saved by :func:`save_routed` as safetensors plus a small JSON config that
+  :func:`load_routed_model` rebuilds (:mod:`~alloykit.moe.routed`).
 
 The names load on first use, so importing the package (as the CLI does) imports no torch.
 """
@@ -21,6 +23,8 @@ _API = {
     "smile": "alloykit.moe.routing",
     "wemoe": "alloykit.moe.routing",
     "train_routers": "alloykit.moe.routing",
+    "twin_merging": "alloykit.moe.twin",
+    "train_router": "alloykit.moe.twin",
     "save_routed": "alloykit.moe.routed",
     "load_routed_model": "alloykit.moe.routed",
     "overhead": "alloykit.moe.routed",

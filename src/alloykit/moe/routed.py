@@ -21,7 +21,10 @@ Layer types:
   routed by the norms ``||V_k,g^T x||`` (SMILE, Tang et al. 2024);
 * :class:`EnsembleLinear` -- ``y = (W0 + sum_k r_k(x) tau_k) x + (b0 + sum_k r_k(x) tau_k,b)``, its
   coefficients r from a small router MLP shared by the linears of one MLP block (WEMoE,
-  Tang et al. 2024).
+  Tang et al. 2024);
+* :class:`TwinLinear` -- ``y = W_s x + b_s + sum_k w_k(x) (U_k S_k V_k^T x + db_k)``, one weighting
+  ``w(x)`` per input from the model's :class:`TwinRouter` (``routed.json``'s ``router``), which
+  reads the shared model's features of that input (Twin-Merging, Lu et al. 2024).
 """
 
 from __future__ import annotations
@@ -193,6 +196,174 @@ class EnsembleLinear(nn.Module):
         return self.base(x) + torch.einsum("...k,...ko->...o", r, mixed)
 
 
+class TwinLinear(nn.Module):
+    """A linear layer of shared weights plus K low-rank exclusive parts, weighted per input.
+
+    Twin-Merging (Lu et al., NeurIPS 2024, "Twin-Merging: Dynamic Integration of Modular
+    Expertise in Model Merging", arXiv:2406.15479). With the shared weights W_s (a static
+    merge of the fine-tunes) and task k's exclusive part W_k - W_s ~= U_k S_k V_k^T (its
+    top-``rank`` singular triplets):
+
+        y = W_s x + b_s + sum_k w_k (U_k (S_k V_k^T x) + (b_k - b_s))
+
+    ``w`` [batch, K] is one weighting per input (every token of a sample gets its sample's),
+    set before each forward by the model's :class:`TwinRouter` (``mix_weights``); None (no
+    router ran) is the shared model. This is the model theta_s + sum_k w_k(x) SVD_r(theta_k -
+    theta_s) of the paper for each sample, computed without forming per-sample weights.
+    """
+
+    def __init__(self, in_features: int, out_features: int, n_experts: int, rank: int, bias: bool = True):
+        super().__init__()
+        self.in_features, self.out_features, self.n_experts, self.rank = in_features, out_features, n_experts, rank
+        self.base = nn.Linear(in_features, out_features, bias=bias)
+        self.u = nn.Parameter(torch.zeros(n_experts, out_features, rank), requires_grad=False)
+        self.svh = nn.Parameter(torch.zeros(n_experts, rank, in_features), requires_grad=False)
+        self.bias_delta = nn.Parameter(torch.zeros(n_experts, out_features), requires_grad=False) if bias else None
+        self.mix_weights: torch.Tensor | None = None  # [batch, K], set by the router (a plain attribute, not saved)
+
+    def spec(self) -> dict[str, Any]:
+        return {"type": "twin", "in": self.in_features, "out": self.out_features, "experts": self.n_experts,
+                "rank": self.rank, "bias": self.bias_delta is not None}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        w = self.mix_weights
+        if w is None:
+            return y
+        if w.shape[0] != x.shape[0]:
+            raise RuntimeError(f"Twin-Merging layer: routing weights for {w.shape[0]} inputs, input batch {x.shape[0]} "
+                               "(the routed linears must see the batch as their first dimension)")
+        per_token = (w.shape[0],) + (1,) * (x.dim() - 2)
+        h = torch.einsum("b...i,kri->b...kr", x, self.svh) * w.to(x.dtype).view(*per_token, self.n_experts, 1)
+        out = torch.einsum("b...kr,kor->b...o", h, self.u)
+        if self.bias_delta is not None:
+            out = out + (w.to(x.dtype) @ self.bias_delta).view(*per_token, self.out_features)
+        return y + out
+
+
+class TwinRouter(nn.Module):
+    """Twin-Merging's router: w(x) = softmax(R(Emb(x))), Emb(x) the output of ``feature_module``
+    (``""``: the model's own output) under the shared model, mean-pooled over tokens (over the
+    unmasked ones where the call passes an ``attention_mask``); R a small MLP (``hidden`` 0: one
+    linear layer) on the standardised features. Attached to a model by :func:`attach_twin_router`."""
+
+    def __init__(self, features: int, n_experts: int, hidden: int = 0, feature_module: str = ""):
+        super().__init__()
+        self.features, self.n_experts, self.hidden, self.feature_module = features, n_experts, hidden, feature_module
+        layers: list[nn.Module] = [nn.Linear(features, hidden), nn.ReLU(), nn.Linear(hidden, n_experts)] if hidden else \
+            [nn.Linear(features, n_experts)]
+        self.net = nn.Sequential(*layers)
+        # the features are standardised before R (the statistics of the router's training inputs)
+        self.register_buffer("shift", torch.zeros(features))
+        self.register_buffer("scale", torch.ones(features))
+        self.busy = False  # True during the shared pass that computes the features
+
+    def spec(self) -> dict[str, Any]:
+        return {"features": self.features, "n_experts": self.n_experts, "hidden": self.hidden,
+                "feature_module": self.feature_module}
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        return self.net((features - self.shift) / self.scale)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Routing weights [batch, K] (rows sum to 1) of pooled features [batch, features]."""
+        return torch.softmax(self.logits(features), dim=-1)
+
+
+def _first_tensor(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, dict):
+        out = out["last_hidden_state"] if "last_hidden_state" in out else list(out.values())
+    for item in out if isinstance(out, (tuple, list)) else [out]:
+        if isinstance(item, torch.Tensor):
+            return item
+    raise AlloyError(f"Twin-Merging router: the feature module's output ({type(out).__name__}) holds no tensor: "
+                     "pick another feature_module")
+
+
+def pool(hidden: torch.Tensor, mask: Any = None) -> torch.Tensor:
+    """[batch, features] from a module's output: as is, or the mean over tokens ([batch, tokens, features]),
+    over the tokens ``mask`` keeps where it is given."""
+    if hidden.dim() == 2:
+        return hidden
+    hidden = hidden.reshape(hidden.shape[0], -1, hidden.shape[-1])
+    if isinstance(mask, torch.Tensor) and mask.shape == hidden.shape[:2]:
+        m = mask.to(hidden.dtype).unsqueeze(-1)
+        return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+    return hidden.mean(1)
+
+
+def twin_layers(model: nn.Module) -> list[TwinLinear]:
+    return [m for m in model.modules() if isinstance(m, TwinLinear)]
+
+
+@torch.no_grad()
+def shared_features(model: nn.Module, run: Callable[[], Any], feature_module: str = "") -> torch.Tensor:
+    """Pooled features of one call of ``model`` (``run()`` makes it) under the shared model (every
+    :class:`TwinLinear` unweighted): the output of ``feature_module`` (``""``: the model's), mean
+    over tokens, over the ``attention_mask`` the call passed, if any. What the router reads."""
+    router, seen = getattr(model, "twin_router", None), {}
+
+    def mask_of(_m: nn.Module, _args: tuple, kwargs: dict) -> None:
+        seen.setdefault("mask", kwargs.get("attention_mask"))
+
+    def output_of(_m: nn.Module, _args: tuple, out: Any) -> None:
+        seen["out"] = _first_tensor(out)
+
+    hooks = [model.register_forward_pre_hook(mask_of, with_kwargs=True, prepend=True),
+             get_module(model, feature_module).register_forward_hook(output_of)]
+    if router is not None:
+        router.busy = True
+    try:
+        for m in twin_layers(model):
+            m.mix_weights = None
+        run()
+    finally:
+        if router is not None:
+            router.busy = False
+        for h in hooks:
+            h.remove()
+    if "out" not in seen:
+        raise AlloyError(f"Twin-Merging router: the feature module '{feature_module}' did not run in the model's forward")
+    return pool(seen["out"], seen.get("mask"))
+
+
+def _route(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook: the shared pass, the router, then every TwinLinear weighted for this batch."""
+    router: TwinRouter = model.twin_router
+    if router.busy:
+        return None
+    weights = router(shared_features(model, lambda: model(*args, **kwargs), router.feature_module))
+    for m in twin_layers(model):
+        m.mix_weights = weights
+    model.twin_last_weights = weights.detach()
+    return None
+
+
+def _unroute(model: nn.Module, _args: tuple, _out: Any) -> None:
+    if not model.twin_router.busy:
+        for m in twin_layers(model):
+            m.mix_weights = None
+
+
+def attach_twin_router(model: nn.Module, router: TwinRouter) -> nn.Module:
+    """Put ``router`` in ``model`` (as ``model.twin_router``, saved with it) and route every call:
+    each forward first runs the shared model to compute the routing weights, then the weighted one
+    (two passes per call: what Twin-Merging's dynamic merging costs). The last call's weights are
+    kept as ``model.twin_last_weights``."""
+    if not twin_layers(model):
+        raise AlloyError("attach_twin_router: the model holds no TwinLinear layer (build it with twin_merging())")
+    if router.n_experts != twin_layers(model)[0].n_experts:
+        raise AlloyError(f"attach_twin_router: the router has {router.n_experts} outputs, the layers "
+                         f"{twin_layers(model)[0].n_experts} experts")
+    model.twin_router = router
+    if _route not in model._forward_pre_hooks.values():  # once, also on a copy of a routed model
+        model.register_forward_pre_hook(_route, with_kwargs=True)
+        model.register_forward_hook(_unroute)
+    return model
+
+
 # -- building, saving and loading ------------------------------------------------------------------
 def get_module(root: nn.Module, path: str) -> nn.Module:
     return root.get_submodule(path) if path else root
@@ -204,7 +375,7 @@ def set_module(root: nn.Module, path: str, module: nn.Module) -> None:
 
 
 def routed_layers(model: nn.Module) -> dict[str, nn.Module]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, (SmileLinear, EnsembleLinear))}
+    return {n: m for n, m in model.named_modules() if isinstance(m, (SmileLinear, EnsembleLinear, TwinLinear))}
 
 
 def _empty_layer(spec: dict[str, Any]) -> nn.Module:
@@ -215,7 +386,9 @@ def _empty_layer(spec: dict[str, Any]) -> nn.Module:
         router = (WEMoERouter(spec["in"], spec["experts"], spec["router_hidden_layers"], spec["init_lambda"])
                   if "router_hidden_layers" in spec else None)
         return EnsembleLinear(spec["in"], spec["out"], spec["experts"], spec["bias"], router)
-    raise CheckpointError(f"routed layer type '{spec['type']}' is not one alloykit knows (smile, wemoe)")
+    if spec["type"] == "twin":
+        return TwinLinear(spec["in"], spec["out"], spec["experts"], spec["rank"], spec["bias"])
+    raise CheckpointError(f"routed layer type '{spec['type']}' is not one alloykit knows (smile, wemoe, twin)")
 
 
 def link_followers(model: nn.Module, leaders: dict[str, str]) -> None:
@@ -232,7 +405,7 @@ def save_routed(model: nn.Module, folder: str | os.PathLike, *, host_config: Any
     ``method``, ``settings``, ``experts``: what made it (default: what ``smile``/``wemoe`` recorded)."""
     layers = {name: m.spec() for name, m in routed_layers(model).items()}
     if not layers:
-        raise AlloyError("save_routed: the model holds no routed layer (SmileLinear, EnsembleLinear)")
+        raise AlloyError("save_routed: the model holds no routed layer (SmileLinear, EnsembleLinear, TwinLinear)")
     made = getattr(model, "alloykit_routing", None) or {}
     method = method or made.get("method") or "custom"
     settings = settings if settings is not None else made.get("settings", {})
@@ -245,6 +418,7 @@ def save_routed(model: nn.Module, folder: str | os.PathLike, *, host_config: Any
     record = {"format": FORMAT, "version": VERSION, "method": method, "alloykit_version": __version__,
               "torch_version": torch.__version__, "experts": experts or [], "settings": settings or {}, "host": host,
               "layers": layers, "followers": leaders, "parameters": parameter_count(model),
+              **({"router": model.twin_router.spec()} if isinstance(getattr(model, "twin_router", None), TwinRouter) else {}),
               "written": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
     def write(tmp: Path) -> None:
@@ -306,6 +480,8 @@ def load_routed_model(folder: str | os.PathLike, module: nn.Module | None = None
             raise CheckpointError(f"routed model '{folder}': the host has no module '{name}' (another architecture?)") from None
         set_module(module, name, _empty_layer(spec))
     link_followers(module, record.get("followers", {}))
+    if "router" in record:  # Twin-Merging: one router for the whole model, run before each forward
+        attach_twin_router(module, TwinRouter(**record["router"]))
     missing, unexpected = load_model(module, str(folder / "model.safetensors"), strict=False)
     if missing or unexpected:
         raise CheckpointError(f"routed model '{folder}': the weights do not fit the rebuilt model "
