@@ -189,6 +189,35 @@ def test_feature_module_and_attention_mask_pooling():
     torch.testing.assert_close(pool(h), h.mean(1))
 
 
+class ProjectedToy(Toy):
+    """The toy behind an input projection outside the blocks (as a ViT's patch embedding)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj_in = nn.Linear(D, D)
+
+    def forward(self, x):
+        return super().forward(self.proj_in(x))
+
+
+def test_targets_linears_keeps_exclusive_parts_outside_the_blocks_too():
+    torch.manual_seed(5)
+    base = ProjectedToy().eval()
+    _, tunes = family(5)
+    for k, sd in enumerate(tunes):
+        g = torch.Generator().manual_seed(300 + k)
+        sd.update({n: v + 0.2 * torch.randn(v.shape, generator=g) for n, v in base.state_dict().items() if n.startswith("proj_in")})
+        sd.update({n: v for n, v in base.state_dict().items() if n not in sd})
+    x = task_inputs(1, 6)
+    one_hot = fixed_router(F.one_hot(torch.tensor(1), K).float())
+    routed = twin_merging(base, tunes, router=one_hot, rank=64, targets="linears")
+    assert isinstance(routed.proj_in, TwinLinear)
+    torch.testing.assert_close(routed(x), model_of(base, tunes[1])(x), atol=2e-5, rtol=1e-5)
+    blocks_only = twin_merging(base, tunes, router=copy.deepcopy(one_hot), rank=64, targets="blocks")
+    assert isinstance(blocks_only.proj_in, nn.Linear) and not isinstance(blocks_only.proj_in, TwinLinear)
+    assert (blocks_only(x) - model_of(base, tunes[1])(x)).abs().max() > 1e-3  # the shared projection differs
+
+
 def test_bad_inputs_are_one_line_errors():
     base, tunes = family()
     with pytest.raises(AlloyError, match="rank 0"):
@@ -199,3 +228,38 @@ def test_bad_inputs_are_one_line_errors():
         twin_merging(base, tunes)
     with pytest.raises(AlloyError, match="labels must lie"):
         train_router(torch.zeros(4, 3), torch.tensor([0, 1, 2, 5]), 3)
+
+
+def test_a_transformers_model_with_padding_routes_each_input_and_reloads_from_its_folder(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=32, max_position_embeddings=16)
+    torch.manual_seed(0)
+    base = transformers.BertModel(cfg).eval()
+    tunes = []
+    for k in range(2):
+        g = torch.Generator().manual_seed(k)
+        tunes.append({n: t + 0.05 * torch.randn(t.shape, generator=g) if t.is_floating_point() else t
+                      for n, t in base.state_dict().items()})
+
+    def batch(k: int, seed: int) -> dict:  # task 0 reads tokens 1-24, task 1 tokens 25-49; ragged, padded with 0
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randint(1 + 24 * k, 25 + 25 * k, (6, 7), generator=g)
+        mask = torch.ones(6, 7, dtype=torch.long)
+        mask[::2, 4:] = 0
+        return {"input_ids": ids * mask, "attention_mask": mask}
+
+    routed = twin_merging(base, tunes, [[batch(0, 1), batch(0, 2)], [batch(1, 1), batch(1, 2)]], rank=4, steps=100)
+    x = batch(1, 9)
+    with torch.no_grad():
+        y = routed(**x).last_hidden_state
+    assert (routed.twin_last_weights.argmax(-1) == 1).all()
+    # the router read the shared model's output averaged over the unmasked tokens only
+    with torch.no_grad():
+        ref = model_of(base, shared_by_hand(base, tunes))(**x).last_hidden_state
+    m = x["attention_mask"].unsqueeze(-1).float()
+    torch.testing.assert_close(routed.twin_last_weights, routed.twin_router((ref * m).sum(1) / m.sum(1)), atol=1e-5, rtol=1e-4)
+    loaded = load_routed_model(save_routed(routed, tmp_path / "bert", host_config=base.config))
+    assert type(loaded).__name__ == "BertModel"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**x).last_hidden_state, y, rtol=0, atol=0)

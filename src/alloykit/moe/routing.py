@@ -9,7 +9,8 @@ writes it, ``load_routed_model`` reads it back.
 
 Which linears are routed is read from the tensor roles (``alloykit.roles``), never from
 names: ``blocks`` every ``nn.Linear`` inside the repeated blocks (SMILE's choice: attention
-and MLP), ``mlp`` the MLP projections only (WEMoE's).
+and MLP), ``mlp`` the MLP projections only (WEMoE's), ``linears`` every ``nn.Linear`` of the
+model (the blocks' and those outside them: an input projection, a patch embedding, a head).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from alloykit.config import parse_recipe
 from alloykit.errors import AlloyError
 from alloykit.io.checkpoint import StateDictCheckpoint
 from alloykit.methods.registry import get_method
-from alloykit.moe.routed import EnsembleLinear, SmileLinear, WEMoERouter, set_module
+from alloykit.moe.routed import EnsembleLinear, SmileLinear, TwinLinear, WEMoERouter, set_module
 from alloykit.plan.executor import run_jobs
 from alloykit.plan.planner import make_plan
 from alloykit.progress import Progress
@@ -36,7 +37,7 @@ from alloykit.search.adamerging import Objective
 
 _log = logging.getLogger(__name__)
 
-TARGETS = ("blocks", "mlp")
+TARGETS = ("blocks", "mlp", "linears")
 #: which MLP linear reads the block input and so owns the block's WEMoE router (first found)
 _ROUTER_OWNER = (Kind.MLP_GATE, Kind.MLP_GATE_UP, Kind.MLP_UP)
 
@@ -46,16 +47,17 @@ def state_dict_of(model: Mapping[str, torch.Tensor] | nn.Module) -> dict[str, to
 
 
 def linear_targets(base: nn.Module, finetuned: Sequence[Mapping[str, torch.Tensor]], targets: str) -> list[str]:
-    """Module names of the ``nn.Linear`` layers to route: in a block (``blocks``) or MLP projections
-    (``mlp``), and changed by at least one fine-tune (an unchanged layer has no expert to keep)."""
+    """Module names of the ``nn.Linear`` layers to route: in a block (``blocks``), MLP projections
+    (``mlp``) or all of them (``linears``), and changed by at least one fine-tune (an unchanged
+    layer has no expert to keep)."""
     if targets not in TARGETS:
         raise AlloyError(f"targets '{targets}': use one of {', '.join(TARGETS)}")
     out = []
     for name, m in base.named_modules():
-        if not isinstance(m, nn.Linear) or isinstance(m, (SmileLinear, EnsembleLinear)):
+        if not isinstance(m, nn.Linear) or isinstance(m, (SmileLinear, EnsembleLinear, TwinLinear)):
             continue
         role = role_of(f"{name}.weight")
-        if role.layer is None or (targets == "mlp" and not role.is_mlp):
+        if (role.layer is None and targets != "linears") or (targets == "mlp" and not role.is_mlp):
             continue
         tensors = [f"{name}.weight"] + ([f"{name}.bias"] if m.bias is not None else [])
         for sd in finetuned:

@@ -60,9 +60,9 @@ def twin_merging(base: nn.Module, finetuned: Sequence[Mapping[str, torch.Tensor]
     arithmetic, lambda 0.3). ``inputs[k]``: batches of task k's inputs, each run as ``call(model,
     batch)`` (default: a tensor as ``model(x)``, a tuple as ``model(*x)``, a dict as
     ``model(**x)``), on which the router is trained to tell task k (:func:`train_router`); or pass
-    a trained ``router``. Every linear
-    layer in the blocks (``targets="blocks"``; ``"mlp"``: MLP projections only) changed by a
-    fine-tune keeps one rank-``rank`` exclusive part per fine-tune; all other tensors are theta_s.
+    a trained ``router``. Every linear layer in the blocks (``targets="blocks"``; ``"mlp"``: MLP
+    projections only; ``"linears"``: every ``nn.Linear``) changed by a fine-tune keeps one
+    rank-``rank`` exclusive part per fine-tune; all other tensors are theta_s.
     """
     if rank < 1:
         raise AlloyError(f"twin_merging: rank {rank}: must be at least 1")
