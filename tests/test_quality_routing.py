@@ -158,3 +158,17 @@ def test_wemoe_row_caches_its_trained_routers(tmp_path):
     for t in TASKS:
         assert torch.equal(first["scores"][t], again["scores"][t])
     assert first["grid"] == again["grid"]
+
+
+def test_twin_merging_row_routes_each_toy_task_to_its_expert(tmp_path):
+    bench = Bench(tmp_path)
+    out = get_row("twin_merging").run(bench, 0)
+    assert get_row("twin_merging").kind == "routing"
+    assert sorted(out["scores"]) == TASKS and all(len(v) == 40 and v.dtype == torch.bool for v in out["scores"].values())
+    # the toy encoder has no "blocks.1": only its output feeds the router
+    assert len(out["grid"]) == len(routing.TWIN_SHARED) * len(routing.TWIN_TARGETS) * len(routing.TWIN_RANKS)
+    assert all("features=output" in g["params"] for g in out["grid"])
+    # the toy tasks' inputs live on disjoint coordinates: the router tells them apart on unseen inputs
+    assert all(g["router_held_out_val"]["mean_top1"] == 1.0 for g in out["grid"])
+    assert all(r["top1"] == 1.0 and r["weight"] > 0.9 for r in out["router"]["test"].values())
+    assert out["cost"]["parameters"] > 1 and "x parameters" in out["chosen"] and "rank=" in out["chosen"]

@@ -257,7 +257,8 @@ def test_save_and_load_a_routed_toy_with_its_skeleton(tmp_path, method):
     assert {k: again[k] for k in ("method", "experts", "settings", "layers")} == {k: record[k] for k in ("method", "experts", "settings", "layers")}
 
 
-def test_a_transformers_host_is_rebuilt_from_the_folder_alone(tmp_path):
+def bert_family() -> tuple[nn.Module, list[dict]]:
+    """A tiny BertModel (vocabulary 50, width 16, 2 layers) and two fine-tunes: every float tensor moved a little."""
     transformers = pytest.importorskip("transformers")
     cfg = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                                   intermediate_size=32, max_position_embeddings=16)
@@ -268,6 +269,11 @@ def test_a_transformers_host_is_rebuilt_from_the_folder_alone(tmp_path):
         g = torch.Generator().manual_seed(k)
         tunes.append({n: t + 0.05 * torch.randn(t.shape, generator=g) if t.is_floating_point() else t
                       for n, t in base.state_dict().items()})
+    return base, tunes
+
+
+def test_a_transformers_host_is_rebuilt_from_the_folder_alone(tmp_path):
+    base, tunes = bert_family()
     routed = smile(base, tunes, rank=4, gate_rank=2, targets="blocks")
     kinds = {n.split(".")[-2] + "." + n.split(".")[-1] for n in routed_layers(routed)}
     assert {"self.query", "intermediate.dense", "output.dense"} <= kinds  # attention and MLP linears of the blocks

@@ -22,7 +22,7 @@ from alloykit.moe import twin_merging
 from alloykit.moe.routed import TwinLinear, TwinRouter, load_routed_model, pool, save_routed
 from alloykit.moe.twin import train_router
 
-from test_routed import BLOCK, D, H, K, Block  # the toy block of the SMILE/WEMoE tests (width 24, MLP 32), 3 tasks
+from test_routed import BLOCK, D, H, K, Block, bert_family  # the toy block of the SMILE/WEMoE tests (width 24, MLP 32), 3 tasks
 
 LAMBDA = 0.3
 
@@ -231,16 +231,7 @@ def test_bad_inputs_are_one_line_errors():
 
 
 def test_a_transformers_model_with_padding_routes_each_input_and_reloads_from_its_folder(tmp_path):
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                  intermediate_size=32, max_position_embeddings=16)
-    torch.manual_seed(0)
-    base = transformers.BertModel(cfg).eval()
-    tunes = []
-    for k in range(2):
-        g = torch.Generator().manual_seed(k)
-        tunes.append({n: t + 0.05 * torch.randn(t.shape, generator=g) if t.is_floating_point() else t
-                      for n, t in base.state_dict().items()})
+    base, tunes = bert_family()
 
     def batch(k: int, seed: int) -> dict:  # task 0 reads tokens 1-24, task 1 tokens 25-49; ragged, padded with 0
         g = torch.Generator().manual_seed(seed)
