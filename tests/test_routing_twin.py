@@ -254,3 +254,16 @@ def test_a_transformers_model_with_padding_routes_each_input_and_reloads_from_it
     assert type(loaded).__name__ == "BertModel"
     with torch.no_grad():
         torch.testing.assert_close(loaded(**x).last_hidden_state, y, rtol=0, atol=0)
+
+
+def test_with_rank_equals_the_model_built_at_that_rank():
+    from alloykit.moe.twin import with_rank
+
+    base, tunes = family(6)
+    router = fixed_router(torch.tensor([0.2, 0.5, 0.3]))
+    full = twin_merging(base, tunes, router=router, rank=24)
+    x = torch.cat([task_inputs(k, 4, seed=3) for k in range(K)])
+    cut = with_rank(full, 5)
+    torch.testing.assert_close(cut(x), twin_merging(base, tunes, router=copy.deepcopy(router), rank=5)(x), atol=1e-6, rtol=1e-6)
+    assert cut.alloykit_routing["settings"]["rank"] == 5 and full.alloykit_routing["settings"]["rank"] == 24
+    assert not torch.equal(cut(x), full(x))

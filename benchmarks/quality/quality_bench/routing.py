@@ -1,4 +1,4 @@
-"""Routing rows: SMILE and WEMoE (``alloykit.moe``), scored beside the static merges.
+"""Routing rows: SMILE, WEMoE and Twin-Merging (``alloykit.moe``), scored beside the static merges.
 
 A routed model keeps the fine-tunes' updates apart and chooses among them per input, so
 it is not one encoder state dict: each row builds the routed encoder from the seed's
@@ -15,6 +15,15 @@ turn in one process).
   unlabelled adaptation inputs of every task (the split and budget AdaMerging's rows use), Adam,
   one batch per task per step, the learning rate chosen on validation; trained routers are
   cached under the track's cache (``routing/``), so ``--update`` reruns only score them.
+* ``twin_merging``: a static shared merge plus each task's exclusive part (its fine-tune minus
+  the shared merge, truncated SVD per linear of the blocks), mixed per input by a router trained
+  by cross-entropy to tell which task an input came from, on the tasks' VALIDATION inputs only
+  (the paper's setting); the shared merge, the router's features, which linears keep exclusive
+  parts and their rank chosen on validation, each point scored with cross-fitted routers
+  (trained on one half of validation, routing the other). Where tasks share their inputs (fashion and fashion_coarse are the same
+  images) the router cannot tell them apart and spreads its weight over them. The router's
+  top-1 accuracy is reported per task on held-out validation and on test (diagnostic only,
+  nothing is chosen on test).
 """
 
 from __future__ import annotations
@@ -28,8 +37,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from alloykit.moe.routed import load_routed_model, parameter_count, save_routed
+from alloykit.moe.routed import attach_twin_router, load_routed_model, parameter_count, save_routed
 from alloykit.moe.routing import smile, wemoe
+from alloykit.moe.twin import task_features, train_router, twin_merging, with_rank
 from quality_bench.bench import Bench, mean_accuracy
 from quality_bench.rows import register_row
 
@@ -157,4 +167,119 @@ def trained_wemoe(bench: Bench, seed: int, lr: float) -> nn.Module:
     return routed
 
 
-ROUTING_ROWS = ["smile", "wemoe"]
+#: Twin-Merging's validation grid: the shared merge (method, parameters), the router's features (the
+#: module whose pooled output it reads under the shared model: "" the encoder's output, "blocks.1" the
+#: second block's tokens, mean-pooled; skipped where the track's encoder has no such module), which linears keep exclusive parts (the blocks', or every linear,
+#: the patch embedding too) and their rank (96: full rank at this width)
+TWIN_SHARED = [("task_arithmetic", {"lambda": 0.3}), ("linear", {})]
+TWIN_FEATURES = ("", "blocks.1")
+TWIN_TARGETS = ("blocks", "linears")
+TWIN_RANKS = (16, 48, 96)
+#: the router: one hidden layer, full-batch Adam on the cross-entropy of the task labels
+TWIN_ROUTER = {"hidden": 64, "steps": 300, "lr": 1e-2, "weight_decay": 1e-4}
+
+
+def _val_batches(bench: Bench, task: str, batch_size: int = 256) -> list:
+    data = bench.track.data(task, "val")
+    return [data.batch(torch.arange(i, min(i + batch_size, len(data)))) for i in range(0, len(data), batch_size)]
+
+
+@register_row("twin_merging", kind="routing", description="Twin-Merging: a shared merge plus low-rank exclusive parts per "
+              "task, mixed per input by a router trained on task-labelled validation inputs (Lu et al. 2024)")
+def twin_row(bench: Bench, seed: int) -> dict:
+    """Every grid point is scored on validation with cross-fitted routers (each validation input
+    routed by a router trained on the other half of validation), so that no point wins by its
+    router having seen the inputs it is scored on; the chosen point's router is then trained on
+    all of validation and the model scored once on test."""
+    ft, tr = bench.finetunes(seed), bench.track
+    sds = [ft.sd[t] for t in bench.tasks]
+    inputs = [_val_batches(bench, t) for t in bench.tasks]
+    features = [f for f in TWIN_FEATURES if f in dict(tr.module.named_modules())]
+    tried, best = [], None
+    for shared, params in TWIN_SHARED:
+        routers: dict[str, dict] = {}  # the routers read the shared model only: one set per (shared, features)
+        for targets in TWIN_TARGETS:
+            # built once at the largest rank; the smaller ranks are its truncations (the same SVDs)
+            full = twin_merging(_base_module(bench), sds, inputs, rank=max(TWIN_RANKS), shared=shared,
+                                shared_parameters=params, targets=targets, feature_module=features[0],
+                                seed=bench.merge_seed, experts=bench.tasks, call=tr.features,
+                                router_hidden=TWIN_ROUTER["hidden"], steps=TWIN_ROUTER["steps"], lr=TWIN_ROUTER["lr"],
+                                weight_decay=TWIN_ROUTER["weight_decay"])
+            for feature_module in features:
+                if feature_module not in routers:
+                    routers[feature_module] = fold_routers(bench, full, inputs, feature_module)
+                r = routers[feature_module]
+                for rank in TWIN_RANKS:
+                    routed = with_rank(full, rank)
+                    routed.alloykit_routing["settings"].update(feature_module=feature_module, router=r["settings"])
+                    val = cross_fitted_scores(bench, routed, ft.heads, r)
+                    attach_twin_router(routed, r["all"])
+                    label = (f"shared={shared}{''.join(f', {k}={v}' for k, v in params.items())}, features="
+                             f"{feature_module or 'output'}, targets={targets}, rank={rank}")
+                    tried.append({"params": label, "val_avg": mean_accuracy(val), "router_held_out_val": r["held_out"]})
+                    bench.log(f"    twin_merging seed {seed} [{label}]: val {100 * tried[-1]['val_avg']:.1f} (cross-fitted), "
+                              f"router top-1 on held-out val {r['held_out']['mean_top1']:.2f}")
+                    if best is None or tried[-1]["val_avg"] > best[0]:
+                        best = (tried[-1]["val_avg"], label, routed)
+    _, label, routed = best
+    c = cost(bench, routed)
+    return {"scores": scores(bench, routed, ft.heads, "test"), "grid": tried, "cost": c,
+            "router": {"settings": {**TWIN_ROUTER, "inputs": "validation, labelled by task"},
+                       "test": router_accuracy(bench, routed, "test")},
+            "chosen": f"{label}, router on {sum(len(tr.data(t, 'val')) for t in bench.tasks)} validation inputs; "
+                      f"{describe_cost(c)}"}
+
+
+def fold_routers(bench: Bench, routed: nn.Module, inputs: list, feature_module: str) -> dict:
+    """Three routers reading ``feature_module`` of ``routed``'s shared model, trained like the row's:
+    on all of validation (the one the chosen model keeps) and on either half of each task's
+    validation inputs; the halves' routers scored on the other half (top-1 on the right task: how
+    routing generalises to unseen inputs of the same tasks)."""
+    feats, labels = task_features(routed, inputs, feature_module, call=bench.track.features)
+    first = torch.zeros(len(labels), dtype=torch.bool)
+    for k in range(len(bench.tasks)):
+        idx = torch.nonzero(labels == k).flatten()
+        first[idx[:len(idx) // 2]] = True
+    with torch.enable_grad():
+        trained = [train_router(feats[rows], labels[rows], len(bench.tasks), seed=bench.merge_seed,
+                                feature_module=feature_module, **TWIN_ROUTER)
+                   for rows in (torch.ones_like(first), first, ~first)]
+    with torch.no_grad():
+        top = torch.empty(len(labels), dtype=torch.bool)
+        top[~first] = trained[1](feats[~first]).argmax(-1) == labels[~first]
+        top[first] = trained[2](feats[first]).argmax(-1) == labels[first]
+    per_task = {t: round(float(top[labels == k].float().mean()), 3) for k, t in enumerate(bench.tasks)}
+    settings = {**TWIN_ROUTER, "seed": bench.merge_seed, "inputs": int(len(labels)),
+                "train_accuracy": round(float((trained[0](feats).argmax(-1) == labels).float().mean()), 4)}
+    return {"all": trained[0], "folds": trained[1:], "first": first, "labels": labels, "settings": settings,
+            "held_out": {"mean_top1": round(float(top.float().mean()), 3), "per_task": per_task}}
+
+
+def cross_fitted_scores(bench: Bench, routed: nn.Module, heads: dict, routers: dict) -> dict[str, torch.Tensor]:
+    """Validation scores where each input is routed by the fold router that did not see it."""
+    by_fold = []
+    for router in routers["folds"]:
+        attach_twin_router(routed, router)
+        by_fold.append(scores(bench, routed, heads, "val"))
+    out = {}
+    for k, t in enumerate(bench.tasks):
+        first = routers["first"][routers["labels"] == k]  # this task's validation rows, in order
+        out[t] = torch.where(first, by_fold[1][t], by_fold[0][t])
+    return out
+
+
+def router_accuracy(bench: Bench, routed: nn.Module, split: str) -> dict[str, dict[str, float]]:
+    """Per task: how often the router's top weight is the task's own expert, and its mean weight."""
+    out = {}
+    with torch.no_grad():
+        for k, t in enumerate(bench.tasks):
+            data, w = bench.track.data(t, split), []
+            for i in range(0, len(data), 256):
+                bench.track.features(routed, data.batch(torch.arange(i, min(i + 256, len(data)))))
+                w.append(routed.twin_last_weights)
+            w = torch.cat(w)
+            out[t] = {"top1": round(float((w.argmax(-1) == k).float().mean()), 3), "weight": round(float(w[:, k].mean()), 3)}
+    return out
+
+
+ROUTING_ROWS = ["smile", "wemoe", "twin_merging"]

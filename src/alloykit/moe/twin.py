@@ -17,6 +17,7 @@ compute theta*(x) exactly per sample (:class:`~alloykit.moe.routed.TwinLinear`).
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -34,6 +35,24 @@ _log = logging.getLogger(__name__)
 
 #: the shared merge when none is given: task arithmetic at the paper's usual scale
 DEFAULT_SHARED = ("task_arithmetic", {"lambda": 0.3})
+
+
+@torch.no_grad()
+def with_rank(model: nn.Module, rank: int) -> nn.Module:
+    """A copy of a Twin-Merging model whose exclusive parts keep only their top ``rank`` singular
+    triplets: the model ``twin_merging`` builds at that rank (the SVD is sorted), without
+    recomputing it. A rank above a layer's own keeps that layer whole."""
+    if rank < 1:
+        raise AlloyError(f"with_rank: rank {rank}: must be at least 1")
+    out = copy.deepcopy(model)
+    for m in out.modules():
+        if isinstance(m, TwinLinear) and rank < m.rank:
+            m.u = nn.Parameter(m.u[:, :, :rank].clone(), requires_grad=False)
+            m.svh = nn.Parameter(m.svh[:, :rank].clone(), requires_grad=False)
+            m.rank = rank
+    if hasattr(out, "alloykit_routing"):
+        out.alloykit_routing["settings"]["rank"] = rank
+    return out
 
 
 def call_model(model: nn.Module, batch: Any) -> Any:
