@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from alloykit.errors import AlloyError
+from alloykit.errors import AlloyError, CheckpointError
 from alloykit.moe import twin_merging
 from alloykit.moe.routed import TwinLinear, TwinRouter, load_routed_model, pool, save_routed
 from alloykit.moe.twin import train_router
@@ -172,6 +172,10 @@ def test_save_load_round_trip(tmp_path):
     assert torch.equal(loaded.twin_last_weights, model.twin_last_weights)
     again = save_routed(loaded, tmp_path / "again")  # a reloaded model saves the same record
     assert json.loads((again / "routed.json").read_text())["settings"] == record["settings"]
+    record["router"]["width"] = 3  # a router entry alloykit does not know: one line, no traceback of TypeError
+    (again / "routed.json").write_text(json.dumps(record))
+    with pytest.raises(CheckpointError, match="router entry"):
+        load_routed_model(again, module=Toy())
 
 
 def test_feature_module_and_attention_mask_pooling():

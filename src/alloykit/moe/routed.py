@@ -481,7 +481,12 @@ def load_routed_model(folder: str | os.PathLike, module: nn.Module | None = None
         set_module(module, name, _empty_layer(spec))
     link_followers(module, record.get("followers", {}))
     if "router" in record:  # Twin-Merging: one router for the whole model, run before each forward
-        attach_twin_router(module, TwinRouter(**record["router"]))
+        try:
+            router = TwinRouter(**record["router"])
+        except TypeError:
+            raise CheckpointError(f"routed model '{folder}': its router entry {record['router']!r} is not a Twin-Merging "
+                                  "router's (features, n_experts, hidden, feature_module)") from None
+        attach_twin_router(module, router)
     missing, unexpected = load_model(module, str(folder / "model.safetensors"), strict=False)
     if missing or unexpected:
         raise CheckpointError(f"routed model '{folder}': the weights do not fit the rebuilt model "
