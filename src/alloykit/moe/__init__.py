@@ -25,6 +25,7 @@ _API = {
     "train_routers": "alloykit.moe.routing",
     "twin_merging": "alloykit.moe.twin",
     "train_router": "alloykit.moe.twin",
+    "with_rank": "alloykit.moe.twin",
     "save_routed": "alloykit.moe.routed",
     "load_routed_model": "alloykit.moe.routed",
     "overhead": "alloykit.moe.routed",
