@@ -309,3 +309,33 @@ def test_resume_of_a_merge_from_another_random_stream_is_refused_in_one_line(fam
     path.write_text(yaml.safe_dump(r))
     assert run_cli(capsys, "merge", path, tmp_path / "ties", "-q").code == 0
     assert "stream" not in json.loads((tmp_path / "ties" / "alloykit_manifest.json").read_text())["fingerprint"]
+
+
+# --------------------------------------------------------------------------------------
+# per-tensor statistics once: passes over the inputs per tensor
+# --------------------------------------------------------------------------------------
+
+#: passes each fast path makes over a tensor's inputs: the geometric methods one pass for the
+#: Gram matrix (every norm, cosine and Karcher iterate follows from it) and one to write,
+#: however many iterations karcher takes; the row-wise ones a single pass; SCE four (variance
+#: histogram, low key bits, energies, merge)
+PASSES = {"slerp": 2, "nuslerp": 2, "model_stock": 2, "multislerp": 2, "karcher": 2, "nuslerp rows": 1,
+          "model_stock filter_wise": 1, "sce": 4, "sce all": 2}
+
+
+@pytest.mark.parametrize("case", sorted(PASSES))
+def test_per_tensor_statistics_are_computed_in_one_pass(family, case, monkeypatch):
+    passes: dict[str, int] = {}
+
+    class Counting(executor.StreamInput):
+        def blocks(self):
+            passes[self.name] = passes.get(self.name, 0) + 1
+            return super().blocks()
+
+    monkeypatch.setattr(executor, "StreamInput", Counting)
+    r = recipe(family, case)
+    if case == "karcher":
+        r["parameters"] = {"max_iter": 50, "tol": 1e-12}  # many iterations: still no pass of their own
+    run(r, threads=1)
+    big = passes
+    assert big and set(big.values()) == {PASSES[case]}, passes
