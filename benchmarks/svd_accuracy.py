@@ -4,7 +4,8 @@
 
 For each shape, K fine-tune-like task vectors tau_i = L_i + noise (L_i of rank ``--rank``
 with a decaying spectrum, noise of relative Frobenius size ``--noise``; one shared
-direction so the tasks overlap, as fine-tunes of one base do) are merged by each method
+direction so the tasks overlap, as fine-tunes of one base do; or ``--spectrum powerlaw``,
+full rank with singular values i^-0.7) are merged by each method
 with ``svd: exact`` and ``svd: randomized``. Reported: the difference of the merged
 tensors relative to the norm of the exact merged task vector,
 ||merged_rand - merged_exact||_F / ||merged_exact - theta_0||_F (stricter than relative to
@@ -33,8 +34,20 @@ CASES = {  # label -> (method, parameters)
 }
 
 
-def task_vectors(m: int, n: int, k: int, rank: int, noise: float, seed: int) -> torch.Tensor:
+def task_vectors(m: int, n: int, k: int, rank: int, noise: float, seed: int, spectrum: str = "lowrank") -> torch.Tensor:
+    """``lowrank``: rank-``rank`` signal (spectrum 1 .. 10^-1.5) plus white noise; ``powerlaw``:
+    full rank with singular values i^-0.7 (no floor), plus the shared direction."""
     g = torch.Generator().manual_seed(seed)
+    if spectrum == "powerlaw":
+        p = min(m, n)
+        shared = torch.randn(m, 1, generator=g) @ torch.randn(1, n, generator=g)
+        out = []
+        for _ in range(k):
+            u = torch.linalg.qr(torch.randn(m, p, generator=g)).Q
+            v = torch.linalg.qr(torch.randn(n, p, generator=g)).Q
+            t = (u * torch.arange(1, p + 1, dtype=torch.float32) ** -0.7) @ v.T
+            out.append((t / t.norm() + 0.3 * shared / shared.norm()) * 1e-2 * (m * n) ** 0.5 / 100)
+        return torch.stack(out)
     shared = torch.randn(m, 1, generator=g) @ torch.randn(1, n, generator=g)
     out = []
     for _ in range(k):
@@ -61,6 +74,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=3)
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--noise", type=float, default=0.3)
+    ap.add_argument("--spectrum", choices=["lowrank", "powerlaw"], default="lowrank")
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
@@ -70,19 +84,20 @@ def main() -> None:
         m, n = (int(v) for v in shape.split("x"))
         name = "model.layers.0.mlp.down_proj.weight"
         base = torch.randn(m, n, generator=torch.Generator().manual_seed(0)) * 0.02
-        tau = task_vectors(m, n, a.k, a.rank, a.noise, seed=m + n)
+        tau = task_vectors(m, n, a.k, a.rank, a.noise, seed=m + n, spectrum=a.spectrum)
         for label in a.cases.split(","):
             method, params = CASES[label]
             exact, t_exact = run(method, {**params, "svd": "exact"}, name, base, tau)
             rand, t_rand = run(method, {**params, "svd": "randomized"}, name, base, tau)
             rel = float((rand - exact).norm() / (exact - base).norm())
-            row = {"shape": shape, "case": label, "k": a.k, "rel_diff": rel, "cpu_exact": t_exact, "cpu_randomized": t_rand,
+            row = {"shape": shape, "case": label, "k": a.k, "spectrum": a.spectrum, "rel_diff": rel, "cpu_exact": t_exact, "cpu_randomized": t_rand,
                    "time_ratio": t_rand / t_exact}
             rows.append(row)
             print(f"{shape:10s} {label:24s} rel diff {rel:.2e}  exact {t_exact:6.2f} s  randomized {t_rand:6.2f} s  "
                   f"ratio {t_rand / t_exact:.2f}", flush=True)
     if a.out:
-        a.out.write_text(json.dumps({"k": a.k, "rank": a.rank, "noise": a.noise, "rows": rows}, indent=1))
+        a.out.write_text(json.dumps({"k": a.k, "rank": a.rank, "noise": a.noise, "spectrum": a.spectrum, "rows": rows},
+                                    indent=1))
 
 
 if __name__ == "__main__":
