@@ -6,8 +6,10 @@ Each tool runs as a subprocess on the same recipe and inputs (page cache warmed 
 first read). Reported per run: wall time, CPU time (user+sys of the child, from
 wait4), and peak anonymous resident memory (RssAnon of the child, sampled every
 20 ms from /proc/PID/status: tensors in flight, not the page cache or mmapped files).
-Medians and spread go to docs/benchmarks.json; `report.py` turns them into
-docs/benchmarks.md and plots.
+Medians over ``--repeats`` and their spread (min-max of wall and CPU seconds, and the
+1-minute load average at the end of each run) go to docs/benchmarks.json; `report.py`
+turns them into docs/benchmarks.md and plots. ``--size 3b`` (Llama-3.2-3B's layout, 25.7 GB
+of inputs, ``generate.py``) is generated on first use: about 40 minutes and the disk space.
 """
 
 from __future__ import annotations
@@ -104,7 +106,8 @@ def measure(cmd: list[str], env: dict | None = None) -> dict:
     err = proc.stderr.read().decode(errors="replace")
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"{cmd[:3]} failed: {err[-2000:]}")
-    return {"wall": wall, "cpu": ru.ru_utime + ru.ru_stime, "rss_anon": peak[0], "maxrss": ru.ru_maxrss * 1024}
+    return {"wall": wall, "cpu": ru.ru_utime + ru.ru_stime, "rss_anon": peak[0], "maxrss": ru.ru_maxrss * 1024,
+            "load": os.getloadavg()[0]}
 
 
 def warm(root: Path) -> None:
@@ -115,13 +118,21 @@ def warm(root: Path) -> None:
 
 
 def summarize(runs: list[dict]) -> dict:
+    """Medians over the repeats, with their spread (min, max) and every run's figures."""
     walls = [r["wall"] for r in runs]
+    cpus = [r["cpu"] for r in runs]
+    if len(runs) > 1:
+        print(f"    median of {len(runs)}: {statistics.median(walls):.1f} s wall ({min(walls):.1f}-{max(walls):.1f}), "
+              f"cpu {statistics.median(cpus):.1f} s ({min(cpus):.1f}-{max(cpus):.1f})", flush=True)
     return {
         "runs": len(runs),
         "wall_median": statistics.median(walls),
         "wall_min": min(walls),
         "wall_max": max(walls),
-        "cpu_median": statistics.median(r["cpu"] for r in runs),
+        "cpu_median": statistics.median(cpus),
+        "cpu_min": min(cpus),
+        "cpu_max": max(cpus),
+        "load_1min": [r["load"] for r in runs],
         "rss_anon_peak": max(r["rss_anon"] for r in runs),
         "maxrss_peak": max(r["maxrss"] for r in runs),
     }
@@ -139,7 +150,8 @@ def bench_tool(tool: str, method: str, root: Path, work: Path, repeats: int, n: 
         else:
             cmd = MERGEKIT + [str(rfile), str(out), "--lazy-unpickle", "--quiet", "--no-copy-tokenizer"]
         runs.append(measure(cmd, env=dict(os.environ, HF_HUB_OFFLINE="1")))
-        print(f"  {tool:8s} {method:16s} {runs[-1]['wall']:7.1f}s  cpu {runs[-1]['cpu']:6.1f}s  anon {runs[-1]['rss_anon'] / 1e9:.2f} GB", flush=True)
+        print(f"  {tool:8s} {method:16s} {runs[-1]['wall']:7.1f}s  cpu {runs[-1]['cpu']:6.1f}s  anon {runs[-1]['rss_anon'] / 1e9:.2f} GB"
+              f"  load {runs[-1]['load']:.1f}", flush=True)
     shutil.rmtree(work / "out", ignore_errors=True)
     return summarize(runs)
 
@@ -151,7 +163,8 @@ def bench_baseline(mode: str, root: Path, work: Path, repeats: int, k: int = 3) 
         out = work / "out"
         shutil.rmtree(out, ignore_errors=True)
         runs.append(measure([PY, str(HERE / "baseline.py"), mode, str(out), *models]))
-        print(f"  baseline {mode:16s} {runs[-1]['wall']:7.1f}s  cpu {runs[-1]['cpu']:6.1f}s  anon {runs[-1]['rss_anon'] / 1e9:.2f} GB", flush=True)
+        print(f"  baseline {mode:16s} {runs[-1]['wall']:7.1f}s  cpu {runs[-1]['cpu']:6.1f}s  anon {runs[-1]['rss_anon'] / 1e9:.2f} GB"
+              f"  load {runs[-1]['load']:.1f}", flush=True)
     shutil.rmtree(work / "out", ignore_errors=True)
     return summarize(runs)
 

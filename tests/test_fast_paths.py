@@ -115,6 +115,42 @@ def test_radix_select_edges_equal_the_reference():
             assert (edge.key, edge.n_less, edge.n_equal) == (int(value.view(torch.int32)), n_less, n_equal)
 
 
+def test_sce_variance_kernel_is_torchs_bit_for_bit():
+    """SCE selects by variance: the fused kernel's must be torch.var's to the bit (ties
+    and threshold included), on bf16-quantized task vectors (many equal variances) too."""
+    from alloykit.ops import fast_sce
+
+    g = torch.Generator().manual_seed(1)
+    for k in (2, 3, 5):
+        d = torch.randn(k, 20_011, generator=g)
+        for t in (d, d * torch.logspace(-20, 20, d.shape[1]), (d * 0.01).bfloat16().float() - (d * 0.01).round()):
+            out = np.empty(t.shape[1], dtype=np.float32)
+            fast_sce.variance(np.ascontiguousarray(t.numpy()), out, *np.empty((2, t.shape[1])))
+            assert np.array_equal(out.view(np.int32), torch.var(t, dim=0, unbiased=False).numpy().view(np.int32))
+
+
+def test_sce_erase_kernel_is_the_references_arithmetic_bit_for_bit():
+    """Given the same energies, the fused election and disjoint mean are the reference's
+    float32 operations (elect_sign, agreement_mask, disjoint_sum, agreeing_weight)."""
+    from alloykit.ops import fast_sce
+    from alloykit.ops.consensus import agreeing_weight, agreement_mask, disjoint_sum, elect_sign
+
+    g = torch.Generator().manual_seed(2)
+    d = torch.randint(-3, 4, (3, 5003), generator=g).float() * torch.rand(3, 5003, generator=g)
+    d[:, :40] = 0.0  # no agreeing entry: the divisor 0 becomes 1
+    keep = (torch.rand(5003, generator=g) < 0.6).float()
+    base = torch.randn(5003, generator=g)
+    for c in ([0.2, 0.3, 0.5], [1e-9, 2e-9, 1.0], [1 / 3] * 3):
+        cw = torch.tensor(c, dtype=torch.float32).view(-1, 1)
+        tvs = d * keep.bool()
+        agree = agreement_mask(tvs, elect_sign(tvs, "sum"))
+        ref = base + disjoint_sum(tvs * cw, agree) / agreeing_weight(agree, cw).clamp_(min=1e-6)
+        out = np.empty(5003, dtype=np.float32)
+        fast_sce.erase_merge(d.numpy().copy(), keep.numpy(), cw.view(-1).numpy(), base.numpy(), out,
+                             *np.empty((2, 5003), dtype=np.float32))
+        assert torch.equal(bits(torch.from_numpy(out)), bits(ref))
+
+
 # --------------------------------------------------------------------------------------
 # every fast path against its reference, through the executor
 # --------------------------------------------------------------------------------------
@@ -140,6 +176,8 @@ CASES = {  # name -> (method, shared parameters, per-model parameters, models, b
     "della_linear": ("della_linear", {"rescale": False}, {"weight": W3, "density": [0.4] * 3, "epsilon": [0.2] * 3}, 3,
                      True, True),
     "sce": ("sce", {"select_topk": 0.3}, {}, 3, True, False),
+    "sce all": ("sce", {"select_topk": 1.0}, {}, 3, True, False),
+    "sce none": ("sce", {"select_topk": 0.0}, {}, 3, True, True),
     "slerp": ("slerp", {"t": 0.3}, {}, 1, True, False),
     "nuslerp": ("nuslerp", {}, {"weight": [0.3, 0.8]}, 2, True, False),
     "nuslerp rows": ("nuslerp", {"nuslerp_flatten": False}, {"weight": [0.3, 0.8]}, 2, True, True),
@@ -271,3 +309,33 @@ def test_resume_of_a_merge_from_another_random_stream_is_refused_in_one_line(fam
     path.write_text(yaml.safe_dump(r))
     assert run_cli(capsys, "merge", path, tmp_path / "ties", "-q").code == 0
     assert "stream" not in json.loads((tmp_path / "ties" / "alloykit_manifest.json").read_text())["fingerprint"]
+
+
+# --------------------------------------------------------------------------------------
+# per-tensor statistics once: passes over the inputs per tensor
+# --------------------------------------------------------------------------------------
+
+#: passes each fast path makes over a tensor's inputs: the geometric methods one pass for the
+#: Gram matrix (every norm, cosine and Karcher iterate follows from it) and one to write,
+#: however many iterations karcher takes; the row-wise ones a single pass; SCE four (variance
+#: histogram, low key bits, energies, merge)
+PASSES = {"slerp": 2, "nuslerp": 2, "model_stock": 2, "multislerp": 2, "karcher": 2, "nuslerp rows": 1,
+          "model_stock filter_wise": 1, "sce": 4, "sce all": 2}
+
+
+@pytest.mark.parametrize("case", sorted(PASSES))
+def test_per_tensor_statistics_are_computed_in_one_pass(family, case, monkeypatch):
+    passes: dict[str, int] = {}
+
+    class Counting(executor.StreamInput):
+        def blocks(self):
+            passes[self.name] = passes.get(self.name, 0) + 1
+            return super().blocks()
+
+    monkeypatch.setattr(executor, "StreamInput", Counting)
+    r = recipe(family, case)
+    if case == "karcher":
+        r["parameters"] = {"max_iter": 50, "tol": 1e-12}  # many iterations: still no pass of their own
+    run(r, threads=1)
+    big = passes
+    assert big and set(big.values()) == {PASSES[case]}, passes

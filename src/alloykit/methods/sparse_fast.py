@@ -16,7 +16,7 @@ the inputs as the trim allows:
 * DELLA: the same, the keep probability of an entry set by its magnitude rank in its
   row (rows sorted by numpy); the masks of the first pass are kept as bits for the second;
 * SCE: the variance threshold by radix select, a pass for the selected task vectors'
-  energies, then the reference's election and disjoint mean on each block.
+  energies, then election and disjoint mean, each pass one fused loop (``ops.fast_sce``).
 
 Per entry the arithmetic is the reference's, so the bytes are the reference's; only the
 L1 norms of rescaling are sums over the whole tensor, taken here in float64 in another
@@ -33,8 +33,7 @@ import numpy as np
 import torch
 
 from alloykit.methods.stream import Block, RowSums, StreamInput
-from alloykit.ops.consensus import agreeing_weight, agreement_mask, disjoint_sum, elect_sign
-from alloykit.ops import fast_merge, fast_random, fast_select, philox, tie_order
+from alloykit.ops import fast_merge, fast_random, fast_sce, fast_select, philox, tie_order
 from alloykit.ops.fast_select import KeepRule
 from alloykit.ops.sparsify import keep_count, outlier_window
 
@@ -407,16 +406,17 @@ def della_mask_bytes(numel: int, k: int, dtype: torch.dtype | None) -> int:
 # --------------------------------------------------------------------------------------
 
 
-def _variance(d: np.ndarray) -> np.ndarray:
-    """Per-entry population variance across the models (torch's, as the reference takes it)."""
-    return torch.var(torch.from_numpy(d), dim=0, unbiased=False).numpy()
-
-
 def sce(x: StreamInput) -> bool:
     """Select (variance top-k, flat tie order as ``variance_topk_mask``), calculate (energy
     of the selected task vectors, float64 sums), erase (elected sign, disjoint mean): the
-    reference's operations on each block, with the thresholds and energies found in passes."""
+    reference's operations per entry, fused per block (``ops.fast_sce``), with the
+    variance threshold found by radix select (two histogram passes, only when
+    0 < select_topk < 1) and the energies in a pass of their own."""
     fraction = x.params.select_topk
+    var = np.empty((1, x.block_size), dtype=np.float32)
+    keep = np.ones((1, x.block_size), dtype=np.float32)
+    scratch64 = np.empty((2, x.block_size), dtype=np.float64)  # the variance's running mean and m2
+    scratch32 = np.empty((2, x.block_size), dtype=np.float32)  # the election's sum, the agreeing weight
     rule: KeepRule | None = None
     if fraction <= 0:
         rule = KeepRule(x.numel, 0, 0)
@@ -425,9 +425,10 @@ def sce(x: StreamInput) -> bool:
         unused = np.zeros((1, 1), dtype=np.float64)
         nonzero = 0
         for block in x.blocks():
-            var = _variance(_deltas(block))[None]
-            nonzero += int(np.count_nonzero(var))
-            fast_select.count_high(var.view(np.int32), var, counts, unused, False)
+            v = var[:, : block.size]
+            fast_sce.variance(_deltas(block), v[0], *scratch64)
+            nonzero += int(np.count_nonzero(v))
+            fast_select.count_high(v.view(np.int32), v, counts, unused, False)
         k = int(nonzero * fraction)
         rule = KeepRule(x.numel, x.numel - k, x.numel, descending=True)
         for edge in rule.edges:
@@ -436,34 +437,38 @@ def sce(x: StreamInput) -> bool:
             buckets = np.array([[rule.edges[0].bucket, -1]], dtype=np.int64)
             low = np.zeros((1, 2, fast_select.LOW_BINS), dtype=np.int64)
             for block in x.blocks():
-                var = _variance(_deltas(block))[None]
-                fast_select.count_low(var.view(np.int32), var, buckets, low, np.zeros((1, 2, 1)), False)
+                v = var[:, : block.size]
+                fast_sce.variance(_deltas(block), v[0], *scratch64)
+                fast_select.count_low(v.view(np.int32), v, buckets, low, np.zeros((1, 2, 1)), False)
             rule.edges[0].locate_key(low[0, 0])
         rule.finish()
     arrays = _rule_arrays([rule])
-    keep = np.empty((1, x.block_size), dtype=np.float32)
+    masked = rule is not None and not (rule.start == 0 and rule.stop == x.numel)
+    ordinals = np.zeros((1, 2), dtype=np.int64)
 
-    def selected(block: Block) -> torch.Tensor:
-        d = torch.from_numpy(_deltas(block))
-        if rule is not None and not (rule.start == 0 and rule.stop == x.numel):
-            var = _variance(block.stack)[None]
-            flags = keep[:, : block.size]
-            fast_select.keep_flags(var.view(np.int32), *arrays, ordinals, flags)
-            d.mul_(torch.from_numpy(flags[0]).bool())
-        return d
+    def selected(block: Block) -> tuple[np.ndarray, np.ndarray]:
+        d = _deltas(block)
+        flags = keep[:, : block.size]
+        if masked:
+            v = var[:, : block.size]
+            fast_sce.variance(d, v[0], *scratch64)
+            fast_select.keep_flags(v.view(np.int32), *arrays, ordinals, flags)
+        return d, flags[0]
 
     sums = RowSums(x, (x.k,))
-    ordinals = np.zeros((1, 2), dtype=np.int64)
+    per_row = np.empty((x.rows_per_block, x.k), dtype=np.float64)
     for block in x.blocks():
-        d = selected(block).numpy()
-        sums.add(block, np.square(x.by_rows(d, block), dtype=np.float64).sum(axis=2))
+        d, flags = selected(block)
+        rows = per_row[: block.row1 - block.row0]
+        fast_sce.row_energies(d, flags, x.row_len, rows)
+        sums.add(block, rows)
     energy = sums.total() / max(1, x.numel)
     total = float(energy.sum())
-    c = torch.tensor(energy / total if total > 0 else np.full(x.k, 1.0 / x.k), dtype=torch.float32).view(-1, 1)
+    c = (energy / total if total > 0 else np.full(x.k, 1.0 / x.k)).astype(np.float32)
     ordinals[:] = 0
     for block in x.blocks():
-        d = selected(block)
-        agree = agreement_mask(d, elect_sign(d, "sum"))
-        merged = disjoint_sum(d.mul_(c), agree) / agreeing_weight(agree, c).clamp_(min=1e-6)
-        x.write(block, torch.from_numpy(block.base) + merged)
+        d, flags = selected(block)
+        out = x.result_buffer(block)
+        fast_sce.erase_merge(d, flags, c, block.base, out, *scratch32)
+        x.write(block, out)
     return True

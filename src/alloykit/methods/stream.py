@@ -17,6 +17,7 @@ order (``tests/test_fast_paths.py``).
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +30,12 @@ from alloykit.ops.jit import available as jit_available
 #: entries per input in one block (rounded to whole rows; at least one row): 256 KiB of
 #: float32, so a block of 4 inputs and the kernels' scratch stay in the CPU's L2 cache
 BLOCK_ENTRIES = 1 << 16
+
+
+class Stopped(Exception):
+    """Raised by ``StreamInput.blocks`` between two blocks once the merge was told to stop
+    (Ctrl-C or SIGTERM in the main thread): a worker thread sees no signal, and a tensor's
+    passes can take minutes, so this is where a streamed job ends early."""
 
 
 @dataclass
@@ -57,8 +64,10 @@ class StreamInput:
 
     def __init__(self, name: str, shape: tuple[int, ...], k: int, has_base: bool, params: Any, model_params: list[Any],
                  seed: int | None, read_rows: RowReader, out: torch.Tensor, block_entries: int = BLOCK_ENTRIES,
-                 compute_dtype: torch.dtype | None = None, role: Any = None):
+                 compute_dtype: torch.dtype | None = None, role: Any = None, stop: threading.Event | None = None):
         self.name, self.shape, self.k = name, tuple(shape), k
+        #: set by the executor when the merge is interrupted: ``blocks`` then raises ``Stopped``
+        self.stop = stop
         #: as ``MergeInput.compute_dtype`` and ``MergeInput.role``
         self.compute_dtype, self.role = compute_dtype, role
         self.params, self.model_params, self.seed = params, model_params, seed
@@ -85,6 +94,8 @@ class StreamInput:
         """One pass over the tensor, block by block, in row order."""
         self.passes += 1
         for r0 in range(0, self.rows, self.rows_per_block):
+            if self.stop is not None and self.stop.is_set():
+                raise Stopped(f"tensor '{self.name}' stopped at row {r0} of {self.rows}")
             r1 = min(self.rows, r0 + self.rows_per_block)
             m = (r1 - r0) * self.row_len
             stack = self._stack[: self.k * m].view(self.k, m)  # contiguous, the last block too

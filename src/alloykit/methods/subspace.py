@@ -16,17 +16,33 @@ scales the result like the matrices). CART uses scale 1, i.e. the plain mean of 
 fine-tunes: that is CART at full rank, where the centred task vectors sum to zero and its
 ``lambda`` has nothing to scale.
 
-SVDs are ``torch.linalg.svd(full_matrices=False)`` in float32 on the tensors' device.
+SVDs are ``torch.linalg.svd(full_matrices=False)`` in float32 on the tensors' device. Where a
+method keeps only the top singular triplets of each task matrix (TSV-M's r per task, CART's
+rank-k residuals), ``svd: randomized`` finds them by randomized subspace iteration instead
+(``alloykit.ops.lowrank.truncated_svd``, the sketch drawn from a generator seeded by the
+tensor's name): cheaper when the rank kept is a small part of min(m, n), approximate
+(docs/benchmarks.md, "SVD methods: randomized SVD"), and the exact SVD wherever the sketch
+would exceed a quarter of min(m, n) (then it saves nothing). The default is ``exact``, the papers'
+computation. Iso-C needs every singular value (the mean of the whole spectrum, a nuclear
+norm, which no top-k sketch gives): it always decomposes exactly. Iso-CTS keeps 80% of the
+summed matrix's spectrum by default, and its task-specific parts are SVDs of residuals with
+the common space removed, nearly flat spectra where any near-optimal subspace differs from
+the exact one (6% of the merged task vector measured): it decomposes exactly too.
+An SVD needs its whole matrix, so these methods cannot run on row blocks: a job holds the
+K task matrices in float32 plus the SVD's workspace (about m n + n^2 floats), which the
+executor's memory budget counts per job.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import zlib
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
 
 from alloykit.methods.registry import MergeInput, NoParams, Params, register
+from alloykit.ops.lowrank import OVERSAMPLE, truncated_svd
 from alloykit.roles import Kind
 
 # --------------------------------------------------------------------------------------
@@ -68,12 +84,28 @@ def orthogonalize(a: torch.Tensor) -> torch.Tensor:
     return p @ qh
 
 
-def low_rank(a: torch.Tensor, rank: int) -> torch.Tensor:
+SvdSolver = Literal["exact", "randomized"]
+
+
+def top_svd(a: torch.Tensor, rank: int, solver: SvdSolver = "exact", name: str = "") -> tuple[torch.Tensor, ...]:
+    """(U[:, :rank], s[:rank], Vh[:rank]) of a matrix: by the full SVD, or ``randomized``
+    (subspace iteration on a sketch seeded by ``name``: the same bytes on every run) where
+    the sketch (2 rank columns, ``lowrank.OVERSAMPLE`` at least) is at most a quarter of
+    min(m, n): above that its products cost about as much as the full SVD or more
+    (docs/benchmarks.md: 1.06x at r = 0.15 p, 2.3x at r = p/3)."""
+    if solver == "randomized" and 4 * (rank + max(OVERSAMPLE, rank)) <= min(a.shape):
+        gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+        return truncated_svd(a, rank, generator=gen)
+    u, s, vh = torch.linalg.svd(a, full_matrices=False)
+    return u[:, :rank], s[:rank], vh[:rank]
+
+
+def low_rank(a: torch.Tensor, rank: int, solver: SvdSolver = "exact", name: str = "") -> torch.Tensor:
     """Best rank-``rank`` approximation of a matrix (truncated SVD, Eckart-Young)."""
     if rank <= 0:
         return torch.zeros_like(a)
-    u, s, vh = torch.linalg.svd(a, full_matrices=False)
-    return (u[:, :rank] * s[:rank]) @ vh[:rank]
+    u, s, vh = top_svd(a, rank, solver, name)
+    return (u * s) @ vh
 
 
 def _scaled(base: torch.Tensor, delta: torch.Tensor, scale: float) -> torch.Tensor:
@@ -83,6 +115,9 @@ def _scaled(base: torch.Tensor, delta: torch.Tensor, scale: float) -> torch.Tens
 
 
 _ALPHA = "scale of the merged task vector (matrices and fallback tensors alike)"
+_SVD = ("how the kept top singular triplets are found: 'exact' (the full SVD, as the reference code) or "
+        "'randomized' (subspace iteration on a sketch: faster when the rank kept is a small part of min(m, n), "
+        "approximate; see docs/benchmarks.md)")
 
 
 # --------------------------------------------------------------------------------------
@@ -97,6 +132,7 @@ class TsvParams(Params):
         "at least 1; default 1/K, so that the K tasks together fill the full rank",
     )
     alpha: float = Field(1.0, allow_inf_nan=False, description=_ALPHA)
+    svd: SvdSolver = Field("exact", description=_SVD)
 
 
 class IsoCParams(Params):
@@ -121,6 +157,7 @@ class CartParams(Params):
     lambda_: float = Field(
         1.0, alias="lambda", allow_inf_nan=False, description="scale of the summed low-rank centred task vectors"
     )
+    svd: SvdSolver = Field("exact", description=_SVD)
 
 
 class MagMaxParams(Params):
@@ -184,11 +221,11 @@ def tsv_m(x: MergeInput) -> torch.Tensor:
     r = p // x.k if frac is None else int(frac * p)
     r = min(max(1, r), p)
     us, ss, vhs = [], [], []
-    for t in tau:
-        u, s, vh = torch.linalg.svd(t, full_matrices=False)
-        us.append(u[:, :r])
-        ss.append(s[:r])
-        vhs.append(vh[:r])
+    for i, t in enumerate(tau):
+        u, s, vh = top_svd(t, r, x.params.svd, f"{x.name}/{i}")
+        us.append(u)
+        ss.append(s)
+        vhs.append(vh)
     u_perp = orthogonalize(torch.cat(us, dim=1))
     vh_perp = orthogonalize(torch.cat(vhs, dim=0))
     return _scaled(x.base, (u_perp * torch.cat(ss)) @ vh_perp, alpha)
@@ -259,16 +296,15 @@ def iso_cts(x: MergeInput) -> torch.Tensor:
     tau = x.deltas()
     p = min(tau.shape[1], tau.shape[2])
     common, per_task = iso_cts_sizes(p, x.k, x.params.common_space_fraction)
-    u, s, vh = torch.linalg.svd(tau.sum(0), full_matrices=False)
-    u_c, s_c, vh_c = u[:, :common], s[:common], vh[:common]
+    u_c, s_c, vh_c = top_svd(tau.sum(0), common)
     us, ss, vhs = [], [], []
     if per_task > 0:
         for t in tau:
             t_ts = t - u_c @ (u_c.T @ t)
-            ut, st, vht = torch.linalg.svd(t_ts, full_matrices=False)
-            us.append(ut[:, :per_task])
-            ss.append(st[:per_task])
-            vhs.append(vht[:per_task])
+            ut, st, vht = top_svd(t_ts, per_task)
+            us.append(ut)
+            ss.append(st)
+            vhs.append(vht)
     u_perp = orthogonalize(torch.cat([*us, u_c], dim=1))
     vh_perp = orthogonalize(torch.cat([*vhs, vh_c], dim=0))
     s_iso = torch.cat([*ss, s_c]).mean()
@@ -303,8 +339,8 @@ def cart(x: MergeInput) -> torch.Tensor:
     if rank == 0 or x.params.lambda_ == 0:
         return theta_bar
     residual = torch.zeros_like(theta_bar)
-    for t in x.tensors:
-        residual += low_rank(t - theta_bar, rank)
+    for i, t in enumerate(x.tensors):
+        residual += low_rank(t - theta_bar, rank, x.params.svd, f"{x.name}/{i}")
     return _scaled(theta_bar, residual, x.params.lambda_)
 
 

@@ -118,19 +118,20 @@ def stack_numel(job: TensorJob) -> int:
 
 def compute_job(
     plan: Plan, job: TensorJob, device: torch.device, fail_on_nonfinite: bool = False,
-    workspace: torch.Tensor | None = None, side_sink: SideSink | None = None,
+    workspace: torch.Tensor | None = None, side_sink: SideSink | None = None, stop: threading.Event | None = None,
 ) -> torch.Tensor:
     """The merged tensor of one job (on the CPU, in the job's output dtype).
 
     ``workspace``: a float32 CPU buffer of at least ``stack_numel(job)`` entries to hold
     the stack and the base (fresh memory when None). ``side_sink`` receives the job's side
-    outputs, if its method emits any (moved to the CPU).
+    outputs, if its method emits any (moved to the CPU). Once ``stop`` is set a streamed job
+    raises ``Stopped`` before its next block (a whole-tensor job runs to its end).
     """
     cks = plan.checkpoints
     if job.copy:
         return cks[job.sources[0].model].read(job.sources[0].tensor).to(job.out_dtype)
     if streams(job, plan, device):
-        out = _compute_streamed(plan, job, fail_on_nonfinite)
+        out = _compute_streamed(plan, job, fail_on_nonfinite, stop)
         if out is not None:
             return out
     # the output buffer first: inputs in its dtype are read through it (no temporary per read)
@@ -213,7 +214,8 @@ class _RowSource:
             into.copy_(self.ck.read_range(self.name, start, count, raw))
 
 
-def _compute_streamed(plan: Plan, job: TensorJob, fail_on_nonfinite: bool) -> torch.Tensor | None:
+def _compute_streamed(plan: Plan, job: TensorJob, fail_on_nonfinite: bool,
+                      stop: threading.Event | None = None) -> torch.Tensor | None:
     """``compute_job`` through the method's fast path; None if it declines the tensor.
 
     Inputs are checked for NaN/Inf block by block on the first pass (later passes reread
@@ -223,7 +225,7 @@ def _compute_streamed(plan: Plan, job: TensorJob, fail_on_nonfinite: bool) -> to
     out = torch.empty(job.shape, dtype=job.out_dtype)
     seed = tensor_seed(plan.seed, job.name) if plan.method.randomized else None
     x = StreamInput(job.name, tuple(job.shape), len(job.sources), job.base is not None, job.params, job.model_params,
-                    seed, lambda *a: None, out, BLOCK_ELEMENTS, mergekit_dtype(plan, job), job.role)
+                    seed, lambda *a: None, out, BLOCK_ELEMENTS, mergekit_dtype(plan, job), job.role, stop)
     sources = [_RowSource(cks[s.model], s.tensor, tuple(job.shape), x.block_size) for s in job.sources]
     base = _RowSource(cks[job.base.model], job.base.tensor, tuple(job.shape), x.block_size) if job.base else None
     bad: dict[str, str] = {}  # label -> which model(s), once a block holds NaN or Inf
@@ -356,11 +358,16 @@ def _run_parallel(plan: Plan, jobs: list[TensorJob], sink: Sink, device: torch.d
 
     errors: list[BaseException] = []
     slab = _Slab(budget_bytes)
+    # set when the main thread is interrupted (Ctrl-C, SIGTERM): the workers see no signal, so
+    # streamed jobs check it between blocks and end there instead of finishing their tensor
+    stop = threading.Event()
 
     def work(job: TensorJob, cost: int) -> None:
         try:
+            if stop.is_set():
+                return
             with slab.region(plan, job, device) as workspace:
-                out = compute_job(plan, job, device, fail_on_nonfinite, workspace, side_sink)
+                out = compute_job(plan, job, device, fail_on_nonfinite, workspace, side_sink, stop)
             sink(job.name, out)
             prog.update(1, job.out_bytes)
         except BaseException as err:  # reported by the submitting thread, after in-flight jobs end
@@ -377,13 +384,19 @@ def _run_parallel(plan: Plan, jobs: list[TensorJob], sink: Sink, device: torch.d
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="alloykit", initializer=torch.set_num_threads,
                             initargs=(1,)) as pool:
         futures: list[Future] = []
-        for job in order:
-            if errors:
-                break
-            cost = costs[job.name]
-            acquire(cost)
-            futures.append(pool.submit(work, job, cost))
-        wait(futures)
+        try:
+            for job in order:
+                if errors:
+                    break
+                cost = costs[job.name]
+                acquire(cost)
+                futures.append(pool.submit(work, job, cost))
+            wait(futures)
+        except BaseException:  # KeyboardInterrupt: the pool's exit waits only for blocks in flight
+            stop.set()
+            for f in futures:
+                f.cancel()
+            raise
     if errors:
         raise errors[0]
 
