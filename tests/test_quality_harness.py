@@ -528,3 +528,17 @@ def test_budget_section_states_the_paired_difference_of_evolve_and_task_arithmet
     row = next(line for line in lines if line.startswith("| 64 |"))
     assert "5.0 [" in row and "resolved: evolve is better" in row
     assert budget_section(TrackStats(_results({"evolve": {0: {"a": ev}}}), n_boot=50)) == []
+
+
+def test_routing_section_compares_routed_rows_with_the_best_single_merge_and_states_their_cost():
+    from quality_bench.report import routing_section
+
+    c = lambda k: [True] * k + [False] * (1000 - k)  # noqa: E731
+    results = _results({"r": {0: {"a": c(600)}}, "m1": {0: {"a": c(400)}}, "m2": {0: {"a": c(300)}}, "emr": {0: {"a": c(700)}}})
+    results["rows"]["r"]["kind"] = "routing"
+    results["rows"]["r"]["seeds"]["0"]["cost"] = {"parameters": 7.06, "inference_cpu": 6.67}
+    st = TrackStats(results, n_boot=300)
+    lines = routing_section(results, st)
+    assert any("`m1`" in line and "Best single merged model" in line for line in lines)  # emr is not a single merge
+    row = next(line for line in lines if line.startswith("| `r`"))
+    assert "20.0 [" in row and "(resolved)" in row and "7.06x" in row and "6.7x" in row

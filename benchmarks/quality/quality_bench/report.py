@@ -135,6 +135,35 @@ def budget_section(st: TrackStats) -> list[str]:
             *lines, ""]
 
 
+#: rows that are not one merged model: per-task masks and rescalers (the task must be known at inference)
+TASK_AWARE = {"emr"}
+
+
+def routing_section(results: dict, st: TrackStats) -> list[str]:
+    """Routed rows against the best single merged model, with what routing costs (issue 14)."""
+    routed = [n for n in methods_of(results, st) if results["rows"][n].get("kind") == "routing"]
+    static = [n for n in methods_of(results, st) if results["rows"][n].get("kind") != "routing" and n not in TASK_AWARE]
+    if not routed or not static:
+        return []
+    best = static[0]  # methods_of sorts best first
+    lines = ["### Routed models against the best single merged model", "",
+             f"A routed model keeps the fine-tunes' updates apart and mixes them per input: it is not one model, and it "
+             f"costs parameters and inference time (measured against one dense model, same inputs, same process). "
+             f"Best single merged model here: `{best}` {ci(st.interval(best))}. Paired difference on the test examples (95%).", "",
+             "| routed row | accuracy | minus the best single merge | parameters | inference CPU time |", "|---|---|---|---|---|"]
+    for n in routed:
+        c = st.compare(n, best)
+        cost = next(iter(results["rows"][n]["seeds"].values())).get("cost", {})
+        verdict = " (resolved)" if c["resolved"] else " (not resolved)"
+        lines.append(f"| `{n}` | {ci(st.interval(n))} | {pct(c['diff'])} [{pct(c['lo'])}, {pct(c['hi'])}]{verdict} | "
+                     f"{cost.get('parameters', float('nan')):.2f}x | {cost.get('inference_cpu', float('nan')):.1f}x |")
+    aware = [n for n in TASK_AWARE if n in st.correct]
+    if aware:
+        lines += ["", "Not counted as a single merge: " + ", ".join(f"`{n}` {ci(st.interval(n))}" for n in aware)
+                  + " (one merged model plus a mask and a rescaler per task: the task must be named at inference)."]
+    return lines + [""]
+
+
 def fusionbench_section(results: dict, st: TrackStats) -> list[str]:
     shared = [n for n in FUSIONBENCH_NAMES if n in st.correct]
     if len(shared) < 2:
@@ -247,7 +276,7 @@ def track_section(results: dict, plots: dict[str, str], n_boot: int = 2000) -> t
     for title in ("accuracy and gain kept with 95% intervals",):
         if title in plots:
             out += [f"![{title}]({plots[title]})", ""]
-    out += ["### Ordering", "", *ordering_text(results, st), "", *budget_section(st),
+    out += ["### Ordering", "", *ordering_text(results, st), "", *routing_section(results, st), *budget_section(st),
             "### Per task: accuracy (%, mean over the row's seeds)", "", *per_task_table(results, st, "accuracy"), "",
             "### Per task: fraction of the fine-tuning gain kept (%)", "", *per_task_table(results, st, "gain"), ""]
     if "per-task accuracy" in plots:
