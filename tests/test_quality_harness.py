@@ -542,3 +542,14 @@ def test_routing_section_compares_routed_rows_with_the_best_single_merge_and_sta
     assert any("`m1`" in line and "Best single merged model" in line for line in lines)  # emr is not a single merge
     row = next(line for line in lines if line.startswith("| `r`"))
     assert "20.0 [" in row and "(resolved)" in row and "7.06x" in row and "6.7x" in row
+
+
+def test_k_curve_without_the_finetuned_row_is_skipped_with_a_line_not_a_key_error():
+    from types import SimpleNamespace
+
+    from quality_bench.study import k_curve
+
+    said = []
+    bench = SimpleNamespace(track=SimpleNamespace(cfg=SimpleNamespace(seeds=(0,))), tasks=["a", "b"], log=said.append)
+    assert k_curve(bench, {"rows": {"task_arithmetic": {}}}, ["task_arithmetic"]) == {}
+    assert "fine-tuned (individual)" in said[0]

@@ -31,7 +31,12 @@ from quality_bench.rows import moved_parameters
 def k_curve(bench: Bench, results: dict, methods: list[str], ks: list[int] | None = None) -> dict[str, list[dict]]:
     """Accuracy and normalized accuracy of merging the first k tasks (seed 0, each method at its chosen point)."""
     seed = bench.track.cfg.seeds[0]
-    ft = results["rows"]["fine-tuned (individual)"]["seeds"][str(seed)]["test"]
+    ft_row = results["rows"].get("fine-tuned (individual)", {}).get("seeds", {}).get(str(seed), {})
+    if "test" not in ft_row:  # a --rows subset without the fine-tunes: nothing to normalize by
+        bench.log("  k-task curve skipped: it needs the 'fine-tuned (individual)' row on seed "
+                  f"{seed}; add it to --rows")
+        return {}
+    ft = ft_row["test"]
     out: dict[str, list[dict]] = {}
     ks = ks or list(range(2, len(bench.tasks) + 1))
     for name in methods:
