@@ -123,16 +123,6 @@ def test_killed_search_resumes_to_the_same_evaluations(toy, tmp_path):
     assert (tmp_path / "k.yaml").read_text() == (tmp_path / "ref.yaml").read_text()
 
 
-def test_quiet_search_on_ray_prints_nothing(toy, tmp_path):
-    """-q on a local Ray cluster this command starts: no progress, no 'ray cluster:' line, no Ray token warning."""
-    pytest.importorskip("ray")
-    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
-    r = subprocess.run(CLI + ["search", "evolve", config(toy, max_evals=4), "--out", str(tmp_path / "q.yaml"), "-q",
-                              "--workers", "2"], env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0 and (r.stdout, r.stderr) == ("", "")
-    assert len(rows(tmp_path / "q.evaluations.csv")) == 4
-
-
 def test_bad_config_one_line(toy, tmp_path, capsys):
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump({"base_model": str(toy / "base"), "models": [str(toy / "e2")], "tasks": ["x.yaml"],
@@ -191,19 +181,25 @@ def lm_config(root, lm_eval=None, **extra) -> str:
     return str(path)
 
 
+@pytest.fixture(scope="module")
+def lm_search(causal):
+    """The lm-eval search, serially in this process: its output folder."""
+    out = causal / "serial"
+    out.mkdir()
+    assert main(["search", "evolve", lm_config(causal), "--out", str(out / "best.yaml"), "-q"]) == 0
+    return out
+
+
 @pytest.mark.slow
-def test_lm_eval_fitness_is_what_alloykit_eval_gives_the_merged_best(causal, tmp_path, capsys):
-    out = tmp_path / "best.yaml"
-    assert main(["search", "evolve", lm_config(causal), "--out", str(out), "-q"]) == 0
-    assert capsys.readouterr().out == ""  # quiet: nothing on stdout either
-    evals = rows(tmp_path / "best.evaluations.csv")
-    assert len(evals) == 4 and (tmp_path / "best.fitness.png").stat().st_size > 1000
+def test_lm_eval_fitness_is_what_alloykit_eval_gives_the_merged_best(causal, lm_search, tmp_path):
+    evals = rows(lm_search / "best.evaluations.csv")
+    assert len(evals) == 4 and (lm_search / "best.fitness.png").stat().st_size > 1000
     assert len({r["score"] for r in evals}) == 4  # bits per byte tells every candidate apart
-    text = out.read_text()
+    text = (lm_search / "best.yaml").read_text()
     assert f"lm-evaluation-harness task {ROLLING}" in text and "best: evaluation" in text
     best = max(evals, key=lambda r: float(r["score"]))
     # the independent path: the recipe merged on disk, scored by `alloykit eval --lm-eval` from the folder
-    assert main(["merge", str(out), str(tmp_path / "merged"), "-q"]) == 0
+    assert main(["merge", str(lm_search / "best.yaml"), str(tmp_path / "merged"), "-q"]) == 0
     assert main(["eval", str(tmp_path / "merged"), "--lm-eval", CHOICE, ROLLING, "--include-path", str(causal / "tasks"),
                  "--output", str(tmp_path / "res.json")]) == 0
     res = json.loads((tmp_path / "res.json").read_text())["results"]
@@ -211,6 +207,18 @@ def test_lm_eval_fitness_is_what_alloykit_eval_gives_the_merged_best(causal, tmp
     assert float(best[f"task:{CHOICE}"]) == pytest.approx(acc, abs=1e-6)
     assert float(best[f"task:{ROLLING}"]) == pytest.approx(bpb, abs=1e-6)
     assert float(best["score"]) == pytest.approx((acc - bpb) / 2, abs=1e-6)  # bits per byte: lower is better
+
+
+@pytest.mark.slow
+def test_quiet_lm_eval_search_on_ray_prints_nothing_and_scores_as_serially(causal, lm_search, tmp_path):
+    """-q on a local Ray cluster the command starts (a subprocess): no progress, no 'ray cluster:' line, no
+    Ray token warning, no harness output; the actors' evaluations are the serial search's."""
+    pytest.importorskip("ray")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
+    r = subprocess.run(CLI + ["search", "evolve", lm_config(causal), "--out", str(tmp_path / "q.yaml"), "-q",
+                              "--workers", "2"], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and (r.stdout, r.stderr) == ("", "")
+    assert rows(tmp_path / "q.evaluations.csv") == rows(lm_search / "best.evaluations.csv")
 
 
 def test_lm_eval_bad_configs_one_line(causal, tmp_path, capsys):
