@@ -500,3 +500,31 @@ def test_gain_kept_is_the_ratio_of_the_task_averages_so_a_task_without_headroom_
     assert st.interval("m", "gain").est == pytest.approx((0.2 - 0.099) / (0.4 + 0.001))
     # task b alone: a gain of 0.001 makes its own ratio -99 (what a mean of per-task ratios would be dominated by)
     assert st.per_task("m", "b", "gain").est == pytest.approx(-0.099 / 0.001, rel=1e-4)  # float32 accuracies
+
+
+def test_a_run_without_the_probe_row_writes_its_page_with_gain_kept_marked_na():
+    """A run with --rows that leaves out the linear probe used to end in an IndexError while writing the page."""
+    from quality_bench.report import headroom_table, main_table, per_task_table
+
+    ft, merged = [True] * 90 + [False] * 10, [True] * 70 + [False] * 30
+    results = _results({"fine-tuned (individual)": {0: {"a": ft}}, "m": {0: {"a": merged}}})
+    for r in results["rows"].values():
+        r["seeds"]["0"]["chosen"] = ""
+    st = TrackStats(results, n_boot=200)
+    assert st.supports("normalized") and not st.supports("gain")
+    head, summary = headroom_table(results, st)
+    assert summary["gap"] is None and "linear probe" in head[0]
+    row = next(line for line in main_table(results, st) if line.startswith("| `m`"))
+    assert "| n/a |" in row and "70.0" in row and "77.8" in row  # accuracy, normalized 0.7 / 0.9 by hand
+    assert per_task_table(results, st, "gain")[0].startswith("n/a")
+
+
+def test_budget_section_states_the_paired_difference_of_evolve_and_task_arithmetic():
+    from quality_bench.report import budget_section
+
+    ta, ev = [True] * 300 + [False] * 700, [True] * 350 + [False] * 650   # evolve: the same 300 right and 50 more
+    st = TrackStats(_results({"evolve": {0: {"a": ev}}, "task_arithmetic_64": {0: {"a": ta}}}), n_boot=500)
+    lines = budget_section(st)
+    row = next(line for line in lines if line.startswith("| 64 |"))
+    assert "5.0 [" in row and "resolved: evolve is better" in row
+    assert budget_section(TrackStats(_results({"evolve": {0: {"a": ev}}}), n_boot=50)) == []

@@ -153,6 +153,8 @@ def write_page(args) -> None:
 
 def pct_gap(summary: dict) -> str:
     g = summary.get("gap_ci") or {}
+    if summary.get("gap") is None:
+        return "n/a (no fine-tuned or linear-probe row)"
     if g.get("diff") is None:
         return f"{100 * summary['gap']:.1f}"
     return f"{100 * g['diff']:.1f} [{100 * g['lo']:.1f}, {100 * g['hi']:.1f}]"

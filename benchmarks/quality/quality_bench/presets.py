@@ -22,7 +22,7 @@ IMAGE_TASKS = ["fashion", "mnist", "digits", "mnist_rotated", "fashion_turns", "
 #: rows run on every fine-tuning seed (the others on seed 0): the baselines and the methods the page's
 #: conclusions rest on, among them every method FusionBench reports
 MAIN_ROWS = [*BASELINES, "linear", "task_arithmetic", "ties", "fisher", "regmean", "regmean_plus_plus", "iso_c", "iso_cts",
-             "tsv_m", "wudi", "emr", "adamerging_task", "adamerging_layer"]
+             "tsv_m", "wudi", "emr", "adamerging_task", "adamerging_layer", "evolve", "evolve_6", "task_arithmetic_64"]
 
 
 @dataclass

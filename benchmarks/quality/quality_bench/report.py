@@ -56,6 +56,9 @@ def headroom_table(results: dict, st: TrackStats) -> tuple[list[str], dict]:
     lines = ["| task | fine-tuned | linear probe | gap (fine-tuned - probe) | pretrained + fine-tuned heads | "
              "\\|tau\\| / \\|theta_0\\| (per seed) |", "|---|---|---|---|---|---|"]
     gaps = []
+    if not st.supports("gain"):  # a run without the fine-tuned or the linear-probe row (e.g. --rows without them)
+        return ["The headroom table needs the `fine-tuned (individual)` and `pretrained + linear probe` rows, "
+                "which this run did not have."], {"gap": None, "gap_ci": None}
     for t in st.tasks:  # the probe does not depend on the fine-tuning seed
         ft, probe = st.per_task(FT, t), st.per_task(PROBE, t)
         base = st.per_task("pretrained + fine-tuned heads", t) if "pretrained + fine-tuned heads" in st.correct else None
@@ -75,13 +78,15 @@ def main_table(results: dict, st: TrackStats) -> list[str]:
     for n in base + methods_of(results, st):
         label = n if n in BASELINES else f"`{n}`"
         seeds = st.seeds(n)
-        norm = ci(st.interval(n, "normalized")) if n != PROBE else "-"
-        gain = ci(st.interval(n, "gain")) if n not in (FT, PROBE) else ("100" if n == FT else "0")
+        norm = "-" if n == PROBE else ci(st.interval(n, "normalized")) if st.supports("normalized") else "n/a"
+        gain = ("100" if n == FT else "0") if n in (FT, PROBE) else ci(st.interval(n, "gain")) if st.supports("gain") else "n/a"
         lines.append(f"| {label} | **{ci(st.interval(n))}** | {norm} | {gain} | {len(seeds)} | {chosen(results, n)} |")
     return lines
 
 
 def per_task_table(results: dict, st: TrackStats, metric: str) -> list[str]:
+    if not st.supports(metric):
+        return [f"n/a: needs the `{FT}` and `{PROBE}` rows, which this run did not have."]
     lines = ["| model | " + " | ".join(st.tasks) + " | avg |", "|---|" + "---|" * (len(st.tasks) + 1)]
     names = [n for n in BASELINES if n in st.correct and (metric == "accuracy" or n not in (FT, PROBE))] + methods_of(results, st)
     for n in names:
@@ -104,6 +109,30 @@ def ordering_text(results: dict, st: TrackStats) -> list[str]:
     return ["Best first; `>`: the paired 95% interval of the difference excludes 0 (resolved); `~`: not resolved. "
             f"{resolved} of {len(chain) - 1} neighbouring pairs and {n_res} of {len(pairs)} pairs are resolved.", "",
             "".join(parts)]
+
+
+#: (search row, the task arithmetic row with as many validation evaluations)
+BUDGET_PAIRS = [("evolve", "task_arithmetic_64", 64), ("evolve_6", "task_arithmetic", 6)]
+
+
+def budget_section(st: TrackStats) -> list[str]:
+    """The evolutionary search against task arithmetic given as many validation evaluations (issue 18's test)."""
+    lines = []
+    for search, ta, evals in BUDGET_PAIRS:
+        if search in st.correct and ta in st.correct:
+            c = st.compare(search, ta)
+            verdict = ("resolved: evolve is better" if c["resolved"] and c["diff"] > 0 else
+                       "resolved: task arithmetic is better" if c["resolved"] else "not resolved")
+            lines.append(f"| {evals} | `{search}` {ci(st.interval(search))} | `{ta}` {ci(st.interval(ta))} | "
+                         f"{pct(c['diff'])} [{pct(c['lo'])}, {pct(c['hi'])}] | {verdict} | {len(c['seeds'])} |")
+    if not lines:
+        return []
+    return ["### Evolutionary search against task arithmetic at the same budget", "",
+            "Both choose on validation only, with the same number of merges scored there: task arithmetic spends "
+            "them on its one coefficient (a grid), the search on a weight and a density per model and a method gene. "
+            "Paired difference on the test examples (95%), over the fine-tuning seeds both rows ran on.", "",
+            "| validation evaluations | search | task arithmetic | difference | | seeds |", "|---|---|---|---|---|---|",
+            *lines, ""]
 
 
 def fusionbench_section(results: dict, st: TrackStats) -> list[str]:
@@ -218,7 +247,7 @@ def track_section(results: dict, plots: dict[str, str], n_boot: int = 2000) -> t
     for title in ("accuracy and gain kept with 95% intervals",):
         if title in plots:
             out += [f"![{title}]({plots[title]})", ""]
-    out += ["### Ordering", "", *ordering_text(results, st), "",
+    out += ["### Ordering", "", *ordering_text(results, st), "", *budget_section(st),
             "### Per task: accuracy (%, mean over the row's seeds)", "", *per_task_table(results, st, "accuracy"), "",
             "### Per task: fraction of the fine-tuning gain kept (%)", "", *per_task_table(results, st, "gain"), ""]
     if "per-task accuracy" in plots:
@@ -294,7 +323,7 @@ def plot_track(results: dict, out_dir: Path, prefix: str, n_boot: int = 2000) ->
     for ax, metric, title in ((axes[0], "accuracy", "accuracy (%)"), (axes[1], "gain", "gain kept (%)")):
         ys = np.arange(len(names))[::-1]
         for y, n in zip(ys, names):
-            if metric == "gain" and n in (FT, PROBE):
+            if metric == "gain" and (n in (FT, PROBE) or not st.supports("gain")):
                 continue
             iv = st.interval(n, metric)
             color = "tab:gray" if n in BASELINES else ("tab:blue" if len(st.seeds(n)) > 1 else "tab:cyan")

@@ -110,11 +110,15 @@ def _joint(bench: Bench, seed: int) -> dict:
 
 
 # -- merge methods -------------------------------------------------------------------------------
-def method_row(bench: Bench, seed: int, name: str) -> dict:
-    """A registered method: each grid point scored on validation, the best scored once on test."""
+def method_row(bench: Bench, seed: int, name: str, points: list | None = None) -> dict:
+    """A registered method: each grid point scored on validation, the best scored once on test.
+    ``points``: this grid instead of the method's own (a budget-matched row)."""
     spec = get_method(name)
     why = grids.applicable(spec, len(bench.tasks))
-    points = grids.grid(spec) if why is None else []
+    if why is None:
+        points = points if points is not None else grids.grid(spec)
+    else:
+        points = []
     if why is None and not points:
         why = "has a required parameter the benchmark grid does not cover"
     if why:
@@ -236,6 +240,14 @@ def _soup(bench: Bench, seed: int, greedy: bool) -> dict:
 register_row("greedy_soup", description="greedy soup on validation accuracy")(lambda bench, seed: _soup(bench, seed, True))
 register_row("uniform_soup", description="the uniform average of every fine-tune")(lambda bench, seed: _soup(bench, seed, False))
 SEARCH_ROWS = ["adamerging_task", "adamerging_layer", "greedy_soup", "uniform_soup"]
+
+#: task arithmetic given the evolve row's budget: its one coefficient on a 64-point grid (0.02 to 1.28)
+#: chosen on validation, so that "evolve beats task arithmetic" is measured at the same number of evaluations
+TA_BUDGET = 64
+register_row("task_arithmetic_64", description=f"task arithmetic, lambda chosen on validation among {TA_BUDGET} values "
+             "(0.02 to 1.28): the evolve row's budget")(
+    lambda bench, seed: method_row(bench, seed, "task_arithmetic",
+                                   [({"lambda": round(0.02 * i, 2)}, {"weight": 1.0}) for i in range(1, TA_BUDGET + 1)]))
 
 # routing rows (alloykit.moe: SMILE, WEMoE) register themselves on import
 from quality_bench import routing  # noqa: E402,F401

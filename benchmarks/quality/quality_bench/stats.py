@@ -75,6 +75,11 @@ class TrackStats:
     def seeds(self, name: str) -> list[int]:
         return sorted(self.correct.get(name, {}))
 
+    def supports(self, metric: str) -> bool:
+        """Whether the rows ``metric`` is relative to ran: normalized needs the fine-tunes, gain kept also the probe."""
+        needs = {"accuracy": (), "normalized": (FT,), "gain": (FT, PROBE)}[metric]
+        return all(self.seeds(n) for n in needs)
+
     def _task_acc(self, name: str, seed: int) -> dict[str, np.ndarray]:
         """Per task: (point estimate, bootstrap replicates [B]) of the accuracy, packed as [B + 1] (index 0: estimate)."""
         key = (name, seed)
