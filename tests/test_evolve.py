@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import random
 import subprocess
 import sys
 
@@ -27,7 +26,9 @@ pytest.importorskip("cmaes")
 
 from alloykit.cli.main import main  # noqa: E402
 from alloykit.testing.helpers import read_state  # noqa: E402
-from test_search import LN_BIAS, WORDS, _tiny_bert  # noqa: E402
+from lm_fixtures import (ROWS, alloykit_cache, base_and_tune, smol_tokenizer, tiny_causal_lm,  # noqa: E402,F401 (fixtures)
+                         write_rolling_task)
+from test_search import LN_BIAS, toy_base  # noqa: E402
 
 CLI = [sys.executable, "-m", "alloykit.cli.main"]
 TOY = "evolve_toy"
@@ -35,16 +36,8 @@ TOY = "evolve_toy"
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
-    from alloykit.eval.data import Split
-    from alloykit.eval.model import base_model_path, embed, encode, load_tokenizer
-
     root = tmp_path_factory.mktemp("evolve")
-    base = _tiny_bert()
-    base.save_pretrained(root / "base", safe_serialization=True)
-    tok = load_tokenizer(base_model_path())
-    rng = random.Random(1)
-    texts = sorted({" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 6))) for _ in range(600)})
-    s = embed(base, encode(tok, Split(texts, [0] * len(texts)), 32))[:, 0]
+    base, texts, s = toy_base(root, seed=1, draws=600)
     m = float(s.median())  # the head's threshold: half the texts each side
     labelled = [{"text": t, "label": "pos" if v > m else "neg"} for t, v in zip(texts, s.tolist()) if abs(v - m) > 1e-3]
     rows = [r for r in labelled if r["label"] == "pos"][:60] + [r for r in labelled if r["label"] == "neg"][:60]
@@ -158,3 +151,92 @@ def test_genome_decodes_by_hand():
     assert w == {"model.layers.0.mlp.up_proj.weight": 0.0, "model.layers.3.mlp.up_proj.weight": 1.0,
                  "model.embed_tokens.weight": 0.0, None: 0.0}
     assert body["merge_method"] == "dare_ties" and body["parameters"] == {"normalize": False} and body["seed"] == 0
+
+
+# -- lm-evaluation-harness fitness ------------------------------------------------------------
+CHOICE, ROLLING = "alloykit_evolve_choice", "alloykit_evolve_rolling"
+
+
+@pytest.fixture(scope="module")
+def causal(tmp_path_factory, smol_tokenizer):
+    """A tiny Llama base and two noisy 'fine-tunes' (SmolLM2's tokenizer); two local harness tasks over one
+    local JSONL file: multiple choice (acc) and the prompts' rolling log-likelihood (bits per byte)."""
+    pytest.importorskip("lm_eval")
+    from alloykit.eval.lm_harness import write_choice_task
+
+    root = tmp_path_factory.mktemp("evolve-lm")
+    base, _ = base_and_tune(root, smol_tokenizer, seeds=(21, 22), noise=0.3)
+    tiny_causal_lm(root / "ft2", smol_tokenizer, seed=23, like=base, noise=0.3)
+    write_choice_task(root / "tasks", CHOICE, ROWS)
+    write_rolling_task(root / "tasks", ROLLING, root / "tasks" / f"{CHOICE}.jsonl")
+    return root
+
+
+def lm_config(root, lm_eval=None, **extra) -> str:
+    lm_eval = lm_eval or {"tasks": [CHOICE, {"name": ROLLING, "metric": "bits_per_byte"}], "include_path": "tasks"}
+    body = {"base_model": "base", "models": ["ft", "ft2"], "lm_eval": lm_eval, "max_evals": 4, "population": 4,
+            "seed": 1, "weight_range": [0.0, 1.5], **extra}
+    path = root / f"evolve-{abs(hash(json.dumps([lm_eval, extra], sort_keys=True)))}.yaml"
+    path.write_text(yaml.safe_dump(body))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def lm_search(causal):
+    """The lm-eval search, serially in this process: its output folder."""
+    out = causal / "serial"
+    out.mkdir()
+    assert main(["search", "evolve", lm_config(causal), "--out", str(out / "best.yaml"), "-q"]) == 0
+    return out
+
+
+@pytest.mark.slow
+def test_lm_eval_fitness_is_what_alloykit_eval_gives_the_merged_best(causal, lm_search, tmp_path):
+    evals = rows(lm_search / "best.evaluations.csv")
+    assert len(evals) == 4 and (lm_search / "best.fitness.png").stat().st_size > 1000
+    assert len({r["score"] for r in evals}) == 4  # bits per byte tells every candidate apart
+    text = (lm_search / "best.yaml").read_text()
+    assert f"lm-evaluation-harness task {ROLLING}" in text and "best: evaluation" in text
+    best = max(evals, key=lambda r: float(r["score"]))
+    # the independent path: the recipe merged on disk, scored by `alloykit eval --lm-eval` from the folder
+    assert main(["merge", str(lm_search / "best.yaml"), str(tmp_path / "merged"), "-q"]) == 0
+    assert main(["eval", str(tmp_path / "merged"), "--lm-eval", CHOICE, ROLLING, "--include-path", str(causal / "tasks"),
+                 "--output", str(tmp_path / "res.json")]) == 0
+    res = json.loads((tmp_path / "res.json").read_text())["results"]
+    acc, bpb = res[CHOICE]["acc"], res[ROLLING]["bits_per_byte"]
+    assert float(best[f"task:{CHOICE}"]) == pytest.approx(acc, abs=1e-6)
+    assert float(best[f"task:{ROLLING}"]) == pytest.approx(bpb, abs=1e-6)
+    assert float(best["score"]) == pytest.approx((acc - bpb) / 2, abs=1e-6)  # bits per byte: lower is better
+
+
+@pytest.mark.slow
+def test_quiet_lm_eval_search_on_ray_prints_nothing_and_scores_as_serially(causal, lm_search, tmp_path):
+    """-q on a local Ray cluster the command starts (a subprocess): no progress, no 'ray cluster:' line, no
+    Ray token warning, no harness output; the actors' evaluations are the serial search's."""
+    pytest.importorskip("ray")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
+    r = subprocess.run(CLI + ["search", "evolve", lm_config(causal), "--out", str(tmp_path / "q.yaml"), "-q",
+                              "--workers", "2"], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and (r.stdout, r.stderr) == ("", "")
+    assert rows(tmp_path / "q.evaluations.csv") == rows(lm_search / "best.evaluations.csv")
+
+
+def test_lm_eval_bad_configs_one_line(causal, tmp_path, capsys):
+    def one_line(cfg) -> str:
+        assert main(["search", "evolve", cfg, "--out", str(tmp_path / "o.yaml")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1, err
+        return err[0]
+
+    msg = one_line(lm_config(causal, {"tasks": ["alloykit_evolve_choise"], "include_path": "tasks"}))
+    assert "did you mean 'alloykit_evolve_choice'" in msg and f"the tasks in lm_eval include_path: {CHOICE}, {ROLLING}" in msg
+    assert "no such folder" in one_line(lm_config(causal, {"tasks": [CHOICE], "include_path": "nowhere"}))
+    assert "not both" in one_line(lm_config(causal, tasks=["toy.yaml"]))
+    msg = one_line(lm_config(causal, {"tasks": [CHOICE], "include_path": "tasks", "metric": "f1"}))
+    assert "metric 'f1' is not reported for task 'alloykit_evolve_choice' (its metrics: acc, acc_norm)" in msg
+    assert not (tmp_path / "o.yaml").exists()
+    code = ("import sys; sys.modules['lm_eval'] = None\n"
+            "from alloykit.cli.main import main\n"
+            f"sys.exit(main(['search', 'evolve', {lm_config(causal)!r}, '--out', {str(tmp_path / 'p.yaml')!r}]))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "pip install 'alloykit[lm-eval]'" in r.stderr

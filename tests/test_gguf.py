@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from lm_fixtures import alloykit_cache, smol_tokenizer, smollm2_gguf, state_dict, tiny_causal_lm  # noqa: F401 (fixture)
+from lm_fixtures import (alloykit_cache, base_and_tune, merge_recipe, smol_tokenizer, smollm2_gguf,  # noqa: F401 (fixture)
+                         state_dict, tiny_causal_lm)
 
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
@@ -107,8 +108,7 @@ def test_quantized_output_holds_the_gguf_library_rounding(tmp_path, qtype):
 def test_gguf_base_merges_with_safetensors_and_generates(tmp_path, smol_tokenizer):
     """A GGUF base + a safetensors fine-tune: the merge equals the same merge of the base's
     safetensors copy, writes config and tokenizer from the GGUF, and generates."""
-    base_hf = tiny_causal_lm(tmp_path / "base", smol_tokenizer, seed=3)
-    ft = tiny_causal_lm(tmp_path / "ft", smol_tokenizer, seed=4, like=base_hf, noise=0.02)
+    base_hf, ft = base_and_tune(tmp_path, smol_tokenizer, seeds=(3, 4), noise=0.02)
     gdir = tmp_path / "gguf-base"
     gdir.mkdir()
     write_gguf(base_hf, gdir / "base.q8_0.gguf", "q8_0")  # a quantized base, as downloaded GGUFs are
@@ -141,13 +141,11 @@ def test_gguf_base_merges_with_safetensors_and_generates(tmp_path, smol_tokenize
 
 
 def test_merge_output_format_gguf(tmp_path, smol_tokenizer, capsys):
-    base = tiny_causal_lm(tmp_path / "base", smol_tokenizer, seed=5)
-    ft = tiny_causal_lm(tmp_path / "ft", smol_tokenizer, seed=6, like=base, noise=0.02)
-    recipe = tmp_path / "r.yml"
-    recipe.write_text(f"merge_method: linear\nmodels:\n  - model: {base}\n    parameters: {{weight: 0.5}}\n"
-                      f"  - model: {ft}\n    parameters: {{weight: 0.5}}\n")
-    assert main(["merge", str(recipe), str(tmp_path / "st"), "--quiet"]) == 0
-    assert main(["merge", str(recipe), str(tmp_path / "gg"), "--quiet", "--output-format", "gguf", "--gguf-type", "q8_0"]) == 0
+    base, ft = base_and_tune(tmp_path, smol_tokenizer, seeds=(5, 6), noise=0.02)
+    recipe = (f"merge_method: linear\nmodels:\n  - model: {base}\n    parameters: {{weight: 0.5}}\n"
+              f"  - model: {ft}\n    parameters: {{weight: 0.5}}\n")
+    merge_recipe(tmp_path, recipe, "st")
+    merge_recipe(tmp_path, recipe, "gg", "--output-format", "gguf", "--gguf-type", "q8_0")
     # alloykit convert FOLDER OUT.gguf writes the same file the merge wrote
     assert main(["convert", str(tmp_path / "st"), str(tmp_path / "c.gguf"), "--type", "q8_0", "--quiet"]) == 0
     converted = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "c.gguf")).tensors}

@@ -10,23 +10,13 @@ import sys
 import pytest
 import torch
 
-from lm_fixtures import alloykit_cache, choice_logliks, smol_tokenizer, tiny_causal_lm  # noqa: F401 (fixture)
+from lm_fixtures import ROWS, alloykit_cache, base_and_tune, choice_logliks, merge_recipe, smol_tokenizer  # noqa: F401 (fixture)
 
 pytest.importorskip("lm_eval")
 transformers = pytest.importorskip("transformers")
 
 from alloykit.cli.main import main  # noqa: E402
 from alloykit.eval.lm_harness import write_choice_task  # noqa: E402
-
-ROWS = [
-    {"prompt": 'Definition of "cat":', "choices": [" a small domesticated carnivore", " a large body of water", " to move quickly", " very old"], "label": 0},
-    {"prompt": 'Definition of "run":', "choices": [" a musical instrument", " move fast by using one's feet", " the colour of the sky", " a kind of bread"], "label": 1},
-    {"prompt": "Question: what is a wavelength?\nAnswer:", "choices": [" i like trains.", " yes", " the inverse of frequency.", " hello there, how are you"], "label": 2},
-    {"prompt": "Es ist so gut allein zu sein.", "choices": [" Ein Hund im Rucksack.", " Mit Menschen ist's anders.", " el dinero", " cancer."], "label": 1},
-    {"prompt": "El dinero se inventó para que", "choices": [" sepamos cuanto debemos.", " the sun", " Ja", " 42"], "label": 0},
-    {"prompt": "Question: what is h2o\nAnswer:", "choices": [" water.", " a city in France", " the study of cells.", " Mit Menschen"], "label": 0},
-] * 2  # twelve examples; repeated rows score the same, which the harness must reproduce too
-
 
 def independent_scores(folder, rows):
     """acc and acc_norm from first principles: transformers' fp32 logits; acc_norm divides each
@@ -43,13 +33,9 @@ def independent_scores(folder, rows):
 
 @pytest.mark.slow
 def test_lm_eval_local_task_on_merged_model(tmp_path, smol_tokenizer, capsys):
-    base = tiny_causal_lm(tmp_path / "base", smol_tokenizer, seed=11)
-    ft = tiny_causal_lm(tmp_path / "ft", smol_tokenizer, seed=12, like=base, noise=0.5)
-    recipe = tmp_path / "r.yml"
-    recipe.write_text(f"merge_method: task_arithmetic\nbase_model: {base}\nparameters: {{weight: 0.8}}\n"
-                      f"models:\n  - model: {ft}\n")
-    merged = tmp_path / "merged"
-    assert main(["merge", str(recipe), str(merged), "--quiet"]) == 0
+    base, ft = base_and_tune(tmp_path, smol_tokenizer, seeds=(11, 12), noise=0.5)
+    merged = merge_recipe(tmp_path, f"merge_method: task_arithmetic\nbase_model: {base}\nparameters: {{weight: 0.8}}\n"
+                                    f"models:\n  - model: {ft}\n", "merged")
     tasks = tmp_path / "tasks"
     write_choice_task(tasks, "alloykit_test_choice", ROWS)
     out = tmp_path / "res.json"

@@ -37,20 +37,27 @@ def _tiny_bert():
     return BertModel(cfg).eval()
 
 
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    """Base BERT folder, fine-tune folders (encoder/ + heads.safetensors) named by their LN-bias shift, the toy task."""
+def toy_base(root, *, seed: int, draws: int):
+    """The tiny base, saved to ``root/base``; distinct random texts of 2 to 6 words (from ``draws``
+    draws); and each text's pooled coordinate 0, the one the toy head reads."""
     from alloykit.eval.data import Split
     from alloykit.eval.model import base_model_path, embed, encode, load_tokenizer
-    from alloykit.eval.tasks import Task, register_task
 
-    root = tmp_path_factory.mktemp("toy")
     base = _tiny_bert()
     base.save_pretrained(root / "base", safe_serialization=True)
     tok = load_tokenizer(base_model_path())
-    rng = random.Random(0)
-    texts = sorted({" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 6))) for _ in range(4000)})
-    s = embed(base, encode(tok, Split(texts, [0] * len(texts)), 32))[:, 0]
+    rng = random.Random(seed)
+    texts = sorted({" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 6))) for _ in range(draws)})
+    return base, texts, embed(base, encode(tok, Split(texts, [0] * len(texts)), 32))[:, 0]
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    """Base BERT folder, fine-tune folders (encoder/ + heads.safetensors) named by their LN-bias shift, the toy task."""
+    from alloykit.eval.tasks import Task, register_task
+
+    root = tmp_path_factory.mktemp("toy")
+    base, texts, s = toy_base(root, seed=0, draws=4000)
     examples = [(t, "pos" if v > 0 else "neg") for t, v in zip(texts, s.tolist()) if abs(v) > 1e-3]  # no borderline
     assert len(examples) > 1300  # the benchmark's 1000 test + 200 validation, plus training rows
     register_task(Task(TOY, "toy: sign of a pooled coordinate of the tiny base", lambda: examples), replace=True)

@@ -65,7 +65,7 @@ def cmd_merge(args: Namespace) -> int:
 def _merge_on_ray(args: Namespace, request, options):
     from alloykit.distributed.cluster import import_ray
 
-    import_ray()  # one line naming the pip command when ray is absent, before anything else
+    import_ray(args.ray)  # one line naming the pip command when ray is absent, before anything else
     from alloykit.distributed.merge import RayOptions, merge_on_ray
 
     if args.output_lora is not None:

@@ -1,12 +1,14 @@
-"""``alloykit search adamerging|greedy-soup|uniform-soup``: search, then write a recipe for ``alloykit merge``."""
+"""``alloykit search adamerging|greedy-soup|uniform-soup|evolve``: search, then write a recipe for ``alloykit merge``."""
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
 from alloykit.cli.data_args import DATA_HELP, TASK_HELP, add_max_len, add_model_args
 from alloykit.errors import AlloyError
+from alloykit.progress import show_logs
 
 
 def _common(p, *, data: bool, base_required: bool = True) -> None:
@@ -121,11 +123,15 @@ def cmd_evolve(args) -> int:
 
     if args.workers < 1:
         raise AlloyError(f"--workers {args.workers}: give 1 or more")
+    if args.quiet:
+        show_logs(logging.WARNING)  # quiet: warnings and errors only (no 'ray cluster:' line, no progress)
     log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr))
     res = evolve(args.config, args.out, workers=args.workers, ray_address=args.ray, resume=args.resume,
                  progress=not args.quiet, log=log)
+    if args.quiet:
+        return 0
     best = res.best
-    print(f"evolve: best of {len(res.evaluations)} evaluations: {best['method']}, validation score {best['score']:.4f} "
+    print(f"evolve: best of {len(res.evaluations)} evaluations: {best['method']}, fitness {best['score']:.4f} "
           f"(evaluation {best['eval']})")
     print(f"wrote {res.paths['recipe']} ({res.paths['csv'].name}, {res.paths['plot'].name}); merge it with: "
           f"alloykit merge {res.paths['recipe']} OUT_FOLDER")

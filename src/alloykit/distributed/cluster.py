@@ -9,6 +9,8 @@ already called ``ray.init`` (a test, a notebook) keeps its connection.
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from typing import Any
 
 from alloykit.errors import AlloyError
@@ -19,14 +21,21 @@ PIP_RAY = "pip install 'alloykit[ray]'  (or: pip install 'ray[default]')"
 
 #: what ``--ray`` with no address means
 LOCAL = "local"
+#: Ray's authentication mode variable (docs.ray.io/en/latest/ray-security/token-auth.html)
+AUTH_MODE = "RAY_AUTH_MODE"
 
 
 class RayMissing(AlloyError):
     pass
 
 
-def import_ray() -> Any:
-    """The ``ray`` module, or one line naming the pip command."""
+def import_ray(address: str | None = None) -> Any:
+    """The ``ray`` module, or one line naming the pip command. ``address``: where it will connect
+    (``LOCAL``: a new local cluster), when known before the first import."""
+    if address == LOCAL and "ray" not in sys.modules and AUTH_MODE not in os.environ:
+        # Ray turns token authentication on for a new local cluster and warns so on every start unless
+        # the mode is set explicitly: set it to the mode Ray chose anyway (it is read once, at import)
+        os.environ[AUTH_MODE] = "token"
     try:
         import ray
     except ImportError:
@@ -39,7 +48,7 @@ def connect(address: str | None = LOCAL, *, num_cpus: int | None = None) -> Any:
 
     ``address``: ``None`` or ``"local"`` starts a local cluster (``num_cpus`` workers, default
     every core); ``"auto"`` joins the running cluster of this machine; else a cluster address."""
-    ray = import_ray()
+    ray = import_ray(LOCAL if address is None else address)
     if ray.is_initialized():
         return ray
     kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": False}

@@ -1,12 +1,13 @@
 """``alloykit search evolve``: CMA-ES over merge recipes, candidates merged in memory and scored
-on alloykit's evaluation tasks, serially or on Ray actors.
+on alloykit's evaluation tasks or lm-evaluation-harness tasks, serially or on Ray actors.
 
 The search (after mergekit-evolve, which runs CMA-ES with lm-eval fitness on Ray): CMA-ES
 (PyPI ``cmaes``, seeded) proposes a generation of vectors in the unit cube; each decodes to a
 recipe (``alloykit.distributed.genome``); a worker plans that recipe with the models
 preloaded in memory, merges it through the ordinary executor into a state dict (no
-checkpoint is written), and scores it with a ``TaskSuite``: the mean validation metric over
-the tasks (the validation split only; test stays unseen). Workers are Ray actors that load
+checkpoint is written), and scores it (``evolve_fitness``): with a ``TaskSuite``, the mean
+validation metric over the tasks (the validation split only; test stays unseen), or through
+``alloykit eval --lm-eval``'s harness code on the merged causal LM (``lm_eval:``). Workers are Ray actors that load
 the base, the fine-tunes and the task data once and keep them (``--workers N``), or one
 in-process worker when Ray is absent or ``--workers 1``; every worker computes with one
 thread, so a candidate's score does not depend on which worker scored it.
@@ -28,38 +29,30 @@ import json
 import logging
 import math
 import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from pydantic import ValidationError
 
 from alloykit.config import explain, load_yaml
 from alloykit.distributed.cluster import LOCAL, PIP_RAY, RayMissing, connect
+from alloykit.distributed.evolve_fitness import EvolveError, Fitness, fitness_class, merge_in_memory
 from alloykit.distributed.genome import EvolveConfig, Genome
 from alloykit.errors import AlloyError
-from alloykit.eval.loading import load_model
-from alloykit.eval.suite import TaskSuite, command_tasks, summary_score
-from alloykit.io.checkpoint import StateDictCheckpoint
 from alloykit.io.durable import write_text_durably
 from alloykit.output.faults import fault_point
-from alloykit.plan.executor import run_jobs
 from alloykit.progress import Progress
-from alloykit.request import MergeRequest
 from alloykit.roles import num_layers
 from alloykit.search import inputs
 from alloykit.search.run import recipe_text
 
 _log = logging.getLogger(__name__)
 
+__all__ = ["EvolveError", "EvolveResult", "Fitness", "cma_search", "evolve", "load_config", "merge_in_memory"]
+
 PIP_CMAES = "pip install 'alloykit[evolve]'  (or: pip install cmaes)"
-
-
-class EvolveError(AlloyError):
-    pass
 
 
 def load_config(path: str | os.PathLike) -> tuple[EvolveConfig, str]:
@@ -79,53 +72,29 @@ def load_config(path: str | os.PathLike) -> tuple[EvolveConfig, str]:
         return str((p.parent / q).resolve()) if not q.is_absolute() and (p.parent / q).exists() else ref
 
     base = here(config.base_model) if config.base_model is not None else None
-    config = config.model_copy(update={"base_model": base, "models": [here(m) for m in config.models],
-                                       "tasks": [here(t) for t in config.tasks]})
+    update = {"base_model": base, "models": [here(m) for m in config.models], "tasks": [here(t) for t in config.tasks]}
+    if config.lm_eval is not None:
+        update["lm_eval"] = config.lm_eval.model_copy(update={"include_path": [here(d) for d in config.lm_eval.include_path]})
+    config = config.model_copy(update=update)
+    if config.lm_eval is not None:
+        _check_harness_tasks(config, path)
     return config, p.read_text(encoding="utf-8")
 
 
-def merge_in_memory(body: dict, preloaded: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """A recipe's merge into a state dict, its models found in ``preloaded`` (ref -> checkpoint,
-    e.g. ``StateDictCheckpoint``) under the names the recipe gives them: the planner and executor
-    ``alloykit merge`` runs, so the result is the bytes ``alloykit merge`` of the recipe writes."""
-    plan = MergeRequest.of(body).plan(preloaded=dict(preloaded))
-    out: dict[str, torch.Tensor] = {}
-    run_jobs(plan, out.__setitem__, threads=1, progress=False)
-    return out
+def _check_harness_tasks(config: EvolveConfig, path) -> None:
+    """Before any model loads: the harness is installed and knows every task (one line otherwise)."""
+    from alloykit.eval import lm_harness
 
-
-class Fitness:
-    """One worker: the base and the fine-tunes loaded once, the tasks bound to the base; merges a
-    recipe body in memory and scores it on the tasks' validation splits."""
-
-    def __init__(self, config: EvolveConfig | dict):
-        c = config if isinstance(config, EvolveConfig) else EvolveConfig.model_validate(config)
-        self.config = c
-        base_folder, folders, base_ck, cks = inputs.checked_pair(c.base_model, c.models, c.model_class)
-        # the recipes name the models by these paths; the plan finds them preloaded under the same names
-        self.preloaded = {str(f.path): StateDictCheckpoint({n: ck.read(n) for n in ck.tensors}, str(f.path))
-                          for f, ck in zip([base_folder, *folders], [base_ck, *cks])}
-        for ck in (base_ck, *cks):
-            ck.close()
-        self.suite = TaskSuite(load_model(base_folder), command_tasks(c.tasks, None), pooling=c.pooling,
-                               max_len=c.max_len, causal_max_len=128, heads_from=folders, head_option=False)
-
-    def merged(self, body: dict) -> dict[str, torch.Tensor]:
-        return merge_in_memory(body, self.preloaded)
-
-    def evaluate(self, body: dict) -> dict[str, Any]:
-        t0, c0 = time.monotonic(), time.process_time()
-        previous = torch.get_num_threads()
-        torch.set_num_threads(1)  # the same arithmetic in every worker: the score is the candidate's, not the worker's
-        try:
-            res = self.suite.evaluate("validation", params=self.merged(body), samples=self.config.samples)
-        finally:
-            torch.set_num_threads(previous)
-        return {"score": summary_score(res), "tasks": {n: r["value"] for n, r in res.items()},
-                "seconds": time.monotonic() - t0, "cpu_seconds": time.process_time() - c0, "pid": os.getpid()}
-
-    def records(self) -> list[dict]:
-        return self.suite.record("validation", self.config.samples)
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        raise EvolveError(f"evolve config '{path}': lm_eval fitness needs lm-evaluation-harness, which is not "
+                          f"installed: {lm_harness.INSTALL}") from None
+    try:
+        lm_harness.task_manager([t for t, _ in config.lm_eval.task_metrics()], config.lm_eval.include_path,
+                                what="lm_eval task", include_what="lm_eval include_path")
+    except AlloyError as err:
+        raise EvolveError(f"evolve config '{path}': {err}") from None
 
 
 def _import_cmaes():
@@ -151,19 +120,25 @@ class _Workers:
         if self.ray is not None:
             from ray.util import ActorPool
 
-            actor = self.ray.remote(num_cpus=1)(Fitness)
+            actor = self.ray.remote(num_cpus=1)(fitness_class(config))
             data = config.model_dump()
             self.actors = [actor.remote(data) for _ in range(max(workers, 1))]  # each loads the models once
             self.pool = ActorPool(self.actors)
         else:
-            self.local, self.n = Fitness(config), 1
+            self.local, self.n = fitness_class(config)(config), 1
 
     def __call__(self, bodies: list[dict]) -> list[dict]:
-        if self.pool is not None:
+        if self.pool is None:
+            return [self.local.evaluate(b) for b in bodies]
+        try:
             return list(self.pool.map(lambda a, b: a.evaluate.remote(b), bodies))
-        return [self.local.evaluate(b) for b in bodies]
+        except self.ray.exceptions.RayError as err:  # a worker's one-line error (a bad metric) as the serial run gives it
+            cause = getattr(err, "cause", None)
+            if isinstance(cause, AlloyError):
+                raise cause from None
+            raise
 
-    def records(self) -> list[dict]:
+    def records(self) -> list[str]:
         return self.local.records() if self.local is not None else self.ray.get(self.actors[0].records.remote())
 
     def close(self) -> None:
@@ -330,7 +305,7 @@ def plot_fitness(path: Path, evaluations: list[dict]) -> bool:
     ax.scatter(range(1, len(scores) + 1), scores, s=10, alpha=0.6, label="candidate")
     ax.plot(range(1, len(scores) + 1), best, color="C3", label="best so far")
     ax.set_xlabel("evaluations")
-    ax.set_ylabel("fitness (mean validation metric)")
+    ax.set_ylabel("fitness (mean metric over the tasks)")
     ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -339,16 +314,14 @@ def plot_fitness(path: Path, evaluations: list[dict]) -> bool:
 
 
 def _header(config: EvolveConfig, population: int, pool: _Workers, best: dict, n: int) -> list[str]:
-    from alloykit.eval.tasks import describe_record
-
     lines = ["alloykit search evolve: CMA-ES (PyPI cmaes) over merge recipes, candidates merged in memory and scored",
-             "  on the tasks' validation splits (mean metric); this recipe is the best candidate, bit for bit",
+             f"  on {fitness_class(config).SCORED_ON}; this recipe is the best candidate, bit for bit",
              f"genome: methods {', '.join(config.methods)}; {config.layer_groups} layer group(s); weight in "
              f"[{config.weight_range[0]:g}, {config.weight_range[1]:g}]; density in [{config.density_range[0]:g}, "
              f"{config.density_range[1]:g}]; normalize {config.normalize}",
              f"budget: {n} evaluations, population {population}, sigma {config.sigma:g}, seed {config.seed}, "
              f"{pool.n} worker(s)"]
-    lines += [f"data: {describe_record(r)}" for r in pool.records()]
-    lines.append(f"best: evaluation {best['eval']} (generation {best['generation']}), validation score "
+    lines += [f"data: {r}" for r in pool.records()]
+    lines.append(f"best: evaluation {best['eval']} (generation {best['generation']}), fitness "
                  f"{best['score']:.4f} (" + ", ".join(f"{t} {v:.4f}" for t, v in best["tasks"].items()) + ")")
     return lines

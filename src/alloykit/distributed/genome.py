@@ -22,6 +22,46 @@ from alloykit.methods.registry import all_methods, get_method
 from alloykit.roles import split_layer
 
 
+class LmEvalTask(BaseModel):
+    """One harness task of the fitness, with its own metric (mergekit-evolve's task entry)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1)
+    metric: str | None = None  # default: LmEvalFitness.metric
+
+
+class LmEvalFitness(BaseModel):
+    """``lm_eval:``: fitness from lm-evaluation-harness tasks (local task YAMLs over local data):
+    the mean over the tasks of each one's metric, negated where the harness says lower is better
+    (perplexity, bits_per_byte). The options are ``alloykit eval --lm-eval``'s, with its defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tasks: list[str | LmEvalTask] = Field(min_length=1)
+    #: folders of local task YAMLs (``--include-path``); relative to the config's folder
+    include_path: list[str] = Field(default_factory=list)
+    metric: str = "acc"
+    #: examples per task (a fraction below 1), few-shot examples (default: each task's own)
+    limit: float | None = Field(default=None, gt=0)
+    num_fewshot: int | None = Field(default=None, ge=0)
+    batch_size: int = Field(default=32, ge=1)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    @field_validator("include_path", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    def task_metrics(self) -> list[tuple[str, str]]:
+        """(task, metric) pairs; a metric given as mergekit-evolve writes it ('acc,none') keeps its name."""
+        pairs = [(t, self.metric) if isinstance(t, str) else (t.name, t.metric or self.metric) for t in self.tasks]
+        return [(t, m.split(",")[0]) for t, m in pairs]
+
+    def harness_limit(self) -> int | float | None:
+        return int(self.limit) if self.limit is not None and self.limit >= 1 else self.limit
+
+
 class EvolveConfig(BaseModel):
     """``alloykit search evolve CONFIG.yaml``: what to merge, the genome, the fitness and the budget."""
 
@@ -30,8 +70,10 @@ class EvolveConfig(BaseModel):
     #: the fine-tunes' common base; without one, only methods that ignore a base (linear...) apply
     base_model: str | None = None
     models: list[str] = Field(min_length=1)
-    #: fitness: the mean validation metric over these tasks (built-in names or task files)
-    tasks: list[str] = Field(min_length=1)
+    #: fitness: the mean validation metric over these tasks (built-in names or task files)...
+    tasks: list[str] = Field(default_factory=list)
+    #: ... or over lm-evaluation-harness tasks (one of the two)
+    lm_eval: LmEvalFitness | None = None
     methods: list[str] = Field(default_factory=lambda: ["task_arithmetic"], min_length=1)
     #: one weight (and density) per model (1), or per model and group of consecutive layers
     layer_groups: int = Field(default=1, ge=1)
@@ -65,6 +107,9 @@ class EvolveConfig(BaseModel):
 
     @model_validator(mode="after")
     def _base(self) -> "EvolveConfig":
+        if bool(self.tasks) == (self.lm_eval is not None):
+            raise ValueError("give the fitness as 'tasks' (alloykit task files or names) or as 'lm_eval' (harness "
+                             "tasks), " + ("not both" if self.tasks else "one of them"))
         if self.base_model is None:
             needs = [m for m in self.methods if get_method(m).base != "ignored"]
             if needs:

@@ -75,14 +75,17 @@ def load_model(model: str | Path, dtype: str = "float32", device: str = "cpu"):
     return lm.to(device).eval(), tok
 
 
-def task_manager(tasks: list[str], include_path: list[str] | None):
+def task_manager(tasks: list[str], include_path: list[str] | None, *, what: str = "--lm-eval task",
+                 include_what: str = "--include-path"):
     """The harness's task index: the local folders alone when they hold every task asked
-    for (indexing the harness's thousands of built-in configs takes a while), else both."""
+    for (indexing the harness's thousands of built-in configs takes a while), else both.
+    ``what``/``include_what``: how the error line names the task and the folders option."""
     _, _, TaskManager = _require()
     paths = [str(Path(p)) for p in include_path or []]
     for p in paths:
         if not Path(p).is_dir():
-            raise AlloyError(f"--include-path {p}: no such folder")
+            raise AlloyError(f"{include_what} {p}: no such folder")
+    local = None
     if paths:
         local = TaskManager(include_path=paths, include_defaults=False)
         if all(t in local.all_tasks for t in tasks):
@@ -90,7 +93,9 @@ def task_manager(tasks: list[str], include_path: list[str] | None):
     tm = TaskManager(include_path=paths or None)
     for t in tasks:
         if t not in tm.all_tasks:
-            raise AlloyError(f"--lm-eval task '{t}' is not a harness task or a task in --include-path{did_you_mean(t, tm.all_tasks)}")
+            here = f"; the tasks in {include_what}: {', '.join(sorted(local.all_tasks)) or 'none'}" if local else ""
+            raise AlloyError(f"{what} '{t}' is not a harness task or a task in {include_what}"
+                             f"{did_you_mean(t, tm.all_tasks)}{here}")
     return tm
 
 
@@ -99,7 +104,7 @@ def run_lm_eval(model: str | Path, tasks: list[str], *, include_path: list[str] 
                 seed: int = 0) -> dict[str, Any]:
     """Run harness ``tasks`` on ``model``; returns {"results": {task: {metric: value}}, "n": {task: samples}, ...}."""
     _offline()
-    lm_eval, HFLM, _ = _require()
+    _require()
     if not tasks:
         raise AlloyError("--lm-eval: name at least one task")
     if dtype not in DTYPES:
@@ -107,16 +112,30 @@ def run_lm_eval(model: str | Path, tasks: list[str], *, include_path: list[str] 
     model_files(model)
     tm = task_manager(tasks, include_path)
     model_obj, tok = load_model(model, dtype, device)
+    res = evaluate_lm(model_obj, tok, tasks, tm, limit=limit, batch_size=batch_size, num_fewshot=num_fewshot,
+                      device=device, seed=seed)
+    return {"model": str(model), **res, "dtype": dtype}
+
+
+def evaluate_lm(model_obj, tok, tasks: list[str], tm, *, limit: int | float | None = None, batch_size: int = 8,
+                num_fewshot: int | None = None, device: str = "cpu", seed: int = 0,
+                bootstrap_iters: int = 1000) -> dict[str, Any]:
+    """Harness ``tasks`` (indexed by ``tm``, from :func:`task_manager`) on a transformers causal LM
+    instance and its tokenizer (``alloykit eval --lm-eval`` and ``search evolve``'s lm-eval fitness
+    both score through here); returns {"results": {task: {metric: value}}, "higher_is_better":
+    {task: {metric: bool}}, "n": ..., ...}."""
+    _offline()
+    lm_eval, HFLM, _ = _require()
     lm = HFLM(pretrained=model_obj, tokenizer=tok, batch_size=batch_size, device=device)
     out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit, task_manager=tm,
                                   log_samples=False, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-                                  fewshot_random_seed=seed, bootstrap_iters=1000)
+                                  fewshot_random_seed=seed, bootstrap_iters=bootstrap_iters)
     # the harness keys metrics 'NAME,FILTER' ('acc,none', 'acc_stderr,none'); other keys are bookkeeping
     results = {task: {k.split(",")[0]: v for k, v in metrics.items() if "," in k and isinstance(v, (int, float))}
                for task, metrics in (out or {}).get("results", {}).items()}
-    return {"model": str(model), "tasks": list(tasks), "results": results, "n": (out or {}).get("n-samples", {}),
-            "lm_eval_version": getattr(lm_eval, "__version__", "unknown"), "limit": limit, "num_fewshot": num_fewshot,
-            "dtype": dtype}
+    return {"tasks": list(tasks), "results": results, "higher_is_better": (out or {}).get("higher_is_better", {}),
+            "n": (out or {}).get("n-samples", {}), "lm_eval_version": getattr(lm_eval, "__version__", "unknown"),
+            "limit": limit, "num_fewshot": num_fewshot}
 
 
 def write_choice_task(folder: str | Path, name: str, rows: list[dict], *, group: str | None = None) -> Path:
