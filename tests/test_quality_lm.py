@@ -132,6 +132,36 @@ def test_smaller_run_reuses_the_first_examples_of_a_cached_score(ci_run):
 
 
 @pytest.mark.slow
+def test_a_score_cached_for_fewer_skills_is_not_taken_for_a_run_with_more(ci_run):
+    """A score file under the same key but written by a run with fewer skills (the lite preset's three beside
+    the full preset's four, same example count) used to end in a KeyError; it is scored again instead."""
+    tmp, res = ci_run
+    sys.path.insert(0, str(RUN.parent))
+    import run as harness
+    from lm_bench import SCORER, Bench
+    from lm_common import digest
+
+    p = {**harness.PRESETS["ci"], "n_eval": 5}
+    cache = tmp / "cache"
+    base = next(cache.glob("base-hf-*"))
+    data = {t: next((cache / "data").glob(f"{t}-*")) for t in ("definitions", "qa")}
+    bench = Bench(p, "ci", next((cache / "tiny-base").glob("*.gguf")), base, data, cache, log=lambda *a: None)
+    key = "base:a-model-scored-on-one-skill"
+    one = {"correct": [True] * 5, "nll": [1.0] * 5, "tokens": [3] * 5}
+    path = cache / "scores" / f"test-{digest(key, SCORER, 5, p['score_bf16'])}.json"
+    path.write_text(json.dumps({"key": key, "scorer": SCORER, "bf16": p["score_bf16"], "cost": {}, "tasks": {"qa": one}}))
+
+    def scored_again():
+        raise RuntimeError("scored again")
+
+    with pytest.raises(RuntimeError, match="scored again"):
+        bench.scores(key, scored_again)
+    path.write_text(json.dumps({"key": key, "scorer": SCORER, "bf16": p["score_bf16"], "cost": {},
+                                "tasks": {"qa": one, "definitions": one}}))
+    assert sorted(bench.scores(key, scored_again)) == ["definitions", "qa"]
+
+
+@pytest.mark.slow
 def test_cached_only_report_reproduces_the_rows_without_merging(ci_run, tmp_path):
     """--cached-only rebuilds the results from the cache alone: the same rows, nothing merged again
     (the kept task_arithmetic folder aside, every merge folder was deleted after scoring)."""

@@ -72,7 +72,10 @@ class Bench:
         cached under ``key``."""
         n = self.p["n_eval"] if split == "test" else self.p["n_select"]
         path = self.cache / "scores" / f"{split}-{digest(key, SCORER, n, self.p['score_bf16'])}.json"
-        cached = json.loads(path.read_text()) if path.is_file() else self._larger(key, split, n)
+        cached = json.loads(path.read_text()) if path.is_file() else None
+        if cached is not None and not all(t in cached["tasks"] for t in self.data):
+            cached = None  # scored on fewer skills (a run with another task list): score again, on all of them
+        cached = cached if cached is not None else self._larger(key, split, n)
         if cached is not None:
             self.last_cost = cached["cost"]
             if not path.is_file():  # the cost of scoring the larger set this row was read from
