@@ -33,6 +33,11 @@ def ci(iv) -> str:
     return f"{pct(iv.est)} [{pct(iv.lo)}, {pct(iv.hi)}]"
 
 
+def diff_ci(c: dict) -> str:
+    """A paired comparison (``TrackStats.compare``): the difference and its 95% interval."""
+    return f"{pct(c['diff'])} [{pct(c['lo'])}, {pct(c['hi'])}]"
+
+
 def ok_rows(results: dict) -> list[str]:
     return [n for n, r in results["rows"].items()
             if any(s.get("status") == "ok" for s in r.get("seeds", {}).values())]
@@ -124,7 +129,7 @@ def budget_section(st: TrackStats) -> list[str]:
             verdict = ("resolved: evolve is better" if c["resolved"] and c["diff"] > 0 else
                        "resolved: task arithmetic is better" if c["resolved"] else "not resolved")
             lines.append(f"| {evals} | `{search}` {ci(st.interval(search))} | `{ta}` {ci(st.interval(ta))} | "
-                         f"{pct(c['diff'])} [{pct(c['lo'])}, {pct(c['hi'])}] | {verdict} | {len(c['seeds'])} |")
+                         f"{diff_ci(c)} | {verdict} | {len(c['seeds'])} |")
     if not lines:
         return []
     return ["### Evolutionary search against task arithmetic at the same budget", "",
@@ -141,8 +146,9 @@ TASK_AWARE = {"emr"}
 
 def routing_section(results: dict, st: TrackStats) -> list[str]:
     """Routed rows against the best single merged model, with what routing costs (issue 14)."""
-    routed = [n for n in methods_of(results, st) if results["rows"][n].get("kind") == "routing"]
-    static = [n for n in methods_of(results, st) if results["rows"][n].get("kind") != "routing" and n not in TASK_AWARE]
+    ranked = methods_of(results, st)
+    routed = [n for n in ranked if results["rows"][n].get("kind") == "routing"]
+    static = [n for n in ranked if results["rows"][n].get("kind") != "routing" and n not in TASK_AWARE]
     if not routed or not static:
         return []
     best = static[0]  # methods_of sorts best first
@@ -155,7 +161,7 @@ def routing_section(results: dict, st: TrackStats) -> list[str]:
         c = st.compare(n, best)
         cost = next(iter(results["rows"][n]["seeds"].values())).get("cost", {})
         verdict = " (resolved)" if c["resolved"] else " (not resolved)"
-        lines.append(f"| `{n}` | {ci(st.interval(n))} | {pct(c['diff'])} [{pct(c['lo'])}, {pct(c['hi'])}]{verdict} | "
+        lines.append(f"| `{n}` | {ci(st.interval(n))} | {diff_ci(c)}{verdict} | "
                      f"{cost.get('parameters', float('nan')):.2f}x | {cost.get('inference_cpu', float('nan')):.1f}x |")
     aware = [n for n in TASK_AWARE if n in st.correct]
     if aware:
