@@ -144,22 +144,30 @@ def _linear_of(sd: Mapping[str, torch.Tensor], name: str) -> tuple[torch.Tensor,
 
 
 @torch.no_grad()
+def expert_updates(ref: nn.Linear, experts: Sequence[tuple[torch.Tensor, torch.Tensor | None]]):
+    """Per fine-tune, the SVD (u, s, vh) of its weight minus ``ref``'s and its bias minus ``ref``'s
+    (None without a bias): what SMILE's and Twin-Merging's low-rank experts are cut from."""
+    w0 = ref.weight.detach().float()
+    for w, b in experts:
+        u, s, vh = torch.linalg.svd(w.float() - w0, full_matrices=False)
+        yield u, s, vh, (b.float() - ref.bias.detach().float() if ref.bias is not None else None)
+
+
+@torch.no_grad()
 def smile_layer(base: nn.Linear, experts: Sequence[tuple[torch.Tensor, torch.Tensor | None]], rank: int, gate_rank: int,
                 top_k: int) -> SmileLinear:
     """One :class:`SmileLinear` from the base layer and each fine-tune's (weight, bias)."""
-    w0 = base.weight.detach().float()
-    out_f, in_f = w0.shape
+    out_f, in_f = base.weight.shape
     full = min(out_f, in_f)
     r, g = min(rank, full), min(gate_rank, full)
     layer = SmileLinear(in_f, out_f, len(experts), r, g, top_k, bias=base.bias is not None)
     layer.base.load_state_dict(base.state_dict())
-    for k, (w, b) in enumerate(experts):
-        u, s, vh = torch.linalg.svd(w.float() - w0, full_matrices=False)
+    for k, (u, s, vh, db) in enumerate(expert_updates(base, experts)):
         layer.gate[k * g:(k + 1) * g] = vh[:g]
         layer.u[k] = u[:, :r]
         layer.svh[k] = s[:r, None] * vh[:r]
         if layer.bias_delta is not None:
-            layer.bias_delta[k] = b.float() - base.bias.detach().float()
+            layer.bias_delta[k] = db
     return layer
 
 

@@ -29,7 +29,7 @@ from torch import nn
 
 from alloykit.errors import AlloyError
 from alloykit.moe.routed import TwinLinear, TwinRouter, attach_twin_router, set_module, shared_features
-from alloykit.moe.routing import _host, _linear_of, linear_targets, merge_static, state_dict_of
+from alloykit.moe.routing import _host, _linear_of, expert_updates, linear_targets, merge_static, state_dict_of
 
 _log = logging.getLogger(__name__)
 
@@ -117,17 +117,15 @@ def twin_merging(base: nn.Module, finetuned: Sequence[Mapping[str, torch.Tensor]
 def twin_layer(shared: nn.Linear, experts: Sequence[tuple[torch.Tensor, torch.Tensor | None]], rank: int) -> TwinLinear:
     """One :class:`TwinLinear` from the shared layer and each fine-tune's (weight, bias): expert k is
     the top-``rank`` SVD of W_k - W_s, plus b_k - b_s in full."""
-    ws = shared.weight.detach().float()
-    out_f, in_f = ws.shape
+    out_f, in_f = shared.weight.shape
     r = min(rank, out_f, in_f)
     layer = TwinLinear(in_f, out_f, len(experts), r, bias=shared.bias is not None)
     layer.base.load_state_dict(shared.state_dict())
-    for k, (w, b) in enumerate(experts):
-        u, s, vh = torch.linalg.svd(w.float() - ws, full_matrices=False)
+    for k, (u, s, vh, db) in enumerate(expert_updates(shared, experts)):
         layer.u[k] = u[:, :r]
         layer.svh[k] = s[:r, None] * vh[:r]
         if layer.bias_delta is not None:
-            layer.bias_delta[k] = b.float() - shared.bias.detach().float()
+            layer.bias_delta[k] = db
     return layer
 
 
