@@ -317,14 +317,14 @@ def test_resume_of_a_merge_from_another_random_stream_is_refused_in_one_line(fam
 
 #: passes each fast path makes over a tensor's inputs: the geometric methods one pass for the
 #: Gram matrix (every norm, cosine and Karcher iterate follows from it) and one to write,
-#: however many iterations karcher takes; the row-wise ones a single pass; SCE four (variance
-#: histogram, low key bits, energies, merge)
+#: however many iterations karcher takes; the row-wise ones a single pass; SCE three (variance
+#: histogram; low key bits with the energies; merge), two when it selects everything
 PASSES = {"slerp": 2, "nuslerp": 2, "model_stock": 2, "multislerp": 2, "karcher": 2, "nuslerp rows": 1,
-          "model_stock filter_wise": 1, "sce": 4, "sce all": 2}
+          "model_stock filter_wise": 1, "sce": 3, "sce all": 2}
 
 
-@pytest.mark.parametrize("case", sorted(PASSES))
-def test_per_tensor_statistics_are_computed_in_one_pass(family, case, monkeypatch):
+def count_passes(monkeypatch) -> dict[str, int]:
+    """Passes over each tensor's inputs from here on (tensor name -> passes)."""
     passes: dict[str, int] = {}
 
     class Counting(executor.StreamInput):
@@ -333,9 +333,28 @@ def test_per_tensor_statistics_are_computed_in_one_pass(family, case, monkeypatc
             return super().blocks()
 
     monkeypatch.setattr(executor, "StreamInput", Counting)
+    return passes
+
+
+@pytest.mark.parametrize("case", sorted(PASSES))
+def test_per_tensor_statistics_are_computed_in_one_pass(family, case, monkeypatch):
+    passes = count_passes(monkeypatch)
     r = recipe(family, case)
     if case == "karcher":
         r["parameters"] = {"max_iter": 50, "tol": 1e-12}  # many iterations: still no pass of their own
     run(r, threads=1)
-    big = passes
-    assert big and set(big.values()) == {PASSES[case]}, passes
+    assert passes and set(passes.values()) == {PASSES[case]}, passes
+
+
+def test_sce_energies_take_a_pass_of_their_own_beyond_the_budget(family, monkeypatch):
+    """Where the variance cut's bucket exceeds ``SCE_CUT_BUDGET``, the energies are added up
+    in a fourth pass: the same bytes as the three passes (and so the reference's, within
+    the energies' tolerance: test_fast_path_equals_the_reference)."""
+    from alloykit.methods import sparse_fast
+
+    r = recipe(family, "sce")
+    folded = run(r, threads=2)
+    passes = count_passes(monkeypatch)
+    monkeypatch.setattr(sparse_fast, "SCE_CUT_BUDGET", 0)
+    assert_close(run(r, threads=2), folded, exact=True)
+    assert passes and set(passes.values()) == {4}, passes

@@ -560,7 +560,7 @@ def della_linear(x: MergeInput) -> torch.Tensor:
 
 @register(
     "sce",
-    streamed=Streamed(sparse_fast.sce),
+    streamed=Streamed(sparse_fast.sce, sparse_fast.sce_scratch),
     params=SceParams,
     model_params=NoParams,
     reproduces="mergekit sce",

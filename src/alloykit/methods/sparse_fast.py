@@ -15,8 +15,9 @@ the inputs as the trim allows:
   than storing them);
 * DELLA: the same, the keep probability of an entry set by its magnitude rank in its
   row (rows sorted by numpy); the masks of the first pass are kept as bits for the second;
-* SCE: the variance threshold by radix select, a pass for the selected task vectors'
-  energies, then election and disjoint mean, each pass one fused loop (``ops.fast_sce``).
+* SCE: the variance threshold by radix select, the selected task vectors' energies added
+  up in its second pass (a pass of their own where the cut's bucket is too large to
+  keep), then election and disjoint mean, each pass one fused loop (``ops.fast_sce``).
 
 Per entry the arithmetic is the reference's, so the bytes are the reference's; only the
 L1 norms of rescaling are sums over the whole tensor, taken here in float64 in another
@@ -406,69 +407,155 @@ def della_mask_bytes(numel: int, k: int, dtype: torch.dtype | None) -> int:
 # --------------------------------------------------------------------------------------
 
 
+#: bytes SCE may spend keeping the entries of the variance bucket of its cut (their low key
+#: bits and K task-vector values) to add up the energies in the radix select's second pass;
+#: where the bucket holds more, the energies take a pass of their own (the same bytes)
+SCE_CUT_BUDGET = 64 << 20
+
+
+def _sce_cut_bytes(entries: int, k: int) -> int:
+    return entries * (2 + 4 * k)
+
+
+def sce_scratch(numel: int, k: int, dtype: torch.dtype | None) -> int:
+    """Bytes SCE keeps besides its blocks: at most the cut's bucket within ``SCE_CUT_BUDGET``."""
+    return min(SCE_CUT_BUDGET, _sce_cut_bytes(numel, k))
+
+
+class _SceBlocks:
+    """SCE's per-tensor buffers and its per-block steps: variance, selection flags, energies."""
+
+    def __init__(self, x: StreamInput):
+        self.x = x
+        self.var = np.empty(x.block_size, dtype=np.float32)
+        self.keep = np.ones(x.block_size, dtype=np.float32)
+        self.ones = np.ones(x.block_size, dtype=np.float32)  # the keep flags of entries above the cut's bucket
+        self.moments = np.empty((2, x.block_size), dtype=np.float64)  # the variance's running mean and m2
+        self.erase = np.empty((2, x.block_size), dtype=np.float32)  # the election's sum, the agreeing weight
+        self.per_row = np.empty((2, x.rows_per_block, x.k), dtype=np.float64)  # energy sums of a block's rows
+        #: per row and model: energy of the entries above the cut's bucket, then of those in it
+        self.certain, self.cut = RowSums(x, (x.k,)), np.zeros((x.rows, x.k), dtype=np.float64)
+
+    def variance(self, block: Block) -> tuple[np.ndarray, np.ndarray]:
+        """The block's task vectors (computed in place) and their variances."""
+        d = _deltas(block)
+        v = self.var[: block.size]
+        fast_sce.variance(d, v, *self.moments)
+        return d, v
+
+    def energies(self) -> np.ndarray:
+        """mean(tau_i^2) of the selected task vectors: each row's two sums added, rows added exactly."""
+        self.certain.rows += self.cut
+        return self.certain.total() / max(1, self.x.numel)
+
+
+def _sce_histogram(x: StreamInput, sb: _SceBlocks, fraction: float) -> tuple[KeepRule, np.ndarray]:
+    """Pass 1: the variances' high key bits; the rule keeping the int(fraction * m) largest."""
+    counts = np.zeros((1, fast_select.HIGH_BUCKETS), dtype=np.int64)
+    unused = np.zeros((1, 1), dtype=np.float64)
+    nonzero = 0
+    for block in x.blocks():
+        v = sb.variance(block)[1][None]
+        nonzero += int(np.count_nonzero(v))
+        fast_select.count_high(v.view(np.int32), v, counts, unused, False)
+    k = int(nonzero * fraction)
+    rule = KeepRule(x.numel, x.numel - k, x.numel, descending=True)
+    for edge in rule.edges:
+        edge.locate_bucket(counts[0])
+    return rule, counts[0]
+
+
+def _sce_low_bits(x: StreamInput, sb: _SceBlocks, bucket: int) -> np.ndarray:
+    """Pass 2 alone: the low key bits of the variances in the cut's bucket."""
+    buckets = np.array([[bucket, -1]], dtype=np.int64)
+    low = np.zeros((1, 2, fast_select.LOW_BINS), dtype=np.int64)
+    for block in x.blocks():
+        v = sb.variance(block)[1][None]
+        fast_select.count_low(v.view(np.int32), v, buckets, low, np.zeros((1, 2, 1)), False)
+    return low[0, 0]
+
+
+def _sce_low_bits_and_energies(x: StreamInput, sb: _SceBlocks, rule: KeepRule, in_bucket: int) -> None:
+    """Pass 2 with the energies folded in: the low key bits of the cut's bucket, the energy
+    of every entry above that bucket (selected whatever the exact key), and the bucket's
+    ``in_bucket`` entries kept, so that once the key is known their energies are added
+    without another pass over the inputs."""
+    edge = rule.edges[0]
+    low = np.zeros(fast_select.LOW_BINS, dtype=np.int64)
+    cut_rows = np.zeros(x.rows, dtype=np.int64)
+    cut_low = np.empty(in_bucket, dtype=np.uint16)
+    cut_taus = np.empty((in_bucket, x.k), dtype=np.float32)
+    stored = 0
+    for block in x.blocks():
+        d, v = sb.variance(block)
+        rows = sb.per_row[0, : block.row1 - block.row0]
+        stored = fast_sce.split_energies(d, sb.ones, v.view(np.int32), edge.bucket, block.row0, x.row_len, rows,
+                                         low, cut_rows, cut_low, cut_taus, stored)
+        sb.certain.add(block, rows)
+    edge.locate_key(low)
+    rule.finish()
+    lower, upper, tie_keys, tie_lo, tie_hi, *_ = _rule_arrays([rule])
+    fast_sce.cut_energies(cut_rows, cut_low, cut_taus, edge.bucket, lower[0], upper[0], tie_keys[0, 0],
+                          tie_lo[0, 0], tie_hi[0, 0], sb.cut)
+
+
 def sce(x: StreamInput) -> bool:
     """Select (variance top-k, flat tie order as ``variance_topk_mask``), calculate (energy
     of the selected task vectors, float64 sums), erase (elected sign, disjoint mean): the
-    reference's operations per entry, fused per block (``ops.fast_sce``), with the
-    variance threshold found by radix select (two histogram passes, only when
-    0 < select_topk < 1) and the energies in a pass of their own."""
+    reference's operations per entry, fused per block (``ops.fast_sce``).
+
+    Passes (when 0 < select_topk < 1): the variances' histogram (high key bits); their low
+    key bits in the cut's bucket, with the energies of the entries above that bucket and
+    the bucket's entries kept (``SCE_CUT_BUDGET``) to add theirs once the cut's key is
+    known; the merge. Three passes, four where the bucket exceeds the budget (the energies
+    then take a pass of their own, the same bytes). The merge needs every energy (its
+    weights c_i are ratios of whole-tensor sums), the energies need the cut, and the cut
+    needs every variance: no pass of the three can start before the one before it ends."""
     fraction = x.params.select_topk
-    var = np.empty((1, x.block_size), dtype=np.float32)
-    keep = np.ones((1, x.block_size), dtype=np.float32)
-    scratch64 = np.empty((2, x.block_size), dtype=np.float64)  # the variance's running mean and m2
-    scratch32 = np.empty((2, x.block_size), dtype=np.float32)  # the election's sum, the agreeing weight
+    sb = _SceBlocks(x)
     rule: KeepRule | None = None
+    bucket = -1  # the high key bits of the cut: entries above it are all selected
+    energies_done = False
     if fraction <= 0:
         rule = KeepRule(x.numel, 0, 0)
     elif fraction < 1:
-        counts = np.zeros((1, fast_select.HIGH_BUCKETS), dtype=np.int64)
-        unused = np.zeros((1, 1), dtype=np.float64)
-        nonzero = 0
-        for block in x.blocks():
-            v = var[:, : block.size]
-            fast_sce.variance(_deltas(block), v[0], *scratch64)
-            nonzero += int(np.count_nonzero(v))
-            fast_select.count_high(v.view(np.int32), v, counts, unused, False)
-        k = int(nonzero * fraction)
-        rule = KeepRule(x.numel, x.numel - k, x.numel, descending=True)
-        for edge in rule.edges:
-            edge.locate_bucket(counts[0])
+        rule, counts = _sce_histogram(x, sb, fraction)
         if rule.edges:
-            buckets = np.array([[rule.edges[0].bucket, -1]], dtype=np.int64)
-            low = np.zeros((1, 2, fast_select.LOW_BINS), dtype=np.int64)
-            for block in x.blocks():
-                v = var[:, : block.size]
-                fast_sce.variance(_deltas(block), v[0], *scratch64)
-                fast_select.count_low(v.view(np.int32), v, buckets, low, np.zeros((1, 2, 1)), False)
-            rule.edges[0].locate_key(low[0, 0])
-        rule.finish()
+            bucket = rule.edges[0].bucket
+            in_bucket = int(counts[bucket])
+            if _sce_cut_bytes(in_bucket, x.k) <= SCE_CUT_BUDGET:
+                _sce_low_bits_and_energies(x, sb, rule, in_bucket)
+                energies_done = True
+            else:
+                rule.edges[0].locate_key(_sce_low_bits(x, sb, bucket))
+        if not energies_done:
+            rule.finish()
     arrays = _rule_arrays([rule])
     masked = rule is not None and not (rule.start == 0 and rule.stop == x.numel)
     ordinals = np.zeros((1, 2), dtype=np.int64)
 
-    def selected(block: Block) -> tuple[np.ndarray, np.ndarray]:
-        d = _deltas(block)
-        flags = keep[:, : block.size]
-        if masked:
-            v = var[:, : block.size]
-            fast_sce.variance(d, v[0], *scratch64)
-            fast_select.keep_flags(v.view(np.int32), *arrays, ordinals, flags)
-        return d, flags[0]
+    def selected(block: Block) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        flags = sb.keep[: block.size]
+        if not masked:
+            return _deltas(block), flags, sb.var[: block.size]
+        d, v = sb.variance(block)
+        fast_select.keep_flags(v.view(np.int32)[None], *arrays, ordinals, flags[None])
+        return d, flags, v
 
-    sums = RowSums(x, (x.k,))
-    per_row = np.empty((x.rows_per_block, x.k), dtype=np.float64)
-    for block in x.blocks():
-        d, flags = selected(block)
-        rows = per_row[: block.row1 - block.row0]
-        fast_sce.row_energies(d, flags, x.row_len, rows)
-        sums.add(block, rows)
-    energy = sums.total() / max(1, x.numel)
+    if not energies_done:  # a pass of their own
+        for block in x.blocks():
+            d, flags, v = selected(block)
+            certain, cut = sb.per_row[:, : block.row1 - block.row0]
+            fast_sce.row_energies(d, flags, v.view(np.int32), bucket, x.row_len, certain, cut)
+            sb.certain.add(block, certain)
+            sb.cut[block.row0 : block.row1] = cut
+        ordinals[:] = 0
+    energy = sb.energies()
     total = float(energy.sum())
     c = (energy / total if total > 0 else np.full(x.k, 1.0 / x.k)).astype(np.float32)
-    ordinals[:] = 0
     for block in x.blocks():
-        d, flags = selected(block)
+        d, flags, _ = selected(block)
         out = x.result_buffer(block)
-        fast_sce.erase_merge(d, flags, c, block.base, out, *scratch32)
+        fast_sce.erase_merge(d, flags, c, block.base, out, *sb.erase)
         x.write(block, out)
     return True

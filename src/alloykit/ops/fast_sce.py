@@ -12,17 +12,25 @@ at 24x the read-sum-write baseline). Here each pass is one loop over the block:
   the selection's threshold and ties are the reference's bit for bit;
 * ``row_energies``: per row and model, the sum of the squares of the selected entries
   (float64; the reference's float32 ``mean`` sums in another order: the energies, and so
-  the merged tensor, agree to a relative 1e-6, tests/test_fast_paths.py);
+  the merged tensor, agree to a relative 1e-6, tests/test_fast_paths.py), split in two
+  sums: the entries whose variance lies above the bucket of the selection's cut (all
+  selected), and the others (selected or not, decided by the cut's exact key);
+* ``split_energies`` and ``cut_energies``: the same two sums without a pass of their own.
+  While the second pass of the radix select looks for the cut's exact key in its bucket,
+  ``split_energies`` adds up the first sum and keeps the entries of the cut's bucket (low
+  key bits and K task-vector values, in flat order); once the key is known,
+  ``cut_energies`` decides them (flat order breaks ties, as in ``keep_flags``) and adds
+  up the second sum. Both sums run over the same entries in the same order as in
+  ``row_energies``, so the energies are the same bytes either way;
 * ``erase_merge``: the elected sign of sum_i tau_i, agreement, energy-weighted disjoint
   mean and the base added: the reference's float32 operations in its order, per entry.
 """
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
+from alloykit.ops.fast_select import _key  # the variance's key: its float32 bits (NaN above +inf)
 from alloykit.ops.jit import jit
 
 
@@ -48,18 +56,92 @@ def variance(deltas, out, mean, m2):  # noqa: ANN001, ANN201
         out[j] = np.float32(m2[j] / np.float64(k))
 
 
-@jit
-def row_energies(deltas, keep, row_len, sums):  # noqa: ANN001, ANN201
-    """sums[r, i] = sum over row r of the block of (deltas[i] * keep)^2, in float64."""
+@jit(inline=True)
+def _sums_above(deltas, keep, var_bits, bucket, row_len, certain):  # noqa: ANN001, ANN202
+    """certain[r, i] = the sum, in float64 and flat order, of (deltas[i, j] * keep[j])^2 over
+    the entries j of the block's row r whose variance key (``var_bits``) lies in a high
+    bucket above ``bucket`` (every entry where ``bucket`` is -1: a key is never negative)."""
     k, m = deltas.shape
-    rows = m // row_len
-    for r in range(rows):
+    for r in range(m // row_len):
         for i in range(k):
             total = 0.0
             for j in range(r * row_len, (r + 1) * row_len):
                 x = np.float64(deltas[i, j] * keep[j])
-                total += x * x
-            sums[r, i] = total
+                total += x * x if (_key(var_bits[j]) >> 16) > bucket else 0.0
+            certain[r, i] = total
+
+
+@jit
+def row_energies(deltas, keep, var_bits, bucket, row_len, certain, cut):  # noqa: ANN001, ANN201
+    """Per row r of the block and model i, of the squares (float64) of deltas[i] * keep:
+    certain[r, i] the sum over the entries whose variance key (``var_bits``) lies in a
+    high bucket above ``bucket`` (every entry where ``bucket`` is -1; ``_sums_above``),
+    cut[r, i] the sum over the others in flat order (an entry below the cut's bucket is
+    not kept and adds 0: its variance is finite, so are its deltas)."""
+    _sums_above(deltas, keep, var_bits, bucket, row_len, certain)
+    k, m = deltas.shape
+    for r in range(m // row_len):
+        for i in range(k):
+            total = 0.0
+            if bucket >= 0:
+                for j in range(r * row_len, (r + 1) * row_len):
+                    x = np.float64(deltas[i, j] * keep[j])
+                    total += 0.0 if (_key(var_bits[j]) >> 16) > bucket else x * x
+            cut[r, i] = total
+
+
+@jit
+def split_energies(deltas, ones, var_bits, bucket, row0, row_len, certain, low_counts, cut_rows, cut_low, cut_taus,
+                   stored):  # noqa: ANN001, ANN201
+    """The second pass of SCE's radix select with the first energy sum folded in.
+
+    certain: ``row_energies``' first sum, over the entries whose variance key lies above
+    ``bucket`` (selected whatever the cut's exact key: their keep flag is 1, ``ones``). Each
+    entry in ``bucket`` is counted in ``low_counts`` by its low 16 key bits and kept, in
+    flat order from index ``stored`` on: its low bits in ``cut_low``, its K values in
+    ``cut_taus``; cut_rows[row0 + r] = how many of the block's row r. Returns the new
+    ``stored``."""
+    _sums_above(deltas, ones, var_bits, bucket, row_len, certain)
+    k, m = deltas.shape
+    for r in range(m // row_len):
+        first = stored
+        for j in range(r * row_len, (r + 1) * row_len):
+            key = _key(var_bits[j])
+            if (key >> 16) == bucket:
+                low = key & 0xFFFF
+                low_counts[low] += 1
+                cut_low[stored] = low
+                for i in range(k):
+                    cut_taus[stored, i] = deltas[i, j]
+                stored += 1
+        cut_rows[row0 + r] = stored - first
+    return stored
+
+
+@jit
+def cut_energies(cut_rows, cut_low, cut_taus, bucket, lower, upper, tie_key, tie_lo, tie_hi,
+                 cut):  # noqa: ANN001, ANN201
+    """cut[r, i] = ``row_energies``' second sum from the entries ``split_energies`` kept:
+    the squares of tau_i * keep over row r's entries of the cut's bucket, in flat order,
+    keep as ``fast_select.keep_flags`` decides it (lower < key < upper, or the entry is the
+    o-th of the tie group ``tie_key`` in flat order with tie_lo <= o < tie_hi)."""
+    k = cut_taus.shape[1]
+    s = 0
+    o = 0
+    for r in range(cut_rows.shape[0]):
+        for i in range(k):
+            cut[r, i] = 0.0
+        for _ in range(cut_rows[r]):
+            key = (bucket << 16) | np.int64(cut_low[s])
+            kept = (key > lower) & (key < upper)
+            if key == tie_key:
+                kept = kept or (tie_lo <= o < tie_hi)
+                o += 1
+            f = np.float32(1.0) if kept else np.float32(0.0)
+            for i in range(k):
+                x = np.float64(cut_taus[s, i] * f)
+                cut[r, i] += x * x
+            s += 1
 
 
 @jit
