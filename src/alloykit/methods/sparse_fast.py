@@ -508,9 +508,12 @@ def sce(x: StreamInput) -> bool:
     key bits in the cut's bucket, with the energies of the entries above that bucket and
     the bucket's entries kept (``SCE_CUT_BUDGET``) to add theirs once the cut's key is
     known; the merge. Three passes, four where the bucket exceeds the budget (the energies
-    then take a pass of their own, the same bytes). The merge needs every energy (its
-    weights c_i are ratios of whole-tensor sums), the energies need the cut, and the cut
-    needs every variance: no pass of the three can start before the one before it ends."""
+    then take a pass of their own, the same bytes). Why not fewer: the merge needs every
+    energy (its weights c_i are ratios of whole-tensor sums, and an output entry is a
+    ratio in c, not fixable afterwards), the energies need the exact cut, and the cut
+    needs every variance and then a second look at the entries of its bucket, which is
+    unknown until the histogram is complete (keeping every entry's K values instead would
+    hold the inputs in memory)."""
     fraction = x.params.select_topk
     sb = _SceBlocks(x)
     rule: KeepRule | None = None
