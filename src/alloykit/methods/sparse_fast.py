@@ -486,11 +486,12 @@ def _sce_low_bits_and_energies(x: StreamInput, sb: _SceBlocks, rule: KeepRule, i
     cut_low = np.empty(in_bucket, dtype=np.uint16)
     cut_taus = np.empty((in_bucket, x.k), dtype=np.float32)
     stored = 0
+    found = np.empty(x.row_len, dtype=np.int64)
     for block in x.blocks():
         d, v = sb.variance(block)
         rows = sb.per_row[0, : block.row1 - block.row0]
         stored = fast_sce.split_energies(d, sb.ones, v.view(np.int32), edge.bucket, block.row0, x.row_len, rows,
-                                         low, cut_rows, cut_low, cut_taus, stored)
+                                         low, cut_rows, cut_low, cut_taus, stored, found)
         sb.certain.add(block, rows)
     edge.locate_key(low)
     rule.finish()

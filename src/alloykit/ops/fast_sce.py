@@ -92,7 +92,7 @@ def row_energies(deltas, keep, var_bits, bucket, row_len, certain, cut):  # noqa
 
 @jit
 def split_energies(deltas, ones, var_bits, bucket, row0, row_len, certain, low_counts, cut_rows, cut_low, cut_taus,
-                   stored):  # noqa: ANN001, ANN201
+                   stored, found):  # noqa: ANN001, ANN201
     """The second pass of SCE's radix select with the first energy sum folded in.
 
     certain: ``row_energies``' first sum, over the entries whose variance key lies above
@@ -100,21 +100,26 @@ def split_energies(deltas, ones, var_bits, bucket, row0, row_len, certain, low_c
     entry in ``bucket`` is counted in ``low_counts`` by its low 16 key bits and kept, in
     flat order from index ``stored`` on: its low bits in ``cut_low``, its K values in
     ``cut_taus``; cut_rows[row0 + r] = how many of the block's row r. Returns the new
-    ``stored``."""
+    ``stored``. ``found``: int64 scratch of a row's length."""
     _sums_above(deltas, ones, var_bits, bucket, row_len, certain)
     k, m = deltas.shape
     for r in range(m // row_len):
-        first = stored
+        # the bucket's entries listed first without a branch on the key (a few percent to a
+        # fifth of a block on bf16 task vectors: a branch mispredicts; 1.6 against 2.2 ns an
+        # entry at 3%, 1.7 against 3.6 at 20%)
+        n = 0
         for j in range(r * row_len, (r + 1) * row_len):
-            key = _key(var_bits[j])
-            if (key >> 16) == bucket:
-                low = key & 0xFFFF
-                low_counts[low] += 1
-                cut_low[stored] = low
-                for i in range(k):
-                    cut_taus[stored, i] = deltas[i, j]
-                stored += 1
-        cut_rows[row0 + r] = stored - first
+            found[n] = j
+            n += (_key(var_bits[j]) >> 16) == bucket
+        for t in range(n):
+            j = found[t]
+            low = _key(var_bits[j]) & 0xFFFF
+            low_counts[low] += 1
+            cut_low[stored + t] = low
+            for i in range(k):
+                cut_taus[stored + t, i] = deltas[i, j]
+        stored += n
+        cut_rows[row0 + r] = n
     return stored
 
 
