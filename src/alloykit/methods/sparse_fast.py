@@ -429,7 +429,7 @@ class _SceBlocks:
         self.x = x
         self.var = np.empty(x.block_size, dtype=np.float32)
         self.keep = np.ones(x.block_size, dtype=np.float32)
-        self.ones = np.ones(x.block_size, dtype=np.float32)  # the keep flags of entries above the cut's bucket
+        self.above = np.empty(x.block_size, dtype=np.float32)  # 1 above the cut's bucket (all selected), else 0
         self.moments = np.empty((2, x.block_size), dtype=np.float64)  # the variance's running mean and m2
         self.erase = np.empty((2, x.block_size), dtype=np.float32)  # the election's sum, the agreeing weight
         self.per_row = np.empty((2, x.rows_per_block, x.k), dtype=np.float64)  # energy sums of a block's rows
@@ -490,7 +490,9 @@ def _sce_low_bits_and_energies(x: StreamInput, sb: _SceBlocks, rule: KeepRule, i
     for block in x.blocks():
         d, v = sb.variance(block)
         rows = sb.per_row[0, : block.row1 - block.row0]
-        stored = fast_sce.split_energies(d, sb.ones, v.view(np.int32), edge.bucket, block.row0, x.row_len, rows,
+        above = sb.above[: block.size]
+        fast_sce.above_bucket(v.view(np.int32), edge.bucket, above)
+        stored = fast_sce.split_energies(d, above, v.view(np.int32), edge.bucket, block.row0, x.row_len, rows,
                                          low, cut_rows, cut_low, cut_taus, stored, found)
         sb.certain.add(block, rows)
     edge.locate_key(low)
@@ -550,7 +552,11 @@ def sce(x: StreamInput) -> bool:
         for block in x.blocks():
             d, flags, v = selected(block)
             certain, cut = sb.per_row[:, : block.row1 - block.row0]
-            fast_sce.row_energies(d, flags, v.view(np.int32), bucket, x.row_len, certain, cut)
+            above = flags  # no cut: every kept entry counts as above it
+            if bucket >= 0:
+                above = sb.above[: block.size]
+                fast_sce.above_bucket(v.view(np.int32), bucket, above)
+            fast_sce.row_energies(d, flags, above, x.row_len, certain, cut)
             sb.certain.add(block, certain)
             sb.cut[block.row0 : block.row1] = cut
         ordinals[:] = 0

@@ -14,7 +14,8 @@ at 24x the read-sum-write baseline). Here each pass is one loop over the block:
   (float64; the reference's float32 ``mean`` sums in another order: the energies, and so
   the merged tensor, agree to a relative 1e-6, tests/test_fast_paths.py), split in two
   sums: the entries whose variance lies above the bucket of the selection's cut (all
-  selected), and the others (selected or not, decided by the cut's exact key);
+  selected: ``above_bucket``), and the others (selected or not, decided by the cut's
+  exact key);
 * ``split_energies`` and ``cut_energies``: the same two sums without a pass of their own.
   While the second pass of the radix select looks for the cut's exact key in its bucket,
   ``split_energies`` adds up the first sum and keeps the entries of the cut's bucket (low
@@ -56,52 +57,58 @@ def variance(deltas, out, mean, m2):  # noqa: ANN001, ANN201
         out[j] = np.float32(m2[j] / np.float64(k))
 
 
+@jit
+def above_bucket(var_bits, bucket, above):  # noqa: ANN001, ANN201
+    """above[j] = 1.0 where the variance key (``var_bits``) lies in a high bucket above
+    ``bucket``, else 0.0: the entries the selection keeps whatever the cut's exact key
+    (float32, what multiplies the task vectors)."""
+    for j in range(var_bits.shape[0]):
+        above[j] = np.float32(1.0) if (_key(var_bits[j]) >> 16) > bucket else np.float32(0.0)
+
+
 @jit(inline=True)
-def _sums_above(deltas, keep, var_bits, bucket, row_len, certain):  # noqa: ANN001, ANN202
-    """certain[r, i] = the sum, in float64 and flat order, of (deltas[i, j] * keep[j])^2 over
-    the entries j of the block's row r whose variance key (``var_bits``) lies in a high
-    bucket above ``bucket`` (every entry where ``bucket`` is -1: a key is never negative)."""
+def _square_sums(deltas, mask, row_len, sums):  # noqa: ANN001, ANN202
+    """sums[r, i] = the sum, in float64 and flat order, of (deltas[i, j] * mask[j])^2 over
+    the entries j of the block's row r."""
+    k, m = deltas.shape
+    for r in range(m // row_len):
+        for i in range(k):
+            total = 0.0
+            for j in range(r * row_len, (r + 1) * row_len):
+                x = np.float64(deltas[i, j] * mask[j])
+                total += x * x
+            sums[r, i] = total
+
+
+@jit
+def row_energies(deltas, keep, above, row_len, certain, cut):  # noqa: ANN001, ANN201
+    """Per row r of the block and model i, in float64: certain[r, i] the sum of the squares
+    of deltas[i] * above (the entries above the cut's bucket, all kept), cut[r, i] that of
+    deltas[i] * keep over the others, in flat order (an entry below the cut's bucket is
+    not kept and adds 0: its variance is finite, so are its deltas). Without a cut,
+    ``above`` is ``keep``."""
+    _square_sums(deltas, above, row_len, certain)
     k, m = deltas.shape
     for r in range(m // row_len):
         for i in range(k):
             total = 0.0
             for j in range(r * row_len, (r + 1) * row_len):
                 x = np.float64(deltas[i, j] * keep[j])
-                total += x * x if (_key(var_bits[j]) >> 16) > bucket else 0.0
-            certain[r, i] = total
-
-
-@jit
-def row_energies(deltas, keep, var_bits, bucket, row_len, certain, cut):  # noqa: ANN001, ANN201
-    """Per row r of the block and model i, of the squares (float64) of deltas[i] * keep:
-    certain[r, i] the sum over the entries whose variance key (``var_bits``) lies in a
-    high bucket above ``bucket`` (every entry where ``bucket`` is -1; ``_sums_above``),
-    cut[r, i] the sum over the others in flat order (an entry below the cut's bucket is
-    not kept and adds 0: its variance is finite, so are its deltas)."""
-    _sums_above(deltas, keep, var_bits, bucket, row_len, certain)
-    k, m = deltas.shape
-    for r in range(m // row_len):
-        for i in range(k):
-            total = 0.0
-            if bucket >= 0:
-                for j in range(r * row_len, (r + 1) * row_len):
-                    x = np.float64(deltas[i, j] * keep[j])
-                    total += 0.0 if (_key(var_bits[j]) >> 16) > bucket else x * x
+                total += 0.0 if above[j] != np.float32(0.0) else x * x
             cut[r, i] = total
 
 
 @jit
-def split_energies(deltas, ones, var_bits, bucket, row0, row_len, certain, low_counts, cut_rows, cut_low, cut_taus,
+def split_energies(deltas, above, var_bits, bucket, row0, row_len, certain, low_counts, cut_rows, cut_low, cut_taus,
                    stored, found):  # noqa: ANN001, ANN201
     """The second pass of SCE's radix select with the first energy sum folded in.
 
-    certain: ``row_energies``' first sum, over the entries whose variance key lies above
-    ``bucket`` (selected whatever the cut's exact key: their keep flag is 1, ``ones``). Each
-    entry in ``bucket`` is counted in ``low_counts`` by its low 16 key bits and kept, in
-    flat order from index ``stored`` on: its low bits in ``cut_low``, its K values in
-    ``cut_taus``; cut_rows[row0 + r] = how many of the block's row r. Returns the new
-    ``stored``. ``found``: int64 scratch of a row's length."""
-    _sums_above(deltas, ones, var_bits, bucket, row_len, certain)
+    certain: ``row_energies``' first sum (``above``: ``above_bucket``'s flags). Each entry in
+    ``bucket`` is counted in ``low_counts`` by its low 16 key bits and kept, in flat order
+    from index ``stored`` on: its low bits in ``cut_low``, its K values in ``cut_taus``;
+    cut_rows[row0 + r] = how many of the block's row r. Returns the new ``stored``.
+    ``found``: int64 scratch of a row's length."""
+    _square_sums(deltas, above, row_len, certain)
     k, m = deltas.shape
     for r in range(m // row_len):
         # the bucket's entries listed first without a branch on the key (a few percent to a
