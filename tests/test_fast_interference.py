@@ -218,31 +218,30 @@ def test_pcb_fast_path_within_tolerance_of_the_reference(family, case, monkeypat
     assert flipped <= n_near <= sum(t.numel() for t in ref.values()) // 100
 
 
+def stream_of(tunes: torch.Tensor, base: torch.Tensor, params, block_entries: int) -> StreamInput:
+    """A StreamInput over in-memory tensors (the executor's reader, without a checkpoint)."""
+    k, shape = tunes.shape[0], tuple(base.shape)
+    x = StreamInput("w", shape, k, True, params, [None] * k, None, lambda *a: None, torch.empty(shape),
+                    block_entries=block_entries)
+
+    def read(r0, r1, stack, base_buf):
+        stack.view(k, -1).copy_(tunes.reshape(k, x.rows, -1)[:, r0:r1].reshape(k, -1))
+        base_buf.copy_(base.reshape(x.rows, -1)[r0:r1].reshape(-1))
+
+    x._read = read
+    return x
+
+
 def test_pcb_threshold_is_kthvalue_of_the_fast_scores():
     """The radix select finds exactly the score torch's kthvalue finds, ties included."""
     g = torch.Generator().manual_seed(3)
     for shape, density in (((37, 53), 0.2), ((5000,), 0.5), ((64, 64), 0.9), ((7, 3), 0.01)):
         base = torch.randn(shape, generator=g)
         tunes = base + (torch.randn(3, *shape, generator=g) * 0.1).bfloat16().float()  # coarse: many equal scores
-        out = torch.empty(shape)
-        x = StreamInput("w", shape, 3, True, interference.PcbParams(density=density), [None] * 3, None,
-                        lambda *a: None, out, block_entries=100)
-
-        def read(r0, r1, stack, base_buf, tunes=tunes, base=base, x=x):
-            stack.view(3, -1).copy_(tunes.reshape(3, x.rows, -1)[:, r0:r1].reshape(3, -1))
-            base_buf.copy_(base.reshape(x.rows, -1)[r0:r1].reshape(-1))
-
-        x._read = read
+        x = stream_of(tunes, base, interference.PcbParams(density=density), 100)
         scores = interference_fast._PcbScores(x)
-        for block in x.blocks():
-            scores.extremes(interference_fast._deltas(block))
-        scores.normalise()
+        assert scores.prepare(x)
         all_scores = []
-        totals = np.zeros(len(scores.factors) + 3)
-        for block in x.blocks():
-            totals += scores.exponentials(block, interference_fast._deltas(block)).sum(axis=1, dtype=np.float64)
-        scores.factors = (x.numel / totals[: len(scores.factors)]).astype(np.float32)
-        scores.intra_factors = (x.numel / totals[len(scores.factors):]).astype(np.float32)
         for block in x.blocks():
             all_scores.append(scores.of(block, interference_fast._deltas(block)).copy())
         beta = torch.from_numpy(np.concatenate(all_scores, axis=1))
@@ -250,6 +249,21 @@ def test_pcb_threshold_is_kthvalue_of_the_fast_scores():
         for a in range(3):
             want = interference.top_fraction_threshold(beta[a], density)
             assert int(keys[a]) == int(want.view(torch.int32)), (shape, density, a)
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_pcb_any_model_count_and_shape(k):
+    """One to four models; 0-d, one-entry, 1-D and 2-D tensors in blocks of 50 entries."""
+    g = torch.Generator().manual_seed(k)
+    for shape in ((), (1,), (5,), (37, 11), (300, 7)):
+        base = torch.randn(shape, generator=g)
+        tunes = base + torch.randn(k, *shape, generator=g)
+        params = interference.PcbParams(density=0.3)
+        ref = interference.pcb(MergeInput("w", tunes.clone(), base, params, [None] * k))
+        x = stream_of(tunes, base, params, 50)
+        assert interference_fast.pcb(x)
+        out = x._out.view(shape)
+        assert float((out - ref).abs().max()) <= 1e-6 * float(ref.abs().max()), (k, shape)
 
 
 @pytest.mark.parametrize("bad", [float("inf"), float("nan"), 3e20])

@@ -108,6 +108,25 @@ class _PcbScores:
         self.top = np.where(self.span > 0, 1.0, 0.0).astype(np.float32)
         self.top_intra = (self.top[self.intra_of] * self.k_scale).astype(np.float32)
 
+    def prepare(self, x: StreamInput) -> bool:
+        """Passes 1 and 2: the extremes, then the softmax factors; False where a product is
+        not finite (NaN or Inf: the reference's normalisation, and its answer, differ)."""
+        for block in x.blocks():
+            self.extremes(_deltas(block))
+        if not (np.isfinite(self.lo).all() and np.isfinite(self.hi).all()):
+            return False
+        self.normalise()
+        pairs = len(self.factors)
+        sums = RowSums(x, (pairs + x.k,))
+        for block in x.blocks():
+            series = self.exponentials(block, _deltas(block))
+            sums.add(block, x.by_rows(series, block).sum(axis=2, dtype=np.float64))
+        totals = sums.total()
+        # the softmax rescaled to mean 1: e * (d / sum e), the factor rounded to float32 as the reference's
+        self.factors = (x.numel / totals[:pairs]).astype(np.float32)
+        self.intra_factors = (x.numel / totals[pairs:]).astype(np.float32)
+        return True
+
     def exponentials(self, block: Block, d: np.ndarray) -> np.ndarray:
         series = self.series[:, : block.size]
         fast_interference.pcb_series(d, self.pair_a, self.pair_b, self.lo, self.span, self.top, self.intra_of,
@@ -123,21 +142,9 @@ class _PcbScores:
 
 
 def pcb(x: StreamInput) -> bool:
-    k, n = x.k, x.numel
     s = _PcbScores(x)
-    for block in x.blocks():
-        s.extremes(_deltas(block))
-    if not (np.isfinite(s.lo).all() and np.isfinite(s.hi).all()):
-        return False  # NaN or Inf: the reference's normalisation (and its answer) differ
-    s.normalise()
-    sums = RowSums(x, (len(s.factors) + k,))
-    for block in x.blocks():
-        series = s.exponentials(block, _deltas(block))
-        sums.add(block, x.by_rows(series, block).sum(axis=2, dtype=np.float64))
-    totals = sums.total()
-    # the softmax rescaled to mean 1: e * (d / sum e), the factor rounded to float32 as the reference's
-    s.factors = (n / totals[: len(s.factors)]).astype(np.float32)
-    s.intra_factors = (n / totals[len(s.factors):]).astype(np.float32)
+    if not s.prepare(x):
+        return False
     thresholds = _thresholds(x, s)
     num = np.empty(x.block_size, dtype=np.float32)
     den = np.empty(x.block_size, dtype=np.float32)
