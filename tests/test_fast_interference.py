@@ -232,23 +232,26 @@ def stream_of(tunes: torch.Tensor, base: torch.Tensor, params, block_entries: in
     return x
 
 
-def test_pcb_threshold_is_kthvalue_of_the_fast_scores():
-    """The radix select finds exactly the score torch's kthvalue finds, ties included."""
+def test_pcb_threshold_is_kthvalue_and_every_entry_is_merged_with_it():
+    """The radix select finds exactly the score torch's kthvalue finds (ties included), and
+    the merge pass applies it: bit for bit ``pcb_merge`` over the whole tensor at once."""
     g = torch.Generator().manual_seed(3)
-    for shape, density in (((37, 53), 0.2), ((5000,), 0.5), ((64, 64), 0.9), ((7, 3), 0.01)):
+    for shape, density in (((37, 53), 0.2), ((5000,), 0.5), ((64, 64), 0.9), ((7, 3), 0.01), ((40, 25), 1.0)):
         base = torch.randn(shape, generator=g)
         tunes = base + (torch.randn(3, *shape, generator=g) * 0.1).bfloat16().float()  # coarse: many equal scores
-        x = stream_of(tunes, base, interference.PcbParams(density=density), 100)
+        x = stream_of(tunes, base, interference.PcbParams(density=density, **{"lambda": 0.9}), 100)
         scores = interference_fast._PcbScores(x)
         assert scores.prepare(x)
-        all_scores = []
-        for block in x.blocks():
-            all_scores.append(scores.of(block, interference_fast._deltas(block)).copy())
-        beta = torch.from_numpy(np.concatenate(all_scores, axis=1))
-        keys = interference_fast._thresholds(x, scores)
+        beta = np.concatenate([scores.of(b, interference_fast._deltas(b)).copy() for b in x.blocks()], axis=1)
+        keys = interference_fast.merge_by_scores(x, scores)
         for a in range(3):
-            want = interference.top_fraction_threshold(beta[a], density)
+            want = interference.top_fraction_threshold(torch.from_numpy(beta[a]), density)
             assert int(keys[a]) == int(want.view(torch.int32)), (shape, density, a)
+        d = np.ascontiguousarray((tunes - base).reshape(3, -1).numpy())
+        want = np.empty(x.numel, dtype=np.float32)
+        fast_interference.pcb_merge(d, beta, keys, base.reshape(-1).numpy(), np.float32(0.9), want,
+                                    np.empty_like(want), np.empty_like(want))
+        assert torch.equal(bits(x._out), bits(torch.from_numpy(want))), (shape, density)
 
 
 @pytest.mark.parametrize("k", [1, 2, 4])

@@ -145,6 +145,12 @@ def pcb(x: StreamInput) -> bool:
     s = _PcbScores(x)
     if not s.prepare(x):
         return False
+    merge_by_scores(x, s)
+    return True
+
+
+def merge_by_scores(x: StreamInput, s: _PcbScores) -> np.ndarray:
+    """Passes 3-5: each task's score threshold, then the merge. Returns the thresholds' bits."""
     thresholds = _thresholds(x, s)
     num = np.empty(x.block_size, dtype=np.float32)
     den = np.empty(x.block_size, dtype=np.float32)
@@ -155,7 +161,7 @@ def pcb(x: StreamInput) -> bool:
         m = block.size
         fast_interference.pcb_merge(d, s.of(block, d), thresholds, block.base, lam, out, num[:m], den[:m])
         x.write(block, out)
-    return True
+    return thresholds
 
 
 def _thresholds(x: StreamInput, s: _PcbScores) -> np.ndarray:
@@ -169,12 +175,12 @@ def _thresholds(x: StreamInput, s: _PcbScores) -> np.ndarray:
     for block in x.blocks():
         scores = s.of(block, _deltas(block))
         fast_select.count_high(scores.view(np.int32), scores, counts, unused, False)
-    buckets = np.full((k, 2), -1, dtype=np.int64)
+    buckets = np.empty((k, 1), dtype=np.int64)  # one edge per task
     for a, edge in enumerate(edges):
         edge.locate_bucket(counts[a])
         buckets[a, 0] = edge.bucket
-    low = np.zeros((k, 2, fast_select.LOW_BINS), dtype=np.int64)
-    unused = np.zeros((k, 2, 1), dtype=np.float64)
+    low = np.zeros((k, 1, fast_select.LOW_BINS), dtype=np.int64)
+    unused = np.zeros((k, 1, 1), dtype=np.float64)
     for block in x.blocks():
         scores = s.of(block, _deltas(block))
         fast_select.count_low(scores.view(np.int32), scores, buckets, low, unused, False)
@@ -185,5 +191,7 @@ def _thresholds(x: StreamInput, s: _PcbScores) -> np.ndarray:
 
 def score_bytes(numel: int, k: int, dtype: torch.dtype | None) -> int:
     """PCB's scratch beside the executor's blocks: per block, the K(K+1)/2 + K exponentials and
-    the K scores of every entry (float32); nothing per entry of the tensor."""
-    return 4 * (k * (k + 1) // 2 + 2 * k) * min(numel, BLOCK_ENTRIES)
+    the K scores of every entry (float32); per tensor, the radix select's two histograms
+    (int64). Nothing per entry of the tensor."""
+    series = 4 * (k * (k + 1) // 2 + 2 * k) * min(numel, BLOCK_ENTRIES)
+    return series + 8 * k * (fast_select.HIGH_BUCKETS + fast_select.LOW_BINS)
