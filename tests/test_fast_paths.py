@@ -185,6 +185,11 @@ CASES = {  # name -> (method, shared parameters, per-model parameters, models, b
     "model_stock filter_wise": ("model_stock", {"filter_wise": True}, {}, 3, True, True),
     "multislerp": ("multislerp", {}, {"weight": W3}, 3, True, False),
     "karcher": ("karcher", {}, {}, 3, False, False),
+    # merged in bf16 (the recipe's dtype): mergekit's sort order of tied magnitudes is not followed
+    # (alloykit keeps the lower flat index), so the fast path counts tied entries by ordinal instead
+    "ties bf16": ("ties", {}, {"weight": W3, "density": [0.4, 0.6, 0.5]}, 3, True, True),
+    "breadcrumbs bf16": ("breadcrumbs", {}, {"weight": W3, "density": [0.8, 0.9, 0.7], "gamma": [0.05, 0.01, 0.2]}, 3,
+                         True, True),
 }
 
 
@@ -204,7 +209,7 @@ def recipe(family, case: str) -> dict:
     for i, t in enumerate(tunes[:n]):
         p = {key: values[i] for key, values in per.items()}
         models.append({"model": str(t), **({"parameters": p} if p else {})})
-    r = {"merge_method": method, "models": models, "dtype": "float32"}
+    r = {"merge_method": method, "models": models, "dtype": "bfloat16" if case.endswith(" bf16") else "float32"}
     if with_base:
         r["base_model"] = str(base)
     if shared:

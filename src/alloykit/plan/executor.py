@@ -42,6 +42,7 @@ from alloykit.errors import NonFiniteError
 from alloykit.io.checkpoint import Checkpoint
 from alloykit.methods.registry import MergeInput
 from alloykit.methods.stream import StreamInput
+from alloykit.ops.finite import all_finite
 from alloykit.plan.planner import TORCH_DTYPES, Plan, TensorJob, tensor_seed
 from alloykit.progress import Progress
 
@@ -152,7 +153,7 @@ def compute_job(
         base.copy_(remapped[-1] if remapped else _read(cks[job.base.model], job.base.tensor, out))
     del remapped
     for label, t in (("an input", stack), ("the base", base)):
-        if t is not None and not _all_finite(t):
+        if t is not None and not all_finite(t):
             _nonfinite(f"tensor '{job.name}': {label} holds NaN or Inf{_culprits(plan, job, t is base, t)}", fail_on_nonfinite)
     gen = None
     if plan.method.randomized:
@@ -168,7 +169,7 @@ def compute_job(
     result = plan.method.fn(x)
     if tuple(result.shape) != tuple(job.shape):
         raise AssertionError(f"method {plan.method.name} returned shape {list(result.shape)} for '{job.name}' {list(job.shape)}")
-    if not _all_finite(result):
+    if not all_finite(result):
         _nonfinite(f"tensor '{job.name}': the merged result holds NaN or Inf", fail_on_nonfinite)
     if x.side and side_sink is not None:
         side_sink(job.name, {group: t.detach().to("cpu") for group, t in x.side.items()})
@@ -239,7 +240,7 @@ def _compute_streamed(plan: Plan, job: TensorJob, fail_on_nonfinite: bool,
         if r0 >= checked[0]:  # first pass: check what was read
             checked[0] = r1
             for label, t in (("an input", stack), ("the base", base_buf)):
-                if t is not None and label not in bad and not _all_finite(t):
+                if t is not None and label not in bad and not all_finite(t):
                     where = _culprits(plan, job, t is base_buf, t)
                     bad[label] = where
                     if fail_on_nonfinite:
@@ -255,7 +256,7 @@ def _compute_streamed(plan: Plan, job: TensorJob, fail_on_nonfinite: bool,
     for label in ("an input", "the base"):  # one warning per tensor, in the whole-tensor path's order
         if label in bad:
             _nonfinite(f"tensor '{job.name}': {label} holds NaN or Inf{bad[label]}", fail_on_nonfinite)
-    if not _all_finite(out):
+    if not all_finite(out):
         _nonfinite(f"tensor '{job.name}': the merged result holds NaN or Inf", fail_on_nonfinite)
     return out
 
@@ -274,14 +275,6 @@ def _rowwise(plan: Plan, job: TensorJob, x: StreamInput) -> None:
             raise AssertionError(f"method {plan.method.name} returned shape {list(res.shape)} for a block of "
                                  f"'{job.name}' {list(rows)}")
         x.write(block, res)
-
-
-def _all_finite(t: torch.Tensor) -> bool:
-    """One reduction pass, no temporary: a finite sum means finite entries (an overflowing
-    sum of finite entries is confirmed element-wise before anything is reported)."""
-    if bool(torch.isfinite(t.sum())):
-        return True
-    return bool(torch.isfinite(t).all())
 
 
 def _culprits(plan: Plan, job: TensorJob, is_base: bool, t: torch.Tensor) -> str:
