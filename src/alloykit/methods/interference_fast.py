@@ -129,8 +129,8 @@ class _PcbScores:
 
     def exponentials(self, block: Block, d: np.ndarray) -> np.ndarray:
         series = self.series[:, : block.size]
-        fast_interference.pcb_series(d, self.pair_a, self.pair_b, self.lo, self.span, self.top, self.intra_of,
-                                     self.k_scale, self.top_intra, series)
+        fast_interference.pcb_series(d, self.pair_a, self.pair_b, self.lo, self.span, self.top, self.k_scale,
+                                     self.top_intra, series)
         return series
 
     def of(self, block: Block, d: np.ndarray) -> np.ndarray:

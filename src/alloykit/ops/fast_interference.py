@@ -93,27 +93,28 @@ def consensus_merge(deltas, base, lambda_t, k_min, alpha, scaled, out, count):  
 
 
 @jit
-def pcb_series(deltas, pair_a, pair_b, lo, span, top, intra_of, k_scale, top_intra, series):  # noqa: ANN001, ANN201
+def pcb_series(deltas, pair_a, pair_b, lo, span, top, k_scale, top_intra, series):  # noqa: ANN001, ANN201
     """series[p, j] = exp(Norm(tau_a tau_b)[j] - top[p]) for the pairs p, and
-    series[P + a, j] = exp(K * Norm(tau_a tau_a)[j] - top_intra[a]) for the tasks a, where
-    Norm(v) = (v - lo) / span (0 where span is 0) and ``intra_of[a]`` is the pair (a, a)."""
+    series[P + a, j] = exp(K * Norm(tau_a tau_a)[j] - top_intra[a]) for the tasks a (in the
+    loop of pair (a, a): the same normalised product), where Norm(v) = (v - lo) / span
+    (0 where span is 0)."""
     m = deltas.shape[1]
     n_pairs = pair_a.shape[0]
     for p in range(n_pairs):
         a, b, l, s, t = pair_a[p], pair_b[p], lo[p], span[p], top[p]
         flat = s == _ZERO
-        for j in range(m):
-            v = deltas[a, j] * deltas[b, j]
-            n = _ZERO if flat else (v - l) / s
-            series[p, j] = exp32(n - t)
-    for a in range(intra_of.shape[0]):
-        p = intra_of[a]
-        l, s, t = lo[p], span[p], top_intra[a]
-        flat = s == _ZERO
-        for j in range(m):
-            v = deltas[a, j] * deltas[a, j]
-            n = _ZERO if flat else (v - l) / s
-            series[n_pairs + a, j] = exp32(n * k_scale - t)
+        if a == b:
+            intra, t_intra = n_pairs + a, top_intra[a]
+            for j in range(m):
+                v = deltas[a, j] * deltas[a, j]
+                n = _ZERO if flat else (v - l) / s
+                series[p, j] = exp32(n - t)
+                series[intra, j] = exp32(n * k_scale - t_intra)
+        else:
+            for j in range(m):
+                v = deltas[a, j] * deltas[b, j]
+                n = _ZERO if flat else (v - l) / s
+                series[p, j] = exp32(n - t)
 
 
 @jit
