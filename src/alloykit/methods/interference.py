@@ -19,7 +19,9 @@ from typing import Literal
 import torch
 from pydantic import Field
 
+from alloykit.methods import interference_fast
 from alloykit.methods.registry import MergeInput, NoParams, Params, register
+from alloykit.methods.stream import Streamed
 from alloykit.methods.subspace import average_fallback, is_matrix_weight
 
 # --------------------------------------------------------------------------------------
@@ -80,6 +82,7 @@ def top_fraction_threshold(scores: torch.Tensor, density: float) -> torch.Tensor
 
 @register(
     "pcb",
+    streamed=Streamed(interference_fast.pcb, interference_fast.score_bytes),
     params=PcbParams,
     model_params=NoParams,
     paper="Du et al. 2024, Parameter Competition Balancing for Model Merging (PCB-merging, NeurIPS 2024, "

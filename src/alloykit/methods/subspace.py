@@ -41,7 +41,9 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
+from alloykit.methods import interference_fast
 from alloykit.methods.registry import MergeInput, NoParams, Params, register
+from alloykit.methods.stream import Streamed
 from alloykit.ops.lowrank import OVERSAMPLE, truncated_svd
 from alloykit.roles import Kind
 
@@ -351,6 +353,8 @@ def cart(x: MergeInput) -> torch.Tensor:
 
 @register(
     "magmax",
+    streamed=Streamed(interference_fast.magmax),
+    elementwise=True,
     params=MagMaxParams,
     model_params=NoParams,
     paper="Marczak et al. 2024, MagMax: Leveraging Model Merging for Seamless Continual Learning "
@@ -379,6 +383,8 @@ def tall_masks(tau: torch.Tensor, lambda_t: float, mtl: torch.Tensor | None = No
 
 @register(
     "consensus_ta",
+    streamed=Streamed(interference_fast.consensus_ta),
+    elementwise=True,
     params=ConsensusParams,
     model_params=NoParams,
     check=_check_consensus_k,
