@@ -383,8 +383,9 @@ def tall_masks(tau: torch.Tensor, lambda_t: float, mtl: torch.Tensor | None = No
 
 @register(
     "consensus_ta",
+    # not declared elementwise: from K = 5 torch's sum(0) orders its additions by position, so the
+    # reference run on row blocks (the path without numba) could differ with the block size
     streamed=Streamed(interference_fast.consensus_ta),
-    elementwise=True,
     params=ConsensusParams,
     model_params=NoParams,
     check=_check_consensus_k,
