@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import sys
 import time
 from pathlib import Path
@@ -29,12 +28,8 @@ from alloykit.methods.stream import BLOCK_ENTRIES, StreamInput
 from alloykit.plan.planner import tensor_seed
 
 sys.path.insert(0, str(Path(__file__).parent))
+from floor import cpu_s  # noqa: E402  (this process's user + system seconds)
 from run import METHODS  # noqa: E402  (the benchmark's parameters for each method)
-
-
-def cpu_s() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
 
 
 class TimedInput(StreamInput):

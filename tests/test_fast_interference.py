@@ -242,7 +242,7 @@ def test_pcb_threshold_is_kthvalue_and_every_entry_is_merged_with_it():
         x = stream_of(tunes, base, interference.PcbParams(density=density, **{"lambda": 0.9}), 100)
         scores = interference_fast._PcbScores(x)
         assert scores.prepare(x)
-        beta = np.concatenate([scores.of(b, interference_fast._deltas(b)).copy() for b in x.blocks()], axis=1)
+        beta = np.concatenate([scores.of(b, b.deltas()).copy() for b in x.blocks()], axis=1)
         keys = interference_fast.merge_by_scores(x, scores)
         for a in range(3):
             want = interference.top_fraction_threshold(torch.from_numpy(beta[a]), density)

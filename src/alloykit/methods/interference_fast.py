@@ -41,16 +41,11 @@ from alloykit.methods.stream import BLOCK_ENTRIES, Block, RowSums, StreamInput
 from alloykit.ops import fast_interference, fast_select
 
 
-def _deltas(block: Block) -> np.ndarray:
-    np.subtract(block.stack, block.base, out=block.stack)
-    return block.stack
-
-
 def magmax(x: StreamInput) -> bool:
     lam = float(x.params.lambda_)
     for block in x.blocks():
         out = x.result_buffer(block)
-        fast_interference.magmax_merge(_deltas(block), block.base, np.float32(lam), lam != 1, out)
+        fast_interference.magmax_merge(block.deltas(), block.base, np.float32(lam), lam != 1, out)
         x.write(block, out)
     return True
 
@@ -60,7 +55,7 @@ def consensus_ta(x: StreamInput) -> bool:
     count = np.empty(x.block_size, dtype=np.float32)
     for block in x.blocks():
         out = x.result_buffer(block)
-        fast_interference.consensus_merge(_deltas(block), block.base, np.float32(p.lambda_t), np.float32(p.k),
+        fast_interference.consensus_merge(block.deltas(), block.base, np.float32(p.lambda_t), np.float32(p.k),
                                           np.float32(p.alpha), p.alpha != 1, out, count[: block.size])
         x.write(block, out)
     return True
@@ -112,14 +107,14 @@ class _PcbScores:
         """Passes 1 and 2: the extremes, then the softmax factors; False where a product is
         not finite (NaN or Inf: the reference's normalisation, and its answer, differ)."""
         for block in x.blocks():
-            self.extremes(_deltas(block))
+            self.extremes(block.deltas())
         if not (np.isfinite(self.lo).all() and np.isfinite(self.hi).all()):
             return False
         self.normalise()
         pairs = len(self.factors)
         sums = RowSums(x, (pairs + x.k,))
         for block in x.blocks():
-            series = self.exponentials(block, _deltas(block))
+            series = self.exponentials(block, block.deltas())
             sums.add(block, x.by_rows(series, block).sum(axis=2, dtype=np.float64))
         totals = sums.total()
         # the softmax rescaled to mean 1: e * (d / sum e), the factor rounded to float32 as the reference's
@@ -156,7 +151,7 @@ def merge_by_scores(x: StreamInput, s: _PcbScores) -> np.ndarray:
     den = np.empty(x.block_size, dtype=np.float32)
     lam = np.float32(x.params.lambda_)
     for block in x.blocks():
-        d = _deltas(block)
+        d = block.deltas()
         out = x.result_buffer(block)
         m = block.size
         fast_interference.pcb_merge(d, s.of(block, d), thresholds, block.base, lam, out, num[:m], den[:m])
@@ -173,7 +168,7 @@ def _thresholds(x: StreamInput, s: _PcbScores) -> np.ndarray:
     counts = np.zeros((k, fast_select.HIGH_BUCKETS), dtype=np.int64)
     unused = np.zeros((k, 1), dtype=np.float64)
     for block in x.blocks():
-        scores = s.of(block, _deltas(block))
+        scores = s.of(block, block.deltas())
         fast_select.count_high(scores.view(np.int32), scores, counts, unused, False)
     buckets = np.empty((k, 1), dtype=np.int64)  # one edge per task
     for a, edge in enumerate(edges):
@@ -182,7 +177,7 @@ def _thresholds(x: StreamInput, s: _PcbScores) -> np.ndarray:
     low = np.zeros((k, 1, fast_select.LOW_BINS), dtype=np.int64)
     unused = np.zeros((k, 1, 1), dtype=np.float64)
     for block in x.blocks():
-        scores = s.of(block, _deltas(block))
+        scores = s.of(block, block.deltas())
         fast_select.count_low(scores.view(np.int32), scores, buckets, low, unused, False)
     for a, edge in enumerate(edges):
         edge.locate_key(low[a, 0])

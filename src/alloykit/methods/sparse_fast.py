@@ -73,11 +73,6 @@ class _Scratch:
             self.keep[:, : block.size])
 
 
-def _deltas(block: Block) -> np.ndarray:
-    np.subtract(block.stack, block.base, out=block.stack)
-    return block.stack
-
-
 def _combine(x: StreamInput, block: Block, sc: _Scratch, keep: np.ndarray | None, scale: np.ndarray,
              rescaled: np.ndarray, w: np.ndarray, mode: int, normalize: bool, divisor: np.float32) -> None:
     out = x.result_buffer(block)
@@ -112,7 +107,7 @@ def _locate_edges(x: StreamInput, rules: list[KeepRule | None], with_sums: bool)
     sums = RowSums(x, (k,))
     unused = np.zeros((k, 1), dtype=np.float64)
     for block in x.blocks():
-        d = _deltas(block)
+        d = block.deltas()
         fast_select.count_high(d.view(np.int32), d, counts, unused, False)
         if with_sums:
             sums.add(block, _l1(x, block, d))
@@ -127,7 +122,7 @@ def _locate_edges(x: StreamInput, rules: list[KeepRule | None], with_sums: bool)
         low = np.zeros((k, 2, fast_select.LOW_BINS), dtype=np.int64)
         unused = np.zeros((k, 2, 1), dtype=np.float64)
         for block in x.blocks():
-            d = _deltas(block)
+            d = block.deltas()
             fast_select.count_low(d.view(np.int32), d, buckets, low, unused, False)
         for i, rule in enumerate(rules):
             for e, edge in enumerate(rule.edges if rule else ()):
@@ -139,7 +134,7 @@ def _model_keys(x: StreamInput, model: int) -> np.ndarray:
     """One model's magnitude keys in flat order (int32, 4 bytes an entry)."""
     keys = np.empty(x.numel, dtype=np.int32)
     for block in x.blocks():
-        d = _deltas(block)
+        d = block.deltas()
         fast_select.magnitude_keys(d.view(np.int32), model, keys, block.start)
     return keys
 
@@ -233,7 +228,7 @@ def trim_merge(x: StreamInput, rule_of: RuleOf, consensus: str | None, *, mergek
         sums = RowSums(x, (x.k,))
         ordinals = np.zeros((x.k, 2), dtype=np.int64)
         for block in x.blocks():
-            d = _deltas(block)
+            d = block.deltas()
             keep = sc.keep_of(block)
             fast_select.keep_flags(d.view(np.int32), *arrays, ordinals, keep)
             sums.add(block, _l1(x, block, d * keep))
@@ -247,7 +242,7 @@ def trim_merge(x: StreamInput, rule_of: RuleOf, consensus: str | None, *, mergek
     divisor = _sum_divisor(x, w) if mode == fast_merge.SUM else np.float32(1.0)
     ordinals = np.zeros((x.k, 2), dtype=np.int64)
     for block in x.blocks():
-        d = _deltas(block)
+        d = block.deltas()
         keep = None
         if trimmed.any():
             keep = sc.keep_of(block)
@@ -332,7 +327,7 @@ def random_merge(x: StreamInput, draw: DrawFn, consensus: str | None, store_mask
         sums_before, sums_after = RowSums(x, (x.k,)), RowSums(x, (x.k,))
         offset = 0
         for block in x.blocks():
-            d = _deltas(block)
+            d = block.deltas()
             keep = masks(block, d)
             if stored is not None:
                 packed = np.packbits(keep > 0, axis=1)
@@ -349,7 +344,7 @@ def random_merge(x: StreamInput, draw: DrawFn, consensus: str | None, store_mask
     divisor = _sum_divisor(x, w) if mode == fast_merge.SUM else np.float32(1.0)
     offset = 0
     for block in x.blocks():
-        d = _deltas(block)
+        d = block.deltas()
         if stored is not None and rescaled.any():
             keep = sc.keep_of(block)
             width = (block.size + 7) // 8
@@ -438,7 +433,7 @@ class _SceBlocks:
 
     def variance(self, block: Block) -> tuple[np.ndarray, np.ndarray]:
         """The block's task vectors (computed in place) and their variances."""
-        d = _deltas(block)
+        d = block.deltas()
         v = self.var[: block.size]
         fast_sce.variance(d, v, *self.moments)
         return d, v
@@ -543,7 +538,7 @@ def sce(x: StreamInput) -> bool:
     def selected(block: Block) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         flags = sb.keep[: block.size]
         if not masked:
-            return _deltas(block), flags, sb.var[: block.size]
+            return block.deltas(), flags, sb.var[: block.size]
         d, v = sb.variance(block)
         fast_select.keep_flags(v.view(np.int32)[None], *arrays, ordinals, flags[None])
         return d, flags, v

@@ -53,6 +53,12 @@ class Block:
     def size(self) -> int:
         return self.stack.shape[1]
 
+    def deltas(self) -> np.ndarray:
+        """The task vectors ``stack - base``, in place in ``stack`` (a block is read once per
+        pass, and its inputs are not needed again)."""
+        np.subtract(self.stack, self.base, out=self.stack)
+        return self.stack
+
 
 #: fills float32 buffers with rows [row0, row1) of the K inputs and of the base
 RowReader = Callable[[int, int, torch.Tensor, torch.Tensor | None], None]
