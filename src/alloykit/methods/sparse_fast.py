@@ -440,8 +440,7 @@ class _SceBlocks:
 
     def energies(self) -> np.ndarray:
         """mean(tau_i^2) of the selected task vectors: each row's two sums added, rows added exactly."""
-        self.certain.rows += self.cut
-        return self.certain.total() / max(1, self.x.numel)
+        return self.certain.total(extra=self.cut) / max(1, self.x.numel)
 
 
 def _sce_histogram(x: StreamInput, sb: _SceBlocks, fraction: float) -> tuple[KeepRule, np.ndarray]:

@@ -138,10 +138,13 @@ class RowSums:
         """``per_row``: [rows of the block, *shape], one entry per row."""
         self.rows[block.row0 : block.row1] = per_row
 
-    def total(self) -> np.ndarray:
-        flat = self.rows.reshape(self.rows.shape[0], -1)
+    def total(self, extra: np.ndarray | None = None) -> np.ndarray:
+        """The exact sum over rows; ``extra`` (same shape as the rows' sums) is added row by
+        row first, without changing the stored sums, so that calling twice gives one answer."""
+        rows = self.rows if extra is None else self.rows + extra
+        flat = rows.reshape(rows.shape[0], -1)
         sums = np.array([math.fsum(flat[:, j]) for j in range(flat.shape[1])])
-        return sums.reshape(self.rows.shape[1:])
+        return sums.reshape(rows.shape[1:])
 
 
 @dataclass(frozen=True)
