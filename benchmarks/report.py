@@ -24,8 +24,9 @@ def fmt_gb(b: float) -> str:
 def table(size: str, r: dict) -> list[str]:
     rsw = r["read-sum-write"]
     base, base_cpu = rsw["wall_median"], rsw["cpu_median"]
+    cache = "page cache dropped before every run" if "cold" in size else "page cache warm"
     lines = [
-        f"### {size} Llama-shaped, bf16, base + 3 fine-tunes ({r.get('hardware', '')}, page cache warm)",
+        f"### {size}: Llama-shaped, bf16, base + 3 fine-tunes ({r.get('hardware', '')}, {cache})",
         "",
         f"Baselines: read-sum-write {base:.1f} s wall, {base_cpu:.1f} CPU s (runs {rsw['runs']}, "
         f"{rsw['wall_min']:.1f}-{rsw['wall_max']:.1f} s, anon {fmt_gb(rsw['rss_anon_peak'])} GB); "

@@ -10,6 +10,9 @@ Medians over ``--repeats`` and their spread (min-max of wall and CPU seconds, an
 1-minute load average at the end of each run) go to docs/benchmarks.json; `report.py`
 turns them into docs/benchmarks.md and plots. ``--size 3b`` (Llama-3.2-3B's layout, 25.7 GB
 of inputs, ``generate.py``) is generated on first use: about 40 minutes and the disk space.
+``--cold`` drops the page cache (``sync; echo 1 > /proc/sys/vm/drop_caches``, root only) before every
+measured run instead of warming it, and files the figures under "SIZE, cold": issue 17's 3B target, whose
+inputs are larger than the page cache could hold anyway.
 """
 
 from __future__ import annotations
@@ -110,6 +113,13 @@ def measure(cmd: list[str], env: dict | None = None) -> dict:
             "load": os.getloadavg()[0]}
 
 
+def drop_page_cache() -> None:
+    """Write back dirty pages, then drop the clean ones, so that the next run reads its inputs from the disk."""
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as fh:
+        fh.write("1\n")
+
+
 def warm(root: Path) -> None:
     for f in root.rglob("*.safetensors"):
         with open(f, "rb") as fh:
@@ -138,7 +148,8 @@ def summarize(runs: list[dict]) -> dict:
     }
 
 
-def bench_tool(tool: str, method: str, root: Path, work: Path, repeats: int, n: int | None = None, threads: int | None = None) -> dict:
+def bench_tool(tool: str, method: str, root: Path, work: Path, repeats: int, n: int | None = None, threads: int | None = None,
+               cold: bool = False) -> dict:
     rfile = work / f"{method}.yaml"
     rfile.write_text(yaml.safe_dump(recipe(method, root, n)))
     runs = []
@@ -149,6 +160,8 @@ def bench_tool(tool: str, method: str, root: Path, work: Path, repeats: int, n: 
             cmd = ALLOYKIT + ["merge", str(rfile), str(out), "-q"] + (["--threads", str(threads)] if threads else [])
         else:
             cmd = MERGEKIT + [str(rfile), str(out), "--lazy-unpickle", "--quiet", "--no-copy-tokenizer"]
+        if cold:
+            drop_page_cache()
         runs.append(measure(cmd, env=dict(os.environ, HF_HUB_OFFLINE="1")))
         print(f"  {tool:8s} {method:16s} {runs[-1]['wall']:7.1f}s  cpu {runs[-1]['cpu']:6.1f}s  anon {runs[-1]['rss_anon'] / 1e9:.2f} GB"
               f"  load {runs[-1]['load']:.1f}", flush=True)
@@ -156,12 +169,14 @@ def bench_tool(tool: str, method: str, root: Path, work: Path, repeats: int, n: 
     return summarize(runs)
 
 
-def bench_baseline(mode: str, root: Path, work: Path, repeats: int, k: int = 3) -> dict:
+def bench_baseline(mode: str, root: Path, work: Path, repeats: int, k: int = 3, cold: bool = False) -> dict:
     models = [str(root / "base")] + [str(root / f"ft{i + 1}") for i in range(k)]
     runs = []
     for _ in range(repeats):
         out = work / "out"
         shutil.rmtree(out, ignore_errors=True)
+        if cold:
+            drop_page_cache()
         runs.append(measure([PY, str(HERE / "baseline.py"), mode, str(out), *models]))
         print(f"  baseline {mode:16s} {runs[-1]['wall']:7.1f}s  cpu {runs[-1]['cpu']:6.1f}s  anon {runs[-1]['rss_anon'] / 1e9:.2f} GB"
               f"  load {runs[-1]['load']:.1f}", flush=True)
@@ -184,16 +199,23 @@ def main() -> None:
     ap.add_argument("--results", type=Path, default=Path("docs/benchmarks.json"))
     ap.add_argument("--work", type=Path, help="scratch folder for recipes and outputs (default ROOT/work; "
                     "give each concurrent invocation its own)")
+    ap.add_argument("--cold", action="store_true", help="drop the page cache before every measured run (root only); "
+                    "figures go under 'SIZE, cold'")
+    ap.add_argument("--label", help="key of the figures in --results (default SIZE, or 'SIZE, cold')")
     a = ap.parse_args()
+    if a.cold and not os.access("/proc/sys/vm/drop_caches", os.W_OK):
+        print("run.py: --cold needs to write /proc/sys/vm/drop_caches (run as root), or leave out --cold", file=sys.stderr)
+        sys.exit(2)
     root = a.root / a.size
     from generate import generate  # noqa: E402 (benchmarks/ is on sys.path when run as a script)
 
     generate(a.size, 3, root)
     work = a.work or a.root / "work"
     work.mkdir(parents=True, exist_ok=True)
-    warm(root)
+    if not a.cold:
+        warm(root)
     results = json.loads(a.results.read_text()) if a.results.exists() else {}
-    entry = results.setdefault(a.size, {})
+    entry = results.setdefault(a.label or (f"{a.size}, cold" if a.cold else a.size), {})
     entry["hardware"] = f"{os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM"
     methods = a.methods.split(",")
     if a.warmup_root and not a.no_alloykit:
@@ -202,14 +224,14 @@ def main() -> None:
             bench_tool("alloykit", method, a.warmup_root, work, 1)
     if not a.no_baselines:
         print(f"== {a.size}: baselines", flush=True)
-        entry["read-sum-write"] = bench_baseline("read-sum-write", root, work, a.repeats)
-        entry["copy"] = bench_baseline("copy", root, work, a.repeats)
+        entry["read-sum-write"] = bench_baseline("read-sum-write", root, work, a.repeats, cold=a.cold)
+        entry["copy"] = bench_baseline("copy", root, work, a.repeats, cold=a.cold)
     for method in methods:
         print(f"== {a.size}: {method}", flush=True)
         if not a.no_alloykit:
-            entry.setdefault("alloykit", {})[method] = bench_tool("alloykit", method, root, work, a.repeats)
+            entry.setdefault("alloykit", {})[method] = bench_tool("alloykit", method, root, work, a.repeats, cold=a.cold)
         if not a.no_mergekit and method in MERGEKIT_METHODS:
-            entry.setdefault("mergekit", {})[method] = bench_tool("mergekit", method, root, work, a.mergekit_repeats)
+            entry.setdefault("mergekit", {})[method] = bench_tool("mergekit", method, root, work, a.mergekit_repeats, cold=a.cold)
         a.results.write_text(json.dumps(results, indent=1))
     a.results.write_text(json.dumps(results, indent=1))
 
