@@ -144,7 +144,7 @@ def _write(plan: Plan, folder: Path, shards: list[ShardLayout], journal: Journal
     try:
         run_jobs(plan, after_tensors(writer.write), device=o.device, threads=o.threads or default_threads(),
                  budget_bytes=o.budget_bytes, progress=o.progress, fail_on_nonfinite=o.fail_on_nonfinite, skip=skip,
-                 side_sink=side.add if side is not None else None)
+                 side_sink=side.add if side is not None else None, out_buffer=writer.buffer)
     finally:
         writer.close()
     writer.write_index()

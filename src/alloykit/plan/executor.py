@@ -49,6 +49,8 @@ from alloykit.progress import Progress
 Sink = Callable[[str, torch.Tensor], None]
 #: receives a job's side outputs (group -> tensor) for methods declared ``side_outputs``
 SideSink = Callable[[str, dict[str, torch.Tensor]], None]
+#: a tensor's output buffer by name (the writer's memory map of its bytes), or None
+OutBuffer = Callable[[str], "torch.Tensor | None"]
 
 #: bytes of working memory in flight (estimated by ``job_cost``); with the interpreter and
 #: the heap's slack on top, a 4-input 1.1B merge stays under 2 GB resident at this figure
@@ -120,6 +122,7 @@ def stack_numel(job: TensorJob) -> int:
 def compute_job(
     plan: Plan, job: TensorJob, device: torch.device, fail_on_nonfinite: bool = False,
     workspace: torch.Tensor | None = None, side_sink: SideSink | None = None, stop: threading.Event | None = None,
+    out_buffer: OutBuffer | None = None,
 ) -> torch.Tensor:
     """The merged tensor of one job (on the CPU, in the job's output dtype).
 
@@ -127,12 +130,14 @@ def compute_job(
     the stack and the base (fresh memory when None). ``side_sink`` receives the job's side
     outputs, if its method emits any (moved to the CPU). Once ``stop`` is set a streamed job
     raises ``Stopped`` before its next block (a whole-tensor job runs to its end).
+    ``out_buffer(name)``: where a streamed job writes its output blocks (the output file's
+    bytes, mapped), or None for fresh memory; the job returns that buffer.
     """
     cks = plan.checkpoints
     if job.copy:
         return cks[job.sources[0].model].read(job.sources[0].tensor).to(job.out_dtype)
     if streams(job, plan, device):
-        out = _compute_streamed(plan, job, fail_on_nonfinite, stop)
+        out = _compute_streamed(plan, job, fail_on_nonfinite, stop, out_buffer)
         if out is not None:
             return out
     # the output buffer first: inputs in its dtype are read through it (no temporary per read)
@@ -216,14 +221,16 @@ class _RowSource:
 
 
 def _compute_streamed(plan: Plan, job: TensorJob, fail_on_nonfinite: bool,
-                      stop: threading.Event | None = None) -> torch.Tensor | None:
+                      stop: threading.Event | None = None, out_buffer: OutBuffer | None = None) -> torch.Tensor | None:
     """``compute_job`` through the method's fast path; None if it declines the tensor.
 
     Inputs are checked for NaN/Inf block by block on the first pass (later passes reread
     the same rows), with the whole-tensor path's messages.
     """
     cks = plan.checkpoints
-    out = torch.empty(job.shape, dtype=job.out_dtype)
+    out = out_buffer(job.name) if out_buffer is not None else None
+    if out is None:
+        out = torch.empty(job.shape, dtype=job.out_dtype)
     seed = tensor_seed(plan.seed, job.name) if plan.method.randomized else None
     x = StreamInput(job.name, tuple(job.shape), len(job.sources), job.base is not None, job.params, job.model_params,
                     seed, lambda *a: None, out, BLOCK_ELEMENTS, mergekit_dtype(plan, job), job.role, stop)
@@ -303,9 +310,11 @@ def run_jobs(
     fail_on_nonfinite: bool = False,
     skip: set[str] | None = None,
     side_sink: SideSink | None = None,
+    out_buffer: OutBuffer | None = None,
 ) -> None:
     """Compute every job (except those in ``skip``) and pass each result to ``sink``
-    (and its side outputs, if the method emits any, to ``side_sink``)."""
+    (and its side outputs, if the method emits any, to ``side_sink``); streamed jobs write
+    their output into ``out_buffer(name)`` where it gives one."""
     device = torch.device(device)
     jobs = [j for j in plan.jobs if not (skip and j.name in skip)]
     # parallelism comes from jobs (threads=1: none): intra-op threads on top would oversubscribe
@@ -315,12 +324,13 @@ def run_jobs(
     try:
         with _tuned_malloc():
             if threads > 1:
-                return _run_parallel(plan, jobs, sink, device, threads, budget_bytes, progress, fail_on_nonfinite, side_sink)
+                return _run_parallel(plan, jobs, sink, device, threads, budget_bytes, progress, fail_on_nonfinite, side_sink,
+                                     out_buffer)
             prog = _progress(jobs, progress)
             slab = _Slab(min(budget_bytes, max((stack_numel(j) for j in jobs), default=0) * 4))
             for job in jobs:
                 with slab.region(plan, job, device) as workspace:
-                    out = compute_job(plan, job, device, fail_on_nonfinite, workspace, side_sink)
+                    out = compute_job(plan, job, device, fail_on_nonfinite, workspace, side_sink, out_buffer=out_buffer)
                 sink(job.name, out)
                 prog.update(1, job.out_bytes)
     finally:
@@ -332,7 +342,8 @@ def _progress(jobs: list[TensorJob], enabled: bool) -> Progress:
 
 
 def _run_parallel(plan: Plan, jobs: list[TensorJob], sink: Sink, device: torch.device, threads: int, budget_bytes: int,
-                  progress: bool, fail_on_nonfinite: bool, side_sink: SideSink | None = None) -> None:
+                  progress: bool, fail_on_nonfinite: bool, side_sink: SideSink | None = None,
+                  out_buffer: OutBuffer | None = None) -> None:
     """Jobs on a thread pool, biggest first, with at most ``budget_bytes`` of working memory in flight."""
     prog = _progress(jobs, progress)
     cond = threading.Condition()
@@ -360,7 +371,7 @@ def _run_parallel(plan: Plan, jobs: list[TensorJob], sink: Sink, device: torch.d
             if stop.is_set():
                 return
             with slab.region(plan, job, device) as workspace:
-                out = compute_job(plan, job, device, fail_on_nonfinite, workspace, side_sink, stop)
+                out = compute_job(plan, job, device, fail_on_nonfinite, workspace, side_sink, stop, out_buffer)
             sink(job.name, out)
             prog.update(1, job.out_bytes)
         except BaseException as err:  # reported by the submitting thread, after in-flight jobs end
