@@ -6,19 +6,23 @@ it to its file (a 3B model's embedding: 0.79 GB of bf16, which put a 3B TIES mer
 shard, the fast path fills them block by block, and ``write`` of that buffer writes
 nothing more. Checked here: the bytes of a merge are those of the path that copies; the
 streamed tensors went through the map and not through ``pwrite``; a tensor that is not the
-buffer (a fast path that declined, the whole-tensor path) is still written; a file that
-cannot be mapped falls back to memory.
+buffer (a fast path that declined, the whole-tensor path) is still written; the region is
+reserved before it is mapped, so a full disk is one clear line, not SIGBUS; a file that
+cannot be reserved or mapped falls back to memory.
 """
 
 from __future__ import annotations
 
+import errno
 import mmap
+import os
 
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
 
+from alloykit.errors import OutputError
 from alloykit.io import writer as writer_mod
 from alloykit.io.writer import ShardedWriter, plan_shards
 from alloykit.ops import jit
@@ -52,15 +56,40 @@ def test_buffer_is_the_files_bytes_and_write_of_it_writes_nothing_more(tmp_path,
     assert got["a"].tolist() == [1.0, 2.0, 3.0]
 
 
-def test_unmappable_file_falls_back_to_memory(tmp_path, monkeypatch):
+def test_full_disk_is_a_clear_error_at_the_reservation_not_a_crash_in_the_map(tmp_path, monkeypatch):
+    # a store into a mapped hole of a full disk is SIGBUS: the region is reserved before it is mapped
+    entries = [("w", torch.bfloat16, (64, 64))]
+    w = ShardedWriter(tmp_path, plan_shards(entries, 10**9), {"w": torch.bfloat16}, {"w": (64, 64)})
+    w.open()
+    reserved = []
+    real = os.posix_fallocate
+    monkeypatch.setattr(os, "posix_fallocate", lambda fd, off, n: (reserved.append((off, n)), real(fd, off, n)))
+    assert w.buffer("w") is not None and reserved == [(w.shards[0].offsets["w"], 64 * 64 * 2)]
+
+    def full(fd, off, n):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(OutputError, match="No space left on device.*free disk space"):
+        w.buffer("w")
+    w.close()
+
+
+@pytest.mark.parametrize("why", ["no posix_fallocate", "unsupported", "no shared maps"])
+def test_unmappable_file_falls_back_to_memory(tmp_path, monkeypatch, why):
     entries = [("w", torch.bfloat16, (4, 4))]
     w = ShardedWriter(tmp_path, plan_shards(entries, 10**9), {"w": torch.bfloat16}, {"w": (4, 4)})
     w.open()
 
     def refuse(*a, **k):
-        raise OSError("no shared maps here")
+        raise OSError(errno.EOPNOTSUPP, "not here")
 
-    monkeypatch.setattr(mmap, "mmap", refuse)
+    if why == "no posix_fallocate":
+        monkeypatch.delattr(os, "posix_fallocate")
+    elif why == "unsupported":
+        monkeypatch.setattr(os, "posix_fallocate", refuse)
+    else:
+        monkeypatch.setattr(mmap, "mmap", refuse)
     assert w.buffer("w") is None
     w.write("w", torch.ones(4, 4, dtype=torch.bfloat16))
     w.close()

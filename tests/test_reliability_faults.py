@@ -72,22 +72,37 @@ def test_space_check_refuses_before_writing(fam, tmp_path, monkeypatch, capsys):
 
 
 class PwriteFault:
-    """os.pwrite that fails with ``err`` after ``ok`` successful calls."""
+    """os.pwrite that fails with ``err`` after ``ok`` successful calls; ``reserve`` is
+    os.posix_fallocate on the same count (streamed tensors are written through a map of
+    their reserved region, so on a full disk the reservation is what fails)."""
 
     def __init__(self, ok, err):
-        self.ok, self.err, self.real = ok, err, os.pwrite
+        self.ok, self.err, self.real, self.real_reserve = ok, err, os.pwrite, os.posix_fallocate
 
-    def __call__(self, fd, data, offset):
+    def _spend(self):
         if self.ok <= 0:
             raise OSError(self.err, os.strerror(self.err))
         self.ok -= 1
+
+    def __call__(self, fd, data, offset):
+        self._spend()
         return self.real(fd, data, offset)
+
+    def reserve(self, fd, offset, length):
+        self._spend()
+        return self.real_reserve(fd, offset, length)
+
+
+def disk_fails_after(monkeypatch, ok, err):
+    fault = PwriteFault(ok, err)
+    monkeypatch.setattr(writer_mod.os, "pwrite", fault)
+    monkeypatch.setattr(writer_mod.os, "posix_fallocate", fault.reserve)
 
 
 def test_enospc_mid_write_then_resume_is_byte_identical(fam, reference, tmp_path, monkeypatch, capsys):
     _, base, tunes = fam
     y, out = recipe_file(tmp_path, base, tunes), tmp_path / "out"
-    monkeypatch.setattr(writer_mod.os, "pwrite", PwriteFault(55, errno.ENOSPC))  # ~30 shard headers, then tensors
+    disk_fails_after(monkeypatch, 55, errno.ENOSPC)  # ~30 shard headers, then tensors
     code, _, err = cli(capsys, "merge", y, out, "-q", "--max-shard-size", "20KB", "--threads", "1")
     assert code == 2 and "No space left on device" in err and "--resume" in err and "\n" not in err, err
     assert not out.exists()
@@ -108,7 +123,7 @@ def test_enospc_mid_write_then_resume_is_byte_identical(fam, reference, tmp_path
 
 def test_enospc_before_any_shard_finishes_leaves_nothing(fam, tmp_path, monkeypatch, capsys):
     _, base, tunes = fam
-    monkeypatch.setattr(writer_mod.os, "pwrite", PwriteFault(0, errno.ENOSPC))
+    disk_fails_after(monkeypatch, 0, errno.ENOSPC)
     code, _, err = cli(capsys, "merge", recipe_file(tmp_path, base, tunes), tmp_path / "out")
     assert code == 2 and "No space left on device" in err and "\n" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"]

@@ -12,6 +12,7 @@ the page cache, not in process memory (issue 17: the 394M-entry embedding of a
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import mmap
@@ -123,6 +124,19 @@ class ShardedWriter:
         nbytes = _nbytes(self.dtypes[name], self.shapes[name])
         if fd is None or nbytes == 0:
             return None
+        # A store into a map of a sparse file whose disk is full kills the process (SIGBUS) where
+        # pwrite would have said ENOSPC: reserve the region's blocks first, so that a full disk is
+        # this one line and the merge can --resume. Without posix_fallocate (macOS, Windows) or
+        # where the file system has no such call, no map: the caller allocates, pwrite writes.
+        if not hasattr(os, "posix_fallocate"):
+            return None
+        path = self.folder / shard.filename
+        try:
+            os.posix_fallocate(fd, off, nbytes)
+        except OSError as err:
+            if err.errno in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                return None
+            raise OutputError(f"cannot write '{path}': {err.strerror or err} (free disk space, or choose another output folder)") from None
         start = off - off % mmap.ALLOCATIONGRANULARITY  # a map starts on the granularity
         try:
             mm = mmap.mmap(fd, off + nbytes - start, offset=start)
