@@ -116,7 +116,8 @@ class ShardedWriter:
 
     def buffer(self, name: str) -> torch.Tensor | None:
         """A tensor of ``name``'s planned dtype and shape over its bytes in its shard file (a
-        shared memory map), or None where the file cannot be mapped. What is stored in it is
+        shared memory map), or None where the region cannot be reserved or mapped (then the
+        caller allocates); ``OutputError`` when the disk is full. What is stored in it is
         in the file; ``write(name, the buffer)`` then only flushes it. Any other tensor passed
         to ``write`` is written as usual (a method that declined to fill the buffer)."""
         shard, off = self._where[name]
