@@ -109,7 +109,7 @@ class ShardedWriter:
                 _pwrite_all(fd, s.prefix, 0, path)
                 os.ftruncate(fd, s.size)
             except OSError as err:
-                raise OutputError(f"cannot write '{path}': {err.strerror or err}") from None
+                raise _cannot_write(path, err) from None
             self._remaining[s.filename] = len(s.names)
             if not s.names:
                 self._finish(s)
@@ -137,7 +137,7 @@ class ShardedWriter:
         except OSError as err:
             if err.errno in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
                 return None
-            raise OutputError(f"cannot write '{path}': {err.strerror or err} (free disk space, or choose another output folder)") from None
+            raise _cannot_write(path, err, full_disk_hint=True) from None
         start = off - off % mmap.ALLOCATIONGRANULARITY  # a map starts on the granularity
         try:
             mm = mmap.mmap(fd, off + nbytes - start, offset=start)
@@ -158,7 +158,7 @@ class ShardedWriter:
         with self._lock:
             mapped = self._maps.pop(name, None)
         t = tensor.detach().to("cpu").contiguous()
-        if mapped is not None and t.numel() and t.data_ptr() == mapped[1] and t.is_contiguous():
+        if mapped is not None and t.numel() and t.data_ptr() == mapped[1]:
             # Linux has one page cache: the shard's fsync writes back the pages dirtied through the
             # map, and leaving them to it lets the kernel write them while the next tensor computes;
             # elsewhere msync first
@@ -166,7 +166,7 @@ class ShardedWriter:
                 try:
                     mapped[0].flush()
                 except OSError as err:
-                    raise OutputError(f"cannot write '{self.folder / shard.filename}': {err.strerror or err}") from None
+                    raise _cannot_write(self.folder / shard.filename, err) from None
         elif t.numel():
             data = memoryview(t.view(-1).view(torch.uint8).numpy())
             _pwrite_all(self._fds[shard.filename], data, off, self.folder / shard.filename)
@@ -181,7 +181,7 @@ class ShardedWriter:
         try:
             os.fsync(self._fds[shard.filename])
         except OSError as err:
-            raise OutputError(f"cannot write '{path}': {err.strerror or err}") from None
+            raise _cannot_write(path, err) from None
         if self.on_complete is not None:
             self.on_complete(shard.filename, shard.size)
 
@@ -209,4 +209,10 @@ def _pwrite_all(fd: int, data: bytes | memoryview, offset: int, path: Path) -> N
         while done < len(view):
             done += os.pwrite(fd, view[done:], offset + done)
     except OSError as err:
-        raise OutputError(f"cannot write '{path}': {err.strerror or err} (free disk space, or choose another output folder)") from None
+        raise _cannot_write(path, err, full_disk_hint=True) from None
+
+
+def _cannot_write(path: Path, err: OSError, full_disk_hint: bool = False) -> OutputError:
+    """The one-line error of a failed write, open or sync of ``path``."""
+    hint = " (free disk space, or choose another output folder)" if full_disk_hint else ""
+    return OutputError(f"cannot write '{path}': {err.strerror or err}{hint}")
